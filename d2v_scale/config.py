@@ -1,0 +1,300 @@
+"""Typed configuration: one dataclass per concern, dotted CLI overrides with type coercion.
+
+Field names keep the fairseq data2vec 2.0 names where the meaning is the same (`clone_batch`,
+`average_top_k_layers`, `ema_end_decay`, ...) and timm names otherwise (`embed_dim`, `depth`).
+System knobs (ZeRO stage, bf16, micro batch, accumulation, clipping) live in the DeepSpeed JSON;
+`"auto"` values there are filled from this config (see `train.resolve_ds_config`).
+Named configurations live in `presets.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MODALITIES = ("image", "audio", "text")
+
+
+@dataclass
+class ImageConfig:
+    img_size: int = 224          # input resolution (also the RandomResizedCrop size)
+    patch_size: int = 16
+    in_chans: int = 3
+
+
+@dataclass
+class AudioConfig:
+    feature_encoder_spec: str = "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2"  # wav2vec 2.0 CNN
+    conv_pos_width: int = 95     # kernel = max(3, width // depth) (fairseq)
+    conv_pos_depth: int = 5
+    conv_pos_groups: int = 16
+    use_alibi: bool = True       # ALiBi bias with a learned per-head scale
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 0          # 0: read from the sentencepiece model the shards were made with
+    max_positions: int = 512
+    pad_idx: int = 1             # fairseq Dictionary layout: bos 0, pad 1, eos 2, unk 3
+    dropout: float = 0.1         # embedding dropout
+
+
+@dataclass
+class DecoderConfig:
+    decoder_dim: int = 768
+    decoder_layers: int = 6
+    decoder_kernel: int = 3
+    decoder_groups: int = 16
+    decoder_residual: bool = True
+    projection_layers: int = 1
+    projection_ratio: float = 2.0
+    input_dropout: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    modality: str = "image"      # image | audio | text
+    embed_dim: int = 768
+    depth: int = 10              # shared blocks (targets come from these)
+    prenet_depth: int = 2        # modality-specific blocks before the shared ones
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+    encoder_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    post_mlp_drop: float = 0.0
+    dropout_input: float = 0.0   # before the shared blocks
+    prenet_dropout: float = 0.0  # after the embedding LayerNorm
+    start_drop_path_rate: float = 0.0
+    end_drop_path_rate: float = 0.0
+    prenet_drop_path_rate: float = 0.0
+    layerdrop: float = 0.0
+    prenet_layerdrop: float = 0.0
+    average_top_k_layers: int = 10
+    instance_norm_target_layer: bool = True
+    layer_norm_target_layer: bool = False
+    layer_norm_targets: bool = True
+    instance_norm_targets: bool = False
+    loss_scale: float | None = None   # None: 1/sqrt(embed_dim)
+    cls_loss: float = 0.01
+    grad_checkpointing: bool = False  # activation checkpointing per block
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    image: ImageConfig | None = None
+    audio: AudioConfig | None = None
+    text: TextConfig | None = None
+
+
+@dataclass
+class MaskConfig:
+    mask_prob: float = 0.8       # masked fraction (also with inverse_mask)
+    mask_prob_adjust: float = 0.07
+    mask_length: int = 3         # block side; 1 = uniform token dropping (text)
+    inverse_mask: bool = True    # blocks mark the visible tokens (images)
+    clone_batch: int = 16        # M independent masks per sample; the teacher runs once per sample
+    mask_noise_std: float = 0.01  # std of the decoder's noise "mask tokens"
+
+
+@dataclass
+class TeacherConfig:
+    ema_decay: float = 0.9998
+    ema_end_decay: float = 0.99999
+    ema_anneal_end_step: int = 100_000
+    placement: str = "replicated"  # replicated: full teacher on every rank | sharded: ZeRO-3 partitioned on CPU
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    decay_all: bool = False      # True: decay 1-D params/biases/CLS too (fairseq as released, see README)
+    warmup_steps: int = 50_040
+    max_steps: int = 375_300     # optimizer steps of the whole schedule (fairseq max_update)
+    min_lr: float = 0.0
+    clip_grad: float = 4.0       # 0 = off; fills ds_config "gradient_clipping": "auto"
+
+
+@dataclass
+class DataConfig:
+    path: str = ""               # shards: brace pattern, directory, index JSON, s3:// or https://
+    batch_size: int = 16         # micro batch per rank (ds "train_micro_batch_size_per_gpu": "auto")
+    global_batch: int = 0        # 0: batch_size * world (no accumulation); else sets accumulation
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    epoch_samples: int = 10_000  # samples per rank per epoch (same on every rank: no uneven tails)
+    sampling: str = "split"      # split: shards split by rank/worker | resample: drawn with replacement
+    crop_scale: tuple[float, float] = (0.2, 1.0)   # image RandomResizedCrop scale
+    sample_rate: int = 16_000
+    min_sample_size: int = 32_000   # audio crop bounds in samples (2 s .. 20 s)
+    max_sample_size: int = 320_000
+    normalize: bool = True       # audio: per-utterance waveform layer norm
+    pad_audio: bool = False      # audio: pad to the longest with a padding mask instead of cropping
+    tokens_per_sample: int = 512  # text block length
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/d2v"
+    ds_config: str = "ds_configs/zero2.json"
+    seed: int = 1
+    resume: str = ""             # "" | auto | path to a checkpoint dir
+    stop_after: int = 0          # stop this run at this optimizer step (the schedule keeps max_steps)
+    log_every: int = 10
+    save_every: int = 1000
+    keep_last: int = 3
+    min_target_var: float = 0.1  # collapse guard (fairseq); 0 disables
+    min_pred_var: float = 0.01
+    collapse_guard_after: int = 5000
+    compile: bool = False
+    peak_tflops: float = 0.0     # per-rank peak for perf/mfu; 0: measured GEMM peak
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    preset: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> "Config":
+        m = self.model
+        if m.modality not in MODALITIES:
+            raise ConfigError(f"model.modality={m.modality!r}: choose one of {', '.join(MODALITIES)}")
+        if getattr(m, m.modality) is None:
+            raise ConfigError(f"model.{m.modality} is not set for modality {m.modality!r}")
+        if m.embed_dim % m.num_heads:
+            raise ConfigError(f"model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads}")
+        if not 1 <= m.average_top_k_layers <= m.depth:
+            raise ConfigError(f"model.average_top_k_layers={m.average_top_k_layers} must be in [1, model.depth={m.depth}]")
+        if self.mask.clone_batch < 1:
+            raise ConfigError(f"mask.clone_batch={self.mask.clone_batch} must be >= 1")
+        if self.teacher.placement not in ("replicated", "sharded"):
+            raise ConfigError(f"teacher.placement={self.teacher.placement!r}: replicated or sharded")
+        if self.data.sampling not in ("split", "resample"):
+            raise ConfigError(f"data.sampling={self.data.sampling!r}: split or resample")
+        if not 0 < self.teacher.ema_decay <= 1 or not 0 < self.teacher.ema_end_decay <= 1:
+            raise ConfigError("teacher.ema_decay and teacher.ema_end_decay must be in (0, 1]")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before any rank starts work."""
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _dataclass_of(tp):
+    """The dataclass inside `X | None`, or None."""
+    for t in (tp, *typing.get_args(tp)):
+        if dataclasses.is_dataclass(t):
+            return t
+    return None
+
+
+def all_keys(cls=Config, prefix: str = "") -> list[str]:
+    keys = []
+    for name, tp in _hints(cls).items():
+        sub = _dataclass_of(tp)
+        if sub is not None:
+            keys += all_keys(sub, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _coerce(value, tp, key: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        for t in args:
+            if t is not type(None):
+                return _coerce(value, t, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"--{key}={value!r}: expected true or false")
+    if tp in (int, float, str):
+        try:
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--{key}={value!r}: expected {tp.__name__}") from None
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"--{key}={value!r}: expected {len(args)} comma-separated values")
+        return tuple(_coerce(v, t, key) for v, t in zip(value, args))
+    return value
+
+
+def set_key(cfg, key: str, value) -> None:
+    """Set a dotted key (`mask.clone_batch`) with type coercion; unknown keys name the closest match."""
+    parts = key.split(".")
+    obj = cfg
+    for i, part in enumerate(parts):
+        hints = _hints(type(obj))
+        if part not in hints:
+            close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+            hint = f"; did you mean --{close[0]}?" if close else "; `d2v show_config` lists every key"
+            raise ConfigError(f"unknown config key --{key}{hint}")
+        tp = hints[part]
+        sub = _dataclass_of(tp)
+        if i == len(parts) - 1:
+            if sub is not None:
+                raise ConfigError(f"--{key} is a section; set one of its keys, e.g. --{key}.{next(iter(_hints(sub)))}")
+            setattr(obj, part, _coerce(value, tp, key))
+            return
+        if sub is None:
+            raise ConfigError(f"unknown config key --{key}: {'.'.join(parts[:i + 1])} is not a section")
+        if getattr(obj, part) is None:
+            setattr(obj, part, sub())
+        obj = getattr(obj, part)
+
+
+def apply_overrides(cfg: Config, overrides: dict) -> Config:
+    for key, value in overrides.items():
+        set_key(cfg, key, value)
+    return cfg
+
+
+def from_dict(d: dict, cls=Config):
+    kwargs = {}
+    hints = _hints(cls)
+    for name, value in d.items():
+        if name not in hints:
+            raise ConfigError(f"unknown config key {name!r} in {cls.__name__}")
+        sub = _dataclass_of(hints[name])
+        if sub is not None and isinstance(value, dict):
+            kwargs[name] = from_dict(value, sub)
+        else:
+            kwargs[name] = _coerce(value, hints[name], name) if value is not None else None
+    return cls(**kwargs)
+
+
+def from_json(path: str | Path) -> Config:
+    return from_dict(json.loads(Path(path).read_text()))

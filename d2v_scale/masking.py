@@ -1,0 +1,100 @@
+"""Exact-count masks for data2vec 2.0 and the index bookkeeping that drops masked tokens.
+
+Convention everywhere: `mask` is (B*M, T) bool, True = masked, rows sample-major
+(s0c0, s0c1, ..., s0c{M-1}, s1c0, ...), T in row-major patch order (image) or time (audio/text).
+
+* image: inverse block masking (fairseq `data_utils.compute_block_mask_2d`, inverse_mask=True):
+  ~L*(1-p+adjust)/m^2 random m x m *visible* blocks (centres drawn with replacement, clamped at the
+  border), then trimmed/filled at random to exactly floor(L*(1-p)) visible patches.
+* audio: 1-D blocks of m frames marking *masked* frames (`compute_block_mask_1d`), exactly floor(T*p).
+* text: uniform token dropping (`random_masking`), exactly floor(T*(1-p)) kept.
+Every clone gets an independent mask. All functions are pure given a `torch.Generator`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+class MaskError(ValueError):
+    """A masking configuration that cannot produce a valid mask."""
+
+
+@dataclass
+class MaskInfo:
+    mask: torch.Tensor         # (B*M, T) bool, True = masked
+    ids_keep: torch.Tensor     # (B*M, T_keep) positions fed to the encoder, in this order
+    ids_restore: torch.Tensor  # (B*M, T) inverse of [ids_keep, ids_masked]: un-shuffles the decoder input
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> "MaskInfo":
+        mask = mask.bool()
+        n_keep = (~mask).sum(1)
+        if not bool((n_keep == n_keep[0]).all()):
+            raise MaskError(f"rows keep different token counts {sorted(set(n_keep.tolist()))}: "
+                            "the student needs the same number of visible tokens in every row")
+        ids_shuffle = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # visible first, ascending
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        return cls(mask, ids_shuffle[:, : int(n_keep[0])], ids_restore)
+
+
+def check_counts(num_tokens: int, mask_prob: float, inverse: bool) -> int:
+    """Number of visible tokens per row; raises `MaskError` with the fix when none or all are kept."""
+    if not 0.0 < mask_prob < 1.0:
+        raise MaskError(f"mask.mask_prob={mask_prob} must be in (0, 1): it is the masked fraction")
+    n_keep = int(num_tokens * (1 - mask_prob)) if inverse else num_tokens - int(num_tokens * mask_prob)
+    if n_keep < 1 or n_keep >= num_tokens:
+        raise MaskError(
+            f"mask.mask_prob={mask_prob} on {num_tokens} tokens leaves {n_keep} visible per row; the "
+            f"student needs at least 1 visible and 1 masked token: use more tokens (larger input or "
+            f"smaller patch) or a mask_prob between {1 / num_tokens:.3f} and {1 - 1 / num_tokens:.3f}")
+    return n_keep
+
+
+def block_mask(rows: int, grid: tuple[int, ...], mask_prob: float, mask_length: int,
+               mask_prob_adjust: float, inverse: bool, generator: torch.Generator) -> torch.Tensor:
+    """(rows, prod(grid)) bool, True = masked, from m-wide blocks on a 1-D or 2-D grid."""
+    L = math.prod(grid)
+    check_counts(L, mask_prob, inverse)
+    if mask_length > min(grid):
+        raise MaskError(f"mask.mask_length={mask_length} is larger than the token grid {grid}: "
+                        f"use a mask_length <= {min(grid)} or a larger input")
+    p = 1.0 - mask_prob if inverse else mask_prob        # fraction that gets *marked* by blocks
+    target = int(L * p)
+    n_centres = int(L * (p + mask_prob_adjust) / mask_length ** len(grid))
+    marked = torch.zeros(rows, L)
+    if n_centres > 0:
+        centres = torch.randint(0, L, (rows, n_centres), generator=generator)   # with replacement
+        off = torch.arange(mask_length) - mask_length // 2
+        if len(grid) == 1:
+            idx = (centres[..., None] + off).clamp_(0, L - 1)                    # (rows, n_c, m)
+        else:
+            h, w = grid
+            r = (centres // w)[..., None, None] + off[:, None]                   # (rows, n_c, m, 1)
+            c = (centres % w)[..., None, None] + off[None, :]                    # (rows, n_c, 1, m)
+            idx = r.clamp(0, h - 1) * w + c.clamp(0, w - 1)                      # (rows, n_c, m, m)
+        marked.scatter_(1, idx.reshape(rows, -1), 1.0)
+    # exact count: keep `target` marks, un-marking (or adding) uniformly at random
+    score = marked + torch.rand(rows, L, generator=generator)                    # marked ones rank first
+    chosen = torch.zeros(rows, L, dtype=torch.bool)
+    chosen.scatter_(1, score.topk(target, dim=1).indices, True)
+    return ~chosen if inverse else chosen
+
+
+def random_mask(rows: int, num_tokens: int, mask_prob: float, generator: torch.Generator) -> torch.Tensor:
+    """(rows, T) bool, True = masked: keep exactly floor(T*(1-p)) tokens uniformly at random."""
+    n_keep = check_counts(num_tokens, mask_prob, inverse=True)
+    noise = torch.rand(rows, num_tokens, generator=generator)
+    mask = torch.ones(rows, num_tokens, dtype=torch.bool)
+    mask.scatter_(1, noise.topk(n_keep, dim=1).indices, False)
+    return mask
+
+
+def sample_mask(cfg, rows: int, grid: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """The mask for `rows` = B*M clones on a token grid, per `cfg` (a MaskConfig)."""
+    if cfg.mask_length <= 1:
+        return random_mask(rows, math.prod(grid), cfg.mask_prob, generator)
+    return block_mask(rows, grid, cfg.mask_prob, cfg.mask_length, cfg.mask_prob_adjust,
+                      cfg.inverse_mask, generator)

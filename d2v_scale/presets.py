@@ -1,0 +1,172 @@
+"""Named configurations with the published data2vec 2.0 values.
+
+Sources: fairseq `examples/data2vec/config/v2/*.yaml` (commit 3d262bb) on top of the
+`Data2VecMultiConfig` defaults. Global batch sizes are what the schedules imply (375,300 updates =
+150 ImageNet epochs at 512 images); the yaml `distributed_world_size` values are overridden at
+launch by fairseq's slurm configs. Every preset has a `*_debug` twin (tiny, same recipe) for tests,
+the demo and CPU smoke runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from .config import (AudioConfig, Config, ConfigError, DataConfig, DecoderConfig, ImageConfig,
+                     MaskConfig, ModelConfig, OptimConfig, RunConfig, TeacherConfig, TextConfig)
+
+NO_COLLAPSE_GUARD = dict(min_target_var=0.0, min_pred_var=0.0)   # all vision yamls set both to 0
+
+
+def vit_base_patch16() -> Config:  # base_images_only_task.yaml
+    return Config(
+        model=ModelConfig(modality="image", embed_dim=768, depth=10, prenet_depth=2, num_heads=12,
+                          norm_eps=1e-6, average_top_k_layers=10, layer_norm_targets=True, cls_loss=0.01,
+                          decoder=DecoderConfig(decoder_dim=768, decoder_layers=6, decoder_kernel=3,
+                                                decoder_groups=16),
+                          image=ImageConfig(img_size=224, patch_size=16)),
+        mask=MaskConfig(mask_prob=0.8, mask_prob_adjust=0.07, mask_length=3, inverse_mask=True,
+                        clone_batch=16, mask_noise_std=0.01),
+        teacher=TeacherConfig(ema_decay=0.9998, ema_end_decay=0.99999, ema_anneal_end_step=100_000),
+        optim=OptimConfig(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05, warmup_steps=50_040,
+                          max_steps=375_300, clip_grad=4.0),
+        data=DataConfig(batch_size=16, global_batch=512, crop_scale=(0.2, 1.0)),  # 32 GPUs x 16
+        run=RunConfig(**NO_COLLAPSE_GUARD))
+
+
+def vit_large_patch16() -> Config:  # large_images_only_task.yaml
+    c = vit_base_patch16()
+    c.model = dataclasses.replace(
+        c.model, embed_dim=1024, depth=24, prenet_depth=0, num_heads=16, average_top_k_layers=18,
+        decoder=DecoderConfig(decoder_dim=1024, decoder_layers=3, decoder_kernel=5, decoder_groups=16))
+    c.mask = dataclasses.replace(c.mask, mask_prob=0.75, mask_prob_adjust=0.1)
+    c.teacher.ema_anneal_end_step = 150_000
+    c.optim.lr = 4e-4
+    c.data.batch_size = 8  # 64 GPUs x 8 = 512
+    return c
+
+
+def vit_huge_patch14() -> Config:  # huge_images14_only_task.yaml
+    c = vit_large_patch16()
+    c.model = dataclasses.replace(
+        c.model, embed_dim=1280, depth=32, num_heads=16, average_top_k_layers=24,
+        image=ImageConfig(img_size=224, patch_size=14))
+    c.teacher = TeacherConfig(ema_decay=0.9998, ema_end_decay=1.0, ema_anneal_end_step=300_000)  # frozen after
+    c.optim.max_steps = 500_000
+    # 500k updates: 100 epochs at 256 or 200 at 512 (unverified which); 512 matches B and L.
+    return c
+
+
+def audio_base() -> Config:  # base_audio_only_task.yaml
+    return Config(
+        model=ModelConfig(modality="audio", embed_dim=768, depth=12, prenet_depth=0, num_heads=12,
+                          norm_eps=1e-5, encoder_dropout=0.1, attention_dropout=0.1, post_mlp_drop=0.1,
+                          prenet_dropout=0.1, layerdrop=0.05, prenet_layerdrop=0.05,
+                          average_top_k_layers=8, layer_norm_targets=False, cls_loss=0.0,
+                          decoder=DecoderConfig(decoder_dim=384, decoder_layers=4, decoder_kernel=7,
+                                                decoder_groups=16, input_dropout=0.1),
+                          audio=AudioConfig()),
+        mask=MaskConfig(mask_prob=0.5, mask_prob_adjust=0.05, mask_length=5, inverse_mask=False,
+                        clone_batch=8, mask_noise_std=0.01),
+        teacher=TeacherConfig(ema_decay=0.999, ema_end_decay=0.99999, ema_anneal_end_step=75_000),
+        optim=OptimConfig(lr=7.5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, warmup_steps=8_000,
+                          max_steps=400_000, clip_grad=0.0),
+        # max_tokens 1,000,000 samples per GPU x 8 GPUs: ~3 utterances of <=20 s per GPU
+        data=DataConfig(batch_size=3, global_batch=24, min_sample_size=32_000, max_sample_size=320_000),
+        run=RunConfig())
+
+
+def audio_large() -> Config:  # large_audio_only_task.yaml
+    c = audio_base()
+    c.model = dataclasses.replace(
+        c.model, embed_dim=1024, depth=16, prenet_depth=8, num_heads=16, average_top_k_layers=16,
+        layerdrop=0.0, prenet_layerdrop=0.0,
+        decoder=dataclasses.replace(c.model.decoder, decoder_dim=768))
+    c.mask = dataclasses.replace(c.mask, mask_prob=0.55, mask_prob_adjust=0.1, clone_batch=12)
+    c.teacher = TeacherConfig(ema_decay=0.9997, ema_end_decay=1.0, ema_anneal_end_step=300_000)
+    c.optim = dataclasses.replace(c.optim, lr=4e-4, warmup_steps=10_000, max_steps=600_000, clip_grad=1.0)
+    c.data = dataclasses.replace(c.data, batch_size=1, global_batch=48)  # max_tokens 320k (20 s) x 48 GPUs
+    return c
+
+
+def text_base() -> Config:  # base_text_only_task.yaml
+    return Config(
+        model=ModelConfig(modality="text", embed_dim=768, depth=12, prenet_depth=0, num_heads=12,
+                          norm_eps=1e-5, encoder_dropout=0.1, attention_dropout=0.1, post_mlp_drop=0.1,
+                          average_top_k_layers=12, layer_norm_targets=False, loss_scale=1.0, cls_loss=0.0,
+                          decoder=DecoderConfig(decoder_dim=768, decoder_layers=5, decoder_kernel=9,
+                                                decoder_groups=1, decoder_residual=False,
+                                                projection_layers=2, projection_ratio=2.0, input_dropout=0.1),
+                          text=TextConfig(max_positions=512, dropout=0.1)),
+        mask=MaskConfig(mask_prob=0.48, mask_prob_adjust=0.0, mask_length=1, inverse_mask=False,
+                        clone_batch=8, mask_noise_std=0.01),
+        teacher=TeacherConfig(ema_decay=0.9999, ema_end_decay=0.99999, ema_anneal_end_step=100_000),
+        optim=OptimConfig(lr=2e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, warmup_steps=4_000,
+                          max_steps=1_000_000, clip_grad=1.0),
+        data=DataConfig(batch_size=4, global_batch=64, tokens_per_sample=512),  # 4 x 16 GPUs
+        run=RunConfig())
+
+
+def _debug(c: Config, **model) -> Config:
+    """Shrink a preset to a CPU-sized twin: same recipe (masking, targets, EMA shape), tiny dims."""
+    m = c.model
+    c.model = dataclasses.replace(
+        m, embed_dim=64, num_heads=4, depth=2, prenet_depth=min(m.prenet_depth, 1), average_top_k_layers=2,
+        decoder=dataclasses.replace(m.decoder, decoder_dim=32 if m.decoder.decoder_groups > 1 else 64,
+                                    decoder_layers=2, decoder_groups=min(m.decoder.decoder_groups, 4)),
+        **model)
+    c.mask.clone_batch = 4
+    c.teacher = dataclasses.replace(c.teacher, ema_decay=0.998, ema_end_decay=0.9999, ema_anneal_end_step=1000)
+    c.optim = dataclasses.replace(c.optim, lr=1e-3, warmup_steps=20, max_steps=1000)
+    c.data = dataclasses.replace(c.data, batch_size=8, global_batch=0, epoch_samples=2000)
+    c.run = dataclasses.replace(c.run, log_every=5, save_every=100)
+    return c
+
+
+def _image_debug(fn, patch: int):
+    def make() -> Config:
+        return _debug(fn(), image=ImageConfig(img_size=8 * patch, patch_size=patch))  # 8 x 8 patches
+    return make
+
+
+def _audio_debug(fn):
+    def make() -> Config:
+        c = _debug(fn(), audio=AudioConfig(
+            feature_encoder_spec="[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2",
+            conv_pos_width=14, conv_pos_depth=2, conv_pos_groups=16))
+        c.data = dataclasses.replace(c.data, batch_size=4, min_sample_size=16_000, max_sample_size=48_000)
+        return c
+    return make
+
+
+def _text_debug(fn):
+    def make() -> Config:
+        c = _debug(fn(), text=TextConfig(max_positions=128, dropout=0.1))
+        c.data.tokens_per_sample = 64
+        return c
+    return make
+
+
+PRESETS = {
+    "vit_base_patch16": vit_base_patch16,
+    "vit_large_patch16": vit_large_patch16,
+    "vit_huge_patch14": vit_huge_patch14,
+    "audio_base": audio_base,
+    "audio_large": audio_large,
+    "text_base": text_base,
+    "vit_base_patch16_debug": _image_debug(vit_base_patch16, 4),
+    "vit_large_patch16_debug": _image_debug(vit_large_patch16, 4),
+    "vit_huge_patch14_debug": _image_debug(vit_huge_patch14, 4),
+    "audio_base_debug": _audio_debug(audio_base),
+    "audio_large_debug": _audio_debug(audio_large),
+    "text_base_debug": _text_debug(text_base),
+}
+
+
+def get_preset(name: str) -> Config:
+    if name not in PRESETS:
+        import difflib
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        raise ConfigError(f"unknown preset {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                          + f" (presets: {', '.join(PRESETS)})")
+    cfg = PRESETS[name]()
+    cfg.preset = name
+    return cfg

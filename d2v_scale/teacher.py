@@ -1,0 +1,166 @@
+"""The EMA teacher: decay schedule, contextualized targets, and the EMA update.
+
+Mirrors fairseq `data2vec2.py: make_targets, set_num_updates` and `fairseq/modules/ema_module.py`.
+The teacher is the student encoder minus its local encoder when `ema_local_encoder` is off
+(audio: no CNN; text: blocks only); it runs once per sample, unmasked, in eval mode, and its targets
+are repeated for the clones by the student's loss. EMA accumulators are fp32 whatever the compute
+dtype (a bf16 EMA at decay 0.9999 does not move).
+
+`ReplicatedTeacher` keeps a full copy on every rank (fairseq's layout). The ZeRO-3 partitioned,
+CPU-offloaded teacher lives in `sharded_teacher.py` behind the same interface.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def decay_at(step: int, cfg) -> float:
+    """tau(step): linear from ema_decay to ema_end_decay over ema_anneal_end_step optimizer steps."""
+    if cfg.ema_decay == cfg.ema_end_decay or step >= cfg.ema_anneal_end_step:
+        return cfg.ema_end_decay
+    return cfg.ema_end_decay - (cfg.ema_end_decay - cfg.ema_decay) * (1 - step / cfg.ema_anneal_end_step)
+
+
+def _instance_norm(y: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """Normalise each (sample, channel) over tokens, fp32, eps 1e-5; padded tokens excluded."""
+    if padding_mask is None or not bool(padding_mask.any()):
+        return F.instance_norm(y.float().transpose(1, 2)).transpose(1, 2)
+    keep = (~padding_mask).unsqueeze(-1).float()                          # (B, T, 1)
+    n = keep.sum(1, keepdim=True)
+    y = y.float()
+    mean = (y * keep).sum(1, keepdim=True) / n
+    var = (((y - mean) * keep) ** 2).sum(1, keepdim=True) / n
+    return (y - mean) / torch.sqrt(var + 1e-5) * keep
+
+
+def make_targets(layers: list[torch.Tensor], cfg, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Average of the top-K shared-block FFN outputs, each normalised, in fp32 -> (B, T, D).
+
+    cfg: ModelConfig (average_top_k_layers, *_norm_target_layer, layer_norm_targets, instance_norm_targets).
+    """
+    layers = layers[-cfg.average_top_k_layers:]
+    y = None
+    for t in layers:                                                      # (B, T, D) each
+        if cfg.instance_norm_target_layer:
+            t = _instance_norm(t, padding_mask)
+        elif cfg.layer_norm_target_layer:
+            t = F.layer_norm(t.float(), t.shape[-1:])
+        y = t.float() if y is None else y + t.float()
+    y = y / len(layers)
+    if cfg.layer_norm_targets:
+        y = F.layer_norm(y, y.shape[-1:])
+    if cfg.instance_norm_targets:
+        y = _instance_norm(y, padding_mask)
+    return y                                                              # (B, T, D) fp32
+
+
+def teacher_copy(encoder: nn.Module) -> nn.Module:
+    """A frozen copy of the EMA-tracked part of a (plain, not yet partitioned) student encoder."""
+    local = {name: getattr(encoder, name) for name in encoder.local_modules}
+    if not encoder.ema_local_encoder:  # do not copy modules the teacher never runs
+        for name in local:
+            setattr(encoder, name, None)
+    try:
+        module = copy.deepcopy(encoder)
+    finally:
+        for name, mod in local.items():
+            setattr(encoder, name, mod)
+    module.requires_grad_(False)
+    return module.eval()
+
+
+class ReplicatedTeacher:
+    """A full teacher on every rank: compute copy (model dtype) + fp32 accumulators."""
+
+    def __init__(self, student_encoder: nn.Module, model_cfg, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None):
+        self.cfg = model_cfg
+        self.module = teacher_copy(student_encoder)
+        if dtype is not None or device is not None:
+            self.module.to(device=device, dtype=dtype)
+        dtype = next(self.module.parameters()).dtype
+        self.names = [n for n, _ in self.module.named_parameters()]
+        self.groups = _block_groups(self.names)
+        if dtype == torch.float32:
+            self.fp32 = [p.data for p in self.module.parameters()]  # the teacher is its own accumulator
+        else:
+            self.fp32 = [p.detach().float().clone() for p in self.module.parameters()]
+
+    # -- targets -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, source: torch.Tensor, feats: torch.Tensor, padding_mask=None) -> torch.Tensor:
+        """(B, T, D) fp32 targets. `feats` are the student's local features (used when the teacher
+        has no local encoder of its own)."""
+        m = self.module
+        if m.ema_local_encoder:
+            feats, padding_mask = m.local_features(source, padding_mask)
+        _, layers = m(feats.to(next(m.parameters()).dtype), None, 1, padding_mask, return_layers=True)
+        return make_targets(layers, self.cfg, padding_mask)
+
+    # -- EMA -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update(self, student_encoder: nn.Module, decay: float) -> None:
+        """theta_T <- decay * theta_T + (1 - decay) * theta_S, fp32; skipped at decay 1 (frozen)."""
+        if decay >= 1.0:
+            return
+        student = dict(student_encoder.named_parameters())
+        for idx in self.groups:  # one block at a time: a ZeRO-3 student is gathered block by block
+            params = [student[self.names[i]] for i in idx]
+            ema = [self.fp32[i] for i in idx]
+            with _gathered(params):
+                src = [p.detach().to(device=a.device, dtype=torch.float32) for p, a in zip(params, ema)]
+                torch._foreach_mul_(ema, decay)
+                torch._foreach_add_(ema, src, alpha=1.0 - decay)
+        if self.fp32[0] is not next(self.module.parameters()).data:
+            for p, a in zip(self.module.parameters(), self.fp32):
+                p.data.copy_(a)
+
+    # -- checkpoint ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: a.detach().cpu().clone() for n, a in zip(self.names, self.fp32)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.names) - set(state)
+        unexpected = set(state) - set(self.names)
+        if missing or unexpected:
+            raise KeyError(f"teacher state mismatch: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        with torch.no_grad():
+            for n, a in zip(self.names, self.fp32):
+                a.copy_(state[n])
+            for p, a in zip(self.module.parameters(), self.fp32):
+                p.data.copy_(a)
+
+
+def _block_groups(names: list[str]) -> list[list[int]]:
+    """Indices of `names` grouped per block (`blocks.3.*`) or per other top-level module."""
+    groups: dict[str, list[int]] = {}
+    for i, n in enumerate(names):
+        parts = n.split(".")
+        key = ".".join(parts[:2]) if parts[0] == "blocks" else parts[0]
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+class _gathered:
+    """Read-only all-gather of ZeRO-3 partitioned student params (no-op for replicated params).
+
+    `modifier_rank=None` is right here because nothing is written to the student; writes under it
+    would be silently dropped (DeepSpeed partition_parameters.py)."""
+
+    def __init__(self, params):
+        self.params = [p for p in params if hasattr(p, "ds_id")]
+        self.ctx = None
+
+    def __enter__(self):
+        if self.params:
+            import deepspeed
+            self.ctx = deepspeed.zero.GatheredParameters(self.params, modifier_rank=None)
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
