@@ -128,6 +128,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     epoch_samples: int = 10_000  # samples per rank per epoch (same on every rank: no uneven tails)
     sampling: str = "split"      # split: shards split by rank/worker | resample: drawn with replacement
+    allow_pipe: bool = False     # permit webdataset `pipe:` URLs (they run shell commands)
     crop_scale: tuple[float, float] = (0.2, 1.0)   # image RandomResizedCrop scale
     sample_rate: int = 16_000
     min_sample_size: int = 32_000   # audio crop bounds in samples (2 s .. 20 s)
@@ -143,6 +144,7 @@ class RunConfig:
     ds_config: str = "ds_configs/zero2.json"
     seed: int = 1
     resume: str = ""             # "" | auto | path to a checkpoint dir
+    init_from: str = ""          # weights file (d2v import-fairseq / d2v export) to start from
     stop_after: int = 0          # stop this run at this optimizer step (the schedule keeps max_steps)
     log_every: int = 10
     save_every: int = 1000

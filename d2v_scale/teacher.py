@@ -120,6 +120,13 @@ class ReplicatedTeacher:
                 p.data.copy_(a)
 
     # -- checkpoint ----------------------------------------------------------------------------
+    def save(self, ckpt_dir, rank: int) -> None:
+        if rank == 0:
+            torch.save(self.state_dict(), f"{ckpt_dir}/teacher.pt")
+
+    def load(self, ckpt_dir, rank: int) -> None:
+        self.load_state_dict(torch.load(f"{ckpt_dir}/teacher.pt", map_location="cpu", weights_only=True))
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: a.detach().cpu().clone() for n, a in zip(self.names, self.fp32)}
 
@@ -164,3 +171,13 @@ class _gathered:
     def __exit__(self, *exc):
         if self.ctx is not None:
             self.ctx.__exit__(*exc)
+
+
+def load_teacher_state(ckpt_dir) -> dict[str, torch.Tensor]:
+    """The fp32 teacher of a checkpoint directory, consolidated on CPU (for export)."""
+    from pathlib import Path
+    path = Path(ckpt_dir) / "teacher.pt"
+    if path.exists():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    from .sharded_teacher import consolidate_shards
+    return consolidate_shards(Path(ckpt_dir))

@@ -51,7 +51,7 @@ class ImageEncoder(Encoder):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=1.0)
 
-    def token_shape(self, source: torch.Tensor) -> tuple[int, int]:
+    def token_shape(self, source: torch.Tensor, padding_mask=None) -> tuple[int, int]:
         return self.grid
 
     def local_features(self, source: torch.Tensor, padding_mask=None):

@@ -7,6 +7,8 @@ but the math is BERT-style post-LN, so these weights do NOT drop into timm's pre
 """
 from __future__ import annotations
 
+import random
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -114,6 +116,18 @@ class Encoder(nn.Module):
 
     def reset_parameters(self) -> None:
         """Modality-specific init applied after the model-wide BERT init."""
+
+    def token_shape(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> tuple[int, ...]:
+        """The token grid masks are drawn on: (h, w) for images, (T,) for audio and text."""
+        raise NotImplementedError
+
+    def draw_layerdrop(self, seed: int) -> list[bool] | None:
+        """Which blocks run this step (None: all). Drawn from a seed shared by every rank, so that
+        ZeRO-3 gathers the same parameters everywhere (per-rank draws would deadlock)."""
+        if not self.training or not any(p > 0 for p in self.layerdrop):
+            return None
+        rng = random.Random(seed)
+        return [rng.random() >= p for p in self.layerdrop]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable

@@ -1,0 +1,118 @@
+"""The `d2v` command (fire). Argument plumbing only; the work lives in the modules it names.
+
+  d2v train --preset vit_base_patch16_debug --data 'DIR/shard-{000000..000009}.tar' \\
+            --ds_config ds_configs/zero3.json --out runs/x [--mask.clone_batch=8 --ds.zero_optimization.stage=2]
+  d2v check ...          same arguments: validate config, ds_config and data, start nothing
+  d2v show_config --preset NAME [--key=value ...]
+  d2v export RUN_DIR OUT.safetensors [--teacher]
+  d2v import-fairseq CKPT OUT.safetensors
+  d2v bench step|data|ema ...
+  d2v demo [--modality image]
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import fire
+
+from .config import ConfigError, apply_overrides, from_json
+from .presets import PRESETS, get_preset
+
+
+def build_config(preset: str | None = None, from_json_path: str | None = None, **overrides):
+    """Config from a preset or a run's config.json, then `--section.key=value` overrides.
+    Returns (cfg, ds_overrides)."""
+    if not preset and not from_json_path:
+        raise ConfigError(f"pass --preset (one of {', '.join(PRESETS)}) or --from_json RUN_DIR/config.json")
+    cfg = from_json(from_json_path) if from_json_path else get_preset(preset)
+    if preset and from_json_path:
+        cfg.preset = preset
+    ds_overrides = {k[3:]: v for k, v in overrides.items() if k.startswith("ds.")}
+    shortcuts = {"data": "data.path", "out": "run.out", "resume": "run.resume", "ds_config": "run.ds_config"}
+    rest = {shortcuts.get(k, k): v for k, v in overrides.items() if not k.startswith("ds.") and v is not None}
+    apply_overrides(cfg, rest)
+    return cfg.validate(), ds_overrides
+
+
+def train(preset: str | None = None, data: str | None = None, ds_config: str | None = None,
+          out: str | None = None, resume: str | None = None, from_json: str | None = None,
+          local_rank: int = -1, **overrides) -> None:
+    """Pretrain. `local_rank` is accepted for the deepspeed launcher; LOCAL_RANK is read from the env."""
+    cfg, ds_overrides = build_config(preset, from_json, data=data, ds_config=ds_config, out=out,
+                                     resume=resume, **overrides)
+    from .train import train as run
+    run(cfg, ds_overrides)
+
+
+def check(preset: str | None = None, data: str | None = None, ds_config: str | None = None,
+          out: str | None = None, resume: str | None = None, from_json: str | None = None,
+          world: int = 0, local_rank: int = -1, **overrides) -> None:
+    """Validate everything `train` would use (config, ds_config, shards) in this process; start nothing."""
+    cfg, ds_overrides = build_config(preset, from_json, data=data, ds_config=ds_config, out=out,
+                                     resume=resume, **overrides)
+    from .data import shard_list
+    from .train import resolve_ds_config
+    urls = shard_list(cfg.data.path, cfg.data.allow_pipe)
+    world = world or int(os.environ.get("WORLD_SIZE", "1"))
+    ds = resolve_ds_config(cfg, world, ds_overrides)
+    if cfg.data.sampling == "split" and len(urls) < world * max(1, cfg.data.num_workers):
+        from .data import DataError
+        raise DataError(f"{len(urls)} shards cannot be split over {world} ranks x {cfg.data.num_workers} workers: "
+                        "make more shards, use fewer --data.num_workers, or --data.sampling=resample")
+    print(f"ok: {cfg.preset or 'config'} | {len(urls)} shards | world {world} | micro batch "
+          f"{ds['train_micro_batch_size_per_gpu']} x accumulation {ds['gradient_accumulation_steps']}")
+
+
+def show_config(preset: str | None = None, from_json: str | None = None, **overrides) -> None:
+    """Print the resolved config as JSON (every key `train` accepts)."""
+    cfg, _ = build_config(preset, from_json, **overrides)
+    print(json.dumps(cfg.to_dict(), indent=2))
+
+
+def export(run_dir: str, out: str, teacher: bool = False, tag: str | None = None) -> None:
+    """Consolidated fp32 student encoder (and, with --teacher, the EMA teacher) as safetensors."""
+    from .export import export_run
+    print(json.dumps(export_run(run_dir, out, teacher=teacher, tag=tag), indent=1))
+
+
+def import_fairseq(ckpt: str, out: str) -> None:
+    """A fairseq data2vec 2.0 checkpoint -> a d2v_scale weights file (for --run.init_from)."""
+    from .export import import_fairseq as run
+    print(json.dumps(run(ckpt, out), indent=1))
+
+
+def bench(kind: str = "step", **kwargs) -> None:
+    """Benchmarks that print ratios measured side by side in one run: step | data | ema."""
+    from . import bench as b
+    fn = {"step": b.bench_step, "data": b.bench_data, "ema": b.bench_ema}.get(kind)
+    if fn is None:
+        raise ConfigError(f"unknown benchmark {kind!r}: step, data or ema")
+    fn(**kwargs)
+
+
+def demo(**kwargs) -> None:
+    """The README's first command: make a small dataset, shard it, pretrain on it."""
+    from .demo import run_demo
+    run_demo(**kwargs)
+
+
+COMMANDS = {"train": train, "check": check, "show_config": show_config, "export": export,
+            "import-fairseq": import_fairseq, "import_fairseq": import_fairseq, "bench": bench, "demo": demo}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .data import DataError
+    from .masking import MaskError
+    try:
+        from .train import TrainingError
+        fire.Fire(COMMANDS, command=argv if argv is not None else sys.argv[1:], name="d2v")
+    except (ConfigError, DataError, MaskError, FileNotFoundError) as e:
+        sys.exit(f"d2v: error: {e}")
+    except TrainingError as e:
+        sys.exit(f"d2v: training stopped: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""The WebDataset stream every rank reads, with an exactly resumable position.
+
+Stages inside each DataLoader worker (rank r of R, worker w of W):
+  shard order   -> `split`: this worker's shards (global worker r*W + w of R*W), reshuffled each pass,
+                   or `resample`: shards drawn with replacement; both from Random(seed, epoch, r, w)
+  tar samples   -> webdataset `tarfile_to_samples`; an unreadable shard is skipped and counted
+  shuffle       -> a sample buffer driven by the same seeded Random
+  skip          -> on resume, the samples this worker already delivered in this epoch (not decoded)
+  decode        -> per-sample torch seed (seed, epoch, r, w, i) so augmentation replays exactly;
+                   a sample that fails to decode is skipped with a warning and counted
+  batch         -> `batch_size` samples collated in the worker
+Every worker yields the same number of batches per epoch and every rank the same number of
+workers, so no rank runs short (the webdataset hang with uneven shards).
+The DataLoader hands batches out round-robin over workers, so the number of batches the training
+loop consumed fixes exactly what each worker has delivered: that count is the whole position.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import warnings
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import webdataset as wds
+from webdataset.shardlists import expand_urls
+
+log = logging.getLogger("d2v_scale.data")
+
+
+class DataError(ValueError):
+    """Unusable data settings or shard lists, reported before training starts."""
+
+
+def _is_local(url: str) -> bool:
+    return urlparse(url).scheme in ("", "file")
+
+
+def shard_list(path: str, allow_pipe: bool = False) -> list[str]:
+    """Shard URLs from a brace pattern, a directory of .tar, an index JSON, or s3:// / https:// URLs."""
+    if not path:
+        raise DataError("no data given: pass --data with shards, e.g. --data 'DIR/shard-{000000..000009}.tar', "
+                        "a directory of .tar files, or an index JSON written by d2v-shard")
+    if path.startswith("pipe:") and not allow_pipe:
+        raise DataError(f"--data {path!r} runs a shell command; pass --data.allow_pipe=true if you mean it")
+    if path.endswith(".json"):
+        return _index_urls(path)
+    if _is_local(path) and Path(path).is_dir():
+        urls = sorted(str(p) for p in Path(path).glob("*.tar"))
+        if not urls:
+            raise DataError(f"--data {path}: the directory has no .tar shards; make some with `d2v-shard`")
+        return urls
+    urls = expand_urls(path)
+    local = [u for u in urls if _is_local(u)]
+    missing = [u for u in local if not Path(urlparse(u).path or u).exists()]
+    if missing:
+        raise DataError(f"--data {path}: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]}); "
+                        "check the path and the {000000..000099} range")
+    return urls
+
+
+def _index_urls(path: str) -> list[str]:
+    from .s3 import read_bytes
+    try:
+        index = json.loads(read_bytes(path))
+    except FileNotFoundError:
+        raise DataError(f"--data {path}: index file not found") from None
+    base = path.rsplit("/", 1)[0] if "/" in path else "."
+    urls = []
+    for shard in index.get("shards", []):
+        url = shard["url"]
+        urls.append(url if "://" in url or url.startswith("/") else f"{base}/{url}")
+    if not urls:
+        raise DataError(f"--data {path}: the index lists no shards")
+    return urls
+
+
+class ErrorCounter:
+    """webdataset exception handler: warn (rate-limited), count, continue."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.count = 0
+
+    def __call__(self, exn: Exception) -> bool:
+        self.count += 1
+        if self.count <= 5 or self.count % 100 == 0:
+            warnings.warn(f"skipping {self.what} ({self.count} so far): {exn!r:.300}", stacklevel=2)
+        return True
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """One epoch of batches for one rank; each DataLoader worker produces its own share."""
+
+    def __init__(self, urls: list[str], *, rank: int, world: int, epoch: int, seed: int, batches: int,
+                 batch_size: int, decode, collate, sampling: str, shuffle_buffer: int,
+                 skip_batches: int = 0, num_workers: int = 1):
+        super().__init__()
+        self.urls, self.rank, self.world, self.epoch, self.seed = urls, rank, world, epoch, seed
+        self.batches, self.batch_size, self.decode, self.collate = batches, batch_size, decode, collate
+        self.sampling, self.shuffle_buffer = sampling, shuffle_buffer
+        self.skip_batches, self.num_workers = skip_batches, max(1, num_workers)
+
+    def _worker(self) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        return (info.id, info.num_workers) if info is not None else (0, 1)
+
+    def _shard_order(self, rng: random.Random, w: int, W: int, progress: dict):
+        mine = self.urls if self.sampling == "resample" else self.urls[self.rank * W + w:: self.world * W]
+        patience = max(2 * len(mine), 20)
+        while True:
+            order = [rng.choice(mine) for _ in mine] if self.sampling == "resample" else rng.sample(mine, len(mine))
+            for url in order:
+                if progress["opened"] - progress["opened_at_sample"] > patience:
+                    raise DataError(f"worker {w} of rank {self.rank}: {patience} shards in a row gave no "
+                                    f"sample (e.g. {url}); check the shards with `d2v-shard verify`")
+                progress["opened"] += 1
+                yield {"url": url}
+
+    def __iter__(self):
+        w, W = self._worker()
+        w = (w + self.skip_batches) % W  # the DataLoader starts at its worker 0: rotate so that the
+        torch.set_num_threads(1)         # worker owed the next batch (skip % W) is asked first
+        rng = random.Random(hash((self.seed, self.epoch, self.rank, w)))
+        n_batches = self.batches // W + (1 if w < self.batches % W else 0)        # round-robin share
+        done = self.skip_batches // W + (1 if w < self.skip_batches % W else 0)   # already delivered
+        read_errors, decode_errors = ErrorCounter("unreadable shard"), ErrorCounter("undecodable sample")
+        progress = {"opened": 0, "opened_at_sample": 0}
+        samples = wds.tarfile_to_samples(handler=read_errors)(self._shard_order(rng, w, W, progress))
+        samples = _mark_progress(samples, progress)
+        if self.shuffle_buffer > 1:
+            samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)
+        index, buf, skipped, reported = 0, [], 0, 0
+        for _ in range(done * self.batch_size):          # replay the consumed part without decoding
+            next(samples)
+            index += 1
+        for sample in samples:
+            if done >= n_batches:
+                break
+            torch.manual_seed(hash((self.seed, self.epoch, self.rank, w, index)) & 0xFFFF_FFFF_FFFF)
+            index += 1
+            try:
+                buf.append(self.decode(sample))
+            except Exception as exn:  # noqa: BLE001 - a bad sample must not stop training
+                decode_errors(ValueError(f"{sample.get('__url__')}:{sample.get('__key__')}: {exn}"))
+                skipped += 1
+                continue
+            if len(buf) == self.batch_size:
+                batch = self.collate(buf)
+                batch["skipped"] = torch.tensor(skipped)
+                batch["read_errors"] = torch.tensor(read_errors.count - reported)
+                reported = read_errors.count
+                yield batch
+                buf, skipped, done = [], 0, done + 1
+
+
+def _mark_progress(samples, progress: dict):
+    for sample in samples:
+        progress["opened_at_sample"] = progress["opened"]
+        yield sample
+
+
+class Loader:
+    """Endless iterator of batches for this rank with a resumable `state` (epoch, batches, samples)."""
+
+    def __init__(self, urls: list[str], cfg, *, rank: int, world: int, seed: int, batch_size: int,
+                 decode, collate, state: dict | None = None):
+        self.urls, self.cfg, self.rank, self.world, self.seed = urls, cfg, rank, world, seed
+        self.batch_size, self.decode, self.collate = batch_size, decode, collate
+        W = max(1, cfg.num_workers)
+        if cfg.sampling == "split" and len(urls) < world * W:
+            raise DataError(
+                f"{len(urls)} shards cannot be split over {world} ranks x {W} workers: make more shards "
+                f"(d2v-shard --maxcount), use fewer --data.num_workers, or --data.sampling=resample")
+        per_rank_batches = max(1, round(cfg.epoch_samples / batch_size / W)) * W
+        self.batches_per_epoch = per_rank_batches
+        self.state = {"epoch": 0, "batches": 0, "samples_seen": 0, "skipped": 0, "read_errors": 0}
+        if state:
+            self.state.update(state)
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def _epoch_loader(self, epoch: int, skip: int):
+        ds = ShardStream(self.urls, rank=self.rank, world=self.world, epoch=epoch, seed=self.seed,
+                         batches=self.batches_per_epoch, batch_size=self.batch_size, decode=self.decode,
+                         collate=self.collate, sampling=self.cfg.sampling,
+                         shuffle_buffer=self.cfg.shuffle_buffer, skip_batches=skip,
+                         num_workers=self.cfg.num_workers)
+        return torch.utils.data.DataLoader(
+            ds, batch_size=None, num_workers=self.cfg.num_workers,
+            persistent_workers=False, prefetch_factor=4 if self.cfg.num_workers > 0 else None,
+            multiprocessing_context="fork" if self.cfg.num_workers > 0 and os.name == "posix" else None)
+
+    def __iter__(self):
+        while True:
+            st = self.state
+            if st["batches"] >= self.batches_per_epoch:
+                st["epoch"], st["batches"] = st["epoch"] + 1, 0
+            got = 0
+            for batch in self._epoch_loader(st["epoch"], st["batches"]):
+                got += 1
+                st["batches"] += 1
+                st["samples_seen"] += self.batch_size
+                st["skipped"] += int(batch.pop("skipped"))
+                st["read_errors"] += int(batch.pop("read_errors"))
+                yield batch
+            if got == 0:
+                raise DataError(f"rank {self.rank} read no complete batch from {len(self.urls)} shards "
+                                "(every shard unreadable or every sample undecodable?); see the warnings above")
+            if st["batches"] < self.batches_per_epoch:
+                raise DataError(f"rank {self.rank} ran out of samples mid-epoch; see the warnings above")

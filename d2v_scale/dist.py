@@ -1,0 +1,107 @@
+"""Process-group set-up for every way d2v_scale is started, and rank-0 printing.
+
+`deepspeed` launcher and torchrun export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; under `srun` without a
+launcher the SLURM_* variables are mapped onto them; a bare `d2v train` is a world of one.
+Without a CUDA device DeepSpeed's CPU accelerator (gloo) is selected before DeepSpeed is imported.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+
+
+def setup_env() -> None:
+    """Environment for DeepSpeed; call before `import deepspeed`."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _extensions_dir()
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        if "MASTER_ADDR" not in env:
+            env["MASTER_ADDR"] = _slurm_head_node()
+        env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 10000))
+    if "RANK" not in env:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(free_port()))
+
+
+def _extensions_dir(stale_after_s: float = 900.0) -> None:
+    """JIT-built DeepSpeed ops go to a folder of this Python environment; a `lock` left by a build
+    that was killed midway would make every later run wait forever, so stale ones are removed."""
+    import sys
+    import time
+    from pathlib import Path
+    root = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions")))
+    for lock in root.glob("*/*/lock") if root.exists() else []:
+        try:
+            if time.time() - lock.stat().st_mtime > stale_after_s:
+                lock.unlink()
+                print(f"removed a stale DeepSpeed op build lock: {lock}", file=sys.stderr)
+        except OSError:
+            pass
+
+
+def _slurm_head_node() -> str:
+    nodes = os.environ.get("SLURM_JOB_NODELIST", os.environ.get("SLURM_NODELIST", "127.0.0.1"))
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                             check=True, timeout=30)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return nodes.split(",")[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init() -> Dist:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU)."""
+    setup_env()
+    import logging
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.utils import logger as ds_logger
+    ds_logger.setLevel(logging.WARNING)
+    deepspeed.init_distributed(verbose=False)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    acc = get_accelerator()
+    if acc.device_name() == "cuda":
+        acc.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device(acc.device_name())
+    return Dist(rank, world, local_rank, device)
+
+
+def print0(*args, **kw) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kw, flush=True)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return t

@@ -1,0 +1,72 @@
+"""Weights files (safetensors): exported encoders and imported fairseq models.
+
+* `d2v export RUN_DIR OUT.safetensors`: the consolidated fp32 student encoder of a run's newest
+  checkpoint (any ZeRO stage), keys as in `models/` (`patch_embed.proj.weight`, `blocks.0.attn.qkv.weight`,
+  ...); `--teacher` also writes OUT.teacher.safetensors with the EMA teacher.
+* `d2v import-fairseq CKPT OUT.safetensors`: student (`encoder.*`, `decoder.*`) and teacher
+  (`teacher.*`) of a fairseq data2vec 2.0 checkpoint; `--run.init_from=OUT.safetensors` continues
+  pretraining from it.
+The config travels in the file's metadata as JSON.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+
+def write_weights(path: str | Path, tensors: dict[str, torch.Tensor], cfg_dict: dict, kind: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+              metadata={"format": f"d2v_scale/{kind}-v1", "config": json.dumps(cfg_dict)})
+    tmp.replace(path)
+
+
+def read_weights(path: str | Path) -> tuple[dict, dict, dict]:
+    """(student state_dict, teacher state_dict, config dict) from any d2v_scale weights file."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"weights file {path} not found")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    tensors = load_file(str(path))
+    kind = meta.get("format", "")
+    if kind.startswith("d2v_scale/encoder"):
+        return {f"encoder.{k}": v for k, v in tensors.items()}, {}, json.loads(meta.get("config", "{}"))
+    if kind.startswith("d2v_scale/model"):
+        student = {k: v for k, v in tensors.items() if not k.startswith("teacher.")}
+        teacher = {k[len("teacher."):]: v for k, v in tensors.items() if k.startswith("teacher.")}
+        return student, teacher, json.loads(meta.get("config", "{}"))
+    raise ValueError(f"{path} is not a d2v_scale weights file (metadata format {kind!r})")
+
+
+def export_run(run_dir: str | Path, out: str | Path, teacher: bool = False, tag: str | None = None) -> dict:
+    from .checkpoint import consolidated_state
+    state, tag = consolidated_state(Path(run_dir), tag)
+    cfg_path = Path(run_dir) / "config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    write_weights(out, encoder, cfg, "encoder")
+    written = {"encoder": str(out), "tag": tag, "tensors": len(encoder),
+               "params": sum(v.numel() for v in encoder.values())}
+    if teacher:
+        from .teacher import load_teacher_state
+        t_out = Path(out).with_suffix(".teacher.safetensors")
+        ckpt_dir = Path(run_dir) / "checkpoints" / tag
+        write_weights(t_out, load_teacher_state(ckpt_dir), cfg, "encoder")
+        written["teacher"] = str(t_out)
+    return written
+
+
+def import_fairseq(ckpt: str | Path, out: str | Path) -> dict:
+    from .fairseq import from_fairseq, load_fairseq_checkpoint
+    model = from_fairseq(load_fairseq_checkpoint(ckpt))
+    tensors = dict(model.student.state_dict())
+    tensors.update({f"teacher.{k}": v for k, v in model.teacher.state_dict().items()})
+    write_weights(out, tensors, model.cfg.to_dict(), "model")
+    return {"out": str(out), "modality": model.cfg.model.modality, "tensors": len(tensors),
+            "student_params": sum(p.numel() for p in model.student.parameters())}

@@ -1,0 +1,65 @@
+"""Model FLOPs of one data2vec 2.0 training step, per sample (for MFU, `d2v bench` and `d2v plan`).
+
+2 FLOPs per multiply-add; what gets gradients costs 3x its forward (forward, input grad, weight
+grad), the teacher only its forward. Per transformer block and token (width D, n tokens in the
+sequence): 24 D^2 + 4 n D forward (QKV 6, output 2, MLP 16 D^2; QK^T and AV 2 n D each), the
+Megatron-LM count.
+  student: the local encoder once per sample, then M clones x (extra + T_keep tokens through all
+           blocks + the conv decoder on all T positions)
+  teacher: once per sample on extra + T tokens, forward only (+ its own patch conv for images)
+Recomputation under activation checkpointing is not counted (model FLOPs, not hardware FLOPs).
+"""
+from __future__ import annotations
+
+from .masking import check_counts
+
+
+def block_flops(n: int, D: int, mlp_ratio: float = 4.0) -> float:
+    """Forward FLOPs of one transformer block over a sequence of n tokens."""
+    return n * (8 + 4 * mlp_ratio) * D * D + 4 * n * n * D
+
+
+def decoder_flops(T: int, D: int, d, two_d: bool) -> float:
+    flops, cin = 0.0, D
+    taps = d.decoder_kernel ** (2 if two_d else 1)
+    for _ in range(d.decoder_layers):
+        flops += 2 * T * taps * (cin // d.decoder_groups) * d.decoder_dim
+        cin = d.decoder_dim
+    cur = d.decoder_dim
+    for i in range(d.projection_layers - 1):
+        nxt = int(cur * d.projection_ratio) if i == 0 else cur
+        flops += 2 * T * cur * nxt
+        cur = nxt
+    return flops + 2 * T * cur * D
+
+
+def local_flops(cfg, T: int, source_len: int) -> float:
+    """Forward FLOPs of the local encoder for one sample (patch conv / CNN + projection / 0 for text)."""
+    m = cfg.model
+    if m.modality == "image":
+        return 2 * T * m.image.in_chans * m.image.patch_size ** 2 * m.embed_dim
+    if m.modality == "audio":
+        from .models.audio import conv_layers_out
+        layers = conv_layers_out(m.audio.feature_encoder_spec, source_len)
+        return sum(2 * k * cin * cout * n for cin, cout, k, n in layers) + 2 * T * layers[-1][1] * m.embed_dim
+    return 0.0
+
+
+def step_flops_per_sample(cfg, tokens: int, extra: int = 0, source_len: int = 0) -> dict:
+    """cfg: root Config; tokens: T on the mask grid; extra: CLS tokens; source_len: audio samples."""
+    m, M = cfg.model, cfg.mask.clone_batch
+    D, L = m.embed_dim, m.prenet_depth + m.depth
+    keep = check_counts(tokens, cfg.mask.mask_prob, cfg.mask.inverse_mask or cfg.mask.mask_length <= 1)
+    local = local_flops(cfg, tokens, source_len)
+    per_clone = L * block_flops(extra + keep, D, m.mlp_ratio) + decoder_flops(tokens, D, m.decoder, m.modality == "image")
+    teacher = L * block_flops(extra + tokens, D, m.mlp_ratio)
+    if m.modality == "audio":  # conv positions: on the full zeroed sequence per clone, and in the teacher
+        a = m.audio
+        k = max(3, a.conv_pos_width // a.conv_pos_depth)
+        pos = a.conv_pos_depth * 2 * tokens * k * (D // a.conv_pos_groups) * D
+        per_clone += pos
+        teacher += pos
+    if m.modality == "image":
+        teacher += local
+    student = 3 * (local + M * per_clone)
+    return {"student": student, "teacher": teacher, "total": student + teacher}

@@ -1,0 +1,134 @@
+"""Training metrics: TensorBoard scalars, rank-0 progress, throughput and MFU, the end-of-run summary.
+
+Per-step values are kept as local sums and reduced across ranks once per log interval (one small
+all-reduce), not every step. MFU counts the model FLOPs of a data2vec 2.0 step (see `flops.py`)
+against a per-rank peak: `run.peak_tflops`, or a GEMM benchmark measured at start-up.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .d2v import mean_std
+from .dist import all_reduce_sum
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """Sustained matmul FLOP/s of this process on `device` (fp32 on CPU, bf16 on GPU)."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        a @ b
+    sync()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+        if device.type == "cuda" and reps % 10:
+            continue
+        sync()
+    sync()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+class Metrics:
+    def __init__(self, out_dir: Path, is_main: bool, world: int, start_step: int, stop_step: int,
+                 flops_per_sample: float, peak_flops: float, progress: bool = True):
+        self.is_main, self.world = is_main, world
+        self.flops_per_sample, self.peak_flops = flops_per_sample, peak_flops
+        self.writer, self.jsonl = None, None
+        if is_main:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(out_dir / "tb"))
+            self.jsonl = open(out_dir / "metrics.jsonl", "a")   # one line per log step, appended on resume
+        self.bar = None
+        if is_main and progress and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=stop_step, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self._reset()
+        self.start_step, self.t_start = start_step, time.perf_counter()
+        self.history: list[tuple[int, float]] = []
+        self.last: dict = {}
+
+    def _reset(self) -> None:
+        self.sums = None      # on the compute device: loss (summed), loss_cls (summed), masked tokens
+        self.samples = 0
+        self.stats = None
+        self.t0 = time.perf_counter()
+
+    def update(self, out: dict, batch_size: int) -> None:
+        """After every micro-step: accumulate this rank's sums (no synchronisation)."""
+        loss = out["loss"].detach().double()
+        vec = torch.stack([loss, out["loss_cls"].detach().double() if "loss_cls" in out else loss * 0,
+                           loss.new_tensor(float(out["sample_size"]))])
+        self.sums = vec if self.sums is None else self.sums + vec
+        self.samples += batch_size
+        self.stats = (out["pred_stats"], out["target_stats"])
+
+    def log(self, step: int, lr: float, ema_decay: float, extra: dict | None = None) -> dict:
+        """Reduce the window across ranks (all ranks call this) and write the scalars."""
+        pred, target = self.stats
+        vec = torch.cat([self.sums.cpu(), torch.tensor([self.samples], dtype=torch.float64),
+                         pred.detach().cpu(), target.detach().cpu()])
+        if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+            vec = all_reduce_sum(vec.cuda()).cpu()
+        else:
+            vec = all_reduce_sum(vec)
+        loss_sum, cls_sum, tokens, samples = vec[:4].tolist()
+        n = pred.numel()
+        dt = time.perf_counter() - self.t0
+        sps = samples / max(dt, 1e-9)
+        m = {"train/loss": loss_sum / max(tokens, 1), "train/loss_cls": cls_sum / max(tokens, 1),
+             "train/lr": lr, "train/ema_decay": ema_decay,
+             "train/pred_var": float(mean_std(vec[4:4 + n])), "train/target_var": float(mean_std(vec[4 + n:])),
+             "perf/samples_per_s": sps,
+             "perf/mfu": self.flops_per_sample * sps / self.world / self.peak_flops if self.peak_flops else 0.0}
+        m.update(extra or {})
+        self.last = m
+        self.history.append((step, m["train/loss"]))
+        if self.writer is not None:
+            for k, v in m.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+            self.jsonl.write(json.dumps({"step": step, **m}) + "\n")
+            self.jsonl.flush()
+        if self.is_main:
+            msg = (f"step {step} loss {m['train/loss']:.4f} lr {lr:.2e} tau {ema_decay:.6f} "
+                   f"pred_var {m['train/pred_var']:.3f} target_var {m['train/target_var']:.3f} "
+                   f"{sps:.1f} samples/s mfu {m['perf/mfu']:.1%}")
+            if self.bar is not None:
+                self.bar.set_postfix_str(msg.split(" ", 2)[2][:80])
+            else:
+                print(msg, flush=True)
+        self._reset()
+        return m
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def close(self, step: int, out_dir: Path, checkpoint: str | None) -> dict:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+            self.jsonl.close()
+        elapsed = time.perf_counter() - self.t_start
+        first = next((l for _, l in self.history if math.isfinite(l)), float("nan"))
+        summary = {"steps": step - self.start_step, "final_step": step, "elapsed_s": round(elapsed, 1),
+                   "first_loss": first, "final_loss": self.last.get("train/loss", float("nan")),
+                   "samples_per_s": self.last.get("perf/samples_per_s", 0.0),
+                   "mfu": self.last.get("perf/mfu", 0.0), "tensorboard": str(out_dir / "tb"),
+                   "checkpoint": checkpoint}
+        if self.is_main:
+            print("\n== d2v_scale run summary ==")
+            for k, v in summary.items():
+                print(f"  {k:>14}: {v:.4f}" if isinstance(v, float) else f"  {k:>14}: {v}")
+        return summary

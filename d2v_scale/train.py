@@ -1,0 +1,253 @@
+"""The training loop: `train(cfg)` sets up, `train_step(...)` is one data2vec 2.0 micro-step.
+
+cli.py:train -> train.py:train -> train_step -> Data2Vec.forward (d2v.py) -> encoder/decoder.
+DeepSpeed wraps only the student (encoder + decoder + loss); the EMA teacher stays outside the engine.
+Masks, dropout and the decoder noise are seeded from (seed, step, micro-step, rank), so a resumed
+run draws exactly what an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .config import Config, ConfigError
+from .d2v import Data2Vec
+from .dist import Dist, all_reduce_sum, print0
+from .masking import sample_mask
+from .optim import build_optimizer, lr_at, set_lr
+from .teacher import ReplicatedTeacher, decay_at
+
+
+class TrainingError(RuntimeError):
+    """Training stopped on purpose (collapse guard, non-finite loss) with the reason and the fix."""
+
+
+# -- set-up ----------------------------------------------------------------------------------------
+
+def resolve_ds_config(cfg: Config, world: int, overrides: dict | None = None, cuda: bool | None = None) -> dict:
+    """Load the DeepSpeed JSON, apply `ds.*` overrides, fill "auto" values from cfg, check consistency."""
+    path = Path(cfg.run.ds_config)
+    if not path.exists():
+        shipped = ", ".join(sorted(p.name for p in (Path(__file__).parent.parent / "ds_configs").glob("*.json")))
+        raise ConfigError(f"ds_config {path} not found (shipped in ds_configs/: {shipped})")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"ds_config {path} is not valid JSON: {e}") from None
+    for key, value in (overrides or {}).items():
+        node = ds
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ConfigError(f"ds_config {path} has a {section!r} section: d2v_scale builds AdamW and the "
+                              f"warmup+cosine schedule itself (set --optim.* instead); remove it")
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    micro = cfg.data.batch_size
+    if cfg.data.global_batch:
+        if cfg.data.global_batch % (micro * world):
+            raise ConfigError(f"data.global_batch={cfg.data.global_batch} is not a multiple of data.batch_size="
+                              f"{micro} x {world} ranks; pick a batch size that divides it")
+        gas = cfg.data.global_batch // (micro * world)
+    else:
+        gas = 1
+    auto = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,
+            "train_batch_size": micro * gas * world, "gradient_clipping": cfg.optim.clip_grad}
+    for key, value in auto.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    if ds["train_batch_size"] != ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world:
+        raise ConfigError(f"ds_config: train_batch_size {ds['train_batch_size']} != micro batch "
+                          f"{ds['train_micro_batch_size_per_gpu']} x accumulation {ds['gradient_accumulation_steps']} "
+                          f"x world {world}; set them to \"auto\" to derive them from --data.batch_size/global_batch")
+    bf16 = ds.setdefault("bf16", {"enabled": "auto"})
+    if bf16.get("enabled") == "auto":
+        bf16["enabled"] = bool(cuda and torch.cuda.is_bf16_supported())
+    if ds.get("fp16", {}).get("enabled") and not cuda:
+        raise ConfigError("fp16 is not supported by DeepSpeed on CPU; use bf16 or fp32 (set fp16.enabled false)")
+    ds.setdefault("steps_per_print", 10 ** 9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def compute_dtype(ds: dict) -> torch.dtype:
+    if ds.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def offloads_optimizer(ds: dict) -> bool:
+    return ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+
+
+def build_teacher(model: Data2Vec, cfg: Config, ds: dict, dist: Dist):
+    """The EMA teacher, copied from the student before DeepSpeed partitions it."""
+    if cfg.teacher.placement == "sharded":
+        from .sharded_teacher import ShardedTeacher
+        return ShardedTeacher(model, cfg, ds, dist)
+    return ReplicatedTeacher(model.encoder, cfg.model, dtype=compute_dtype(ds), device=dist.device)
+
+
+def load_init_weights(model: Data2Vec, teacher, path: str) -> None:
+    """Start from an imported or exported weights file (student, and teacher when present)."""
+    from .export import read_weights
+    student, teacher_state, _ = read_weights(path)
+    missing, unexpected = model.load_state_dict(student, strict=False)
+    if unexpected or [k for k in missing if k.startswith("encoder.")]:
+        raise ConfigError(f"run.init_from={path}: weights do not fit the model (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}); check --preset")
+    if teacher_state:
+        teacher.load_state_dict(teacher_state)
+
+
+# -- one step ----------------------------------------------------------------------------------------
+
+def seed_for(*parts: int) -> int:
+    return hash(parts) & 0x7FFF_FFFF_FFFF
+
+
+def train_step(engine, teacher, batch: dict, cfg: Config, step: int, micro: int, dist: Dist,
+               dtype: torch.dtype) -> tuple[dict, bool]:
+    """One micro-batch: masks, student forward (teacher targets inside), backward, step, EMA."""
+    x = batch["source"].to(dist.device, non_blocking=True)             # image (B,3,H,W) | audio (B,S) | text (B,T)
+    if x.is_floating_point():
+        x = x.to(dtype)
+    pad = batch.get("padding_mask")
+    pad = pad.to(dist.device) if pad is not None else None
+    encoder = engine.module.encoder
+    M = cfg.mask.clone_batch
+
+    # masks and dropout: reproducible from (seed, step, micro-step, rank)
+    gen = torch.Generator().manual_seed(seed_for(cfg.run.seed, step, micro, dist.rank))
+    torch.manual_seed(seed_for(cfg.run.seed, step, micro, dist.rank, 1))
+    mask = sample_mask(cfg.mask, x.shape[0] * M, encoder.token_shape(x, pad), gen).to(dist.device)  # (B*M, T)
+    layer_keep = encoder.draw_layerdrop(seed_for(cfg.run.seed, step, micro))   # same on every rank
+
+    # forward: student on the visible tokens of M clones, teacher targets once per sample
+    set_lr(engine.optimizer, lr_at(step, cfg.optim))
+    out = engine(x, mask, teacher, pad, layer_keep)
+
+    # loss = mean over every masked token on every rank (DeepSpeed averages gradients over ranks)
+    n_global = all_reduce_sum(torch.tensor([float(out["sample_size"])], device=dist.device))
+    loss = out["loss"] * dist.world / n_global.clamp_min(1)
+
+    boundary = engine.is_gradient_accumulation_boundary()              # ask before step()
+    engine.backward(loss)
+    engine.step()
+    if boundary and engine.was_step_applied():                          # EMA once per optimizer step
+        teacher.update(encoder, decay_at(engine.global_steps, cfg.teacher))
+    return out, boundary
+
+
+# -- the loop ------------------------------------------------------------------------------------------
+
+def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
+    from . import dist as dist_mod
+    from .data import build_loader, shard_list
+    from .flops import step_flops_per_sample
+    from .metrics import Metrics, measure_peak_flops
+
+    cfg.validate()
+    urls = shard_list(cfg.data.path, cfg.data.allow_pipe)       # bad paths fail before any collective
+    dist = dist_mod.init()
+    import deepspeed
+    ds = resolve_ds_config(cfg, dist.world, ds_overrides)
+    dtype = compute_dtype(ds)
+    run_dir = Path(cfg.run.out)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.to_json(run_dir / "config.json")
+        (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
+
+    # model, teacher, engine (identical init on every rank)
+    torch.manual_seed(cfg.run.seed)
+    model = Data2Vec(cfg.model, cfg.mask.mask_noise_std)
+    teacher = build_teacher(model, cfg, ds, dist)
+    if cfg.run.init_from:
+        load_init_weights(model, teacher, cfg.run.init_from)
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = build_optimizer(model, cfg.optim, offload=offloads_optimizer(ds))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+
+    # resume
+    data_state, resumed = None, checkpoint.resolve_resume(run_dir, cfg.run.resume)
+    if resumed:
+        client, data_state = checkpoint.load(engine, teacher, *resumed, dist.rank)
+        print0(f"resumed from {resumed[0] / resumed[1]} at step {engine.global_steps}")
+    elif cfg.run.resume == "auto":
+        print0("no checkpoint to resume from: starting from scratch")
+    loader = build_loader(cfg, dist.rank, dist.world, data_state, urls=urls)
+
+    stop = min(cfg.optim.max_steps, cfg.run.stop_after or cfg.optim.max_steps)
+    tokens = _token_count(engine.module.encoder, cfg)
+    fps = step_flops_per_sample(cfg, tokens, engine.module.encoder.num_extra_tokens,
+                                cfg.data.max_sample_size)["total"]
+    peak = cfg.run.peak_tflops * 1e12 or measure_peak_flops(dist.device, torch.bfloat16 if dtype != torch.float32 else torch.float32)
+    metrics = Metrics(run_dir, dist.is_main, dist.world, engine.global_steps, stop, fps, peak, cfg.run.progress)
+    gas = engine.gradient_accumulation_steps()
+    print0(f"d2v_scale: {cfg.preset or 'custom'} | {n_params / 1e6:.2f}M student "
+           f"params | world {dist.world} x micro {cfg.data.batch_size} x accum {gas} | ZeRO-"
+           f"{ds.get('zero_optimization', {}).get('stage', 0)} | {str(dtype).replace('torch.', '')} | "
+           f"{len(urls)} shards | steps {engine.global_steps} -> {stop}")
+
+    last_saved, micro, out = None, 0, None
+    for batch in loader:
+        step = engine.global_steps
+        if step >= stop:
+            break
+        out, boundary = train_step(engine, teacher, batch, cfg, step, micro, dist, dtype)
+        metrics.update(out, batch["source"].shape[0])
+        micro = 0 if boundary else micro + 1
+        if not boundary:
+            continue
+        step = engine.global_steps
+        metrics.advance()
+        if step % cfg.run.log_every == 0 or step == stop:
+            m = metrics.log(step, lr_at(step - 1, cfg.optim), decay_at(step, cfg.teacher),
+                            {"data/skipped_samples": loader.state["skipped"],
+                             "data/unreadable_shards": loader.state["read_errors"]})
+            _check_health(m, step, cfg)
+        if step % cfg.run.save_every == 0 or step == stop:
+            last_saved = checkpoint.save(engine, teacher, run_dir, step, {"step": step, "preset": cfg.preset},
+                                         loader.state_dict(), dist.rank, cfg.run.keep_last)
+    summary = metrics.close(engine.global_steps, run_dir, str(last_saved) if last_saved else None)
+    if dist.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _token_count(encoder, cfg: Config) -> int:
+    m = cfg.model
+    if m.modality == "image":
+        return math.prod(encoder.grid)
+    if m.modality == "audio":
+        return encoder.num_frames(cfg.data.max_sample_size)
+    return cfg.data.tokens_per_sample
+
+
+def _check_health(m: dict, step: int, cfg: Config) -> None:
+    """Same values on every rank (they were all-reduced), so every rank stops together."""
+    if not math.isfinite(m["train/loss"]):
+        raise TrainingError(f"loss is {m['train/loss']} at step {step}: lower --optim.lr, keep gradient "
+                            f"clipping on (--optim.clip_grad), and resume from the last checkpoint")
+    r = cfg.run
+    if step > r.collapse_guard_after:
+        if r.min_target_var > 0 and m["train/target_var"] < r.min_target_var:
+            raise TrainingError(
+                f"target_var {m['train/target_var']:.4f} < run.min_target_var {r.min_target_var} at step {step}: "
+                "the teacher's targets collapsed. Lower --optim.lr (fairseq issue 4177 recovered with 7.5e-4 -> "
+                "5e-4) and resume from an earlier checkpoint, or set --run.min_target_var=0 to continue anyway")
+        if r.min_pred_var > 0 and m["train/pred_var"] < r.min_pred_var:
+            raise TrainingError(
+                f"pred_var {m['train/pred_var']:.4f} < run.min_pred_var {r.min_pred_var} at step {step}: the "
+                "student's predictions collapsed. Lower --optim.lr and resume from an earlier checkpoint, or "
+                "set --run.min_pred_var=0 to continue anyway")

@@ -1,0 +1,133 @@
+"""ShardSink: samples -> WebDataset tar shards (webdataset.ShardWriter) with an index written last.
+
+Each shard is written to a `.partial` file and renamed (or uploaded) only once complete, and the
+index JSON (shard URLs, sample counts, bytes, sha256) is written after every shard is in place,
+so an interrupted run never leaves an index that points at a missing or half-written shard.
+Tar members carry a fixed mtime, so the same input gives byte-identical shards.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import webdataset as wds
+
+
+class SinkError(ValueError):
+    """A destination that cannot be written; raised before any sample is processed."""
+
+
+def normalize_pattern(dst: str) -> str:
+    """`DIR` -> `DIR/shard-%06d.tar`; a pattern must contain one printf placeholder (`%06d`)."""
+    if "%" not in dst:
+        if dst.endswith(".tar"):
+            raise SinkError(f"{dst}: the destination needs a shard number placeholder, e.g. {dst[:-4]}-%06d.tar")
+        return dst.rstrip("/") + "/shard-%06d.tar"
+    try:
+        dst % 0
+    except (TypeError, ValueError):
+        raise SinkError(f"{dst}: use one printf placeholder for the shard number, e.g. shard-%06d.tar") from None
+    return dst
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ShardSink:
+    """Context manager: `write(sample)`; on close, the index. `dst` is a local pattern or s3:// pattern."""
+
+    def __init__(self, dst: str, maxcount: int = 10_000, maxsize: float = 1e9, index: str | None = None,
+                 meta: dict | None = None):
+        self.pattern = normalize_pattern(dst)
+        self.remote = self.pattern.startswith("s3://")
+        if self.remote:
+            raise SinkError("s3:// destinations are not supported yet")
+        else:
+            parent = Path(self.pattern).parent
+            parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(parent, os.W_OK):
+                raise SinkError(f"{parent} is not writable")
+            self.uploader = None
+        self.index_url = index or (self.pattern.rsplit("/", 1)[0] + "/index.json")
+        self.meta = meta or {}
+        self.shards: list[dict] = []
+        self._files: dict[str, object] = {}
+        self._count = 0
+        self.writer = wds.ShardWriter(self.pattern, maxcount=maxcount, maxsize=maxsize, post=self._finished,
+                                      opener=self._open, verbose=0, mtime=0.0)
+
+    # ShardWriter hooks ----------------------------------------------------------------------
+    def _local_path(self, fname: str) -> str:
+        return str(Path(self.tmpdir) / Path(fname).name) if self.remote else fname
+
+    def _open(self, fname: str):
+        f = open(self._local_path(fname) + ".partial", "wb")
+        self._files[fname] = f
+        return f
+
+    def _finished(self, fname: str) -> None:
+        self._files.pop(fname).close()
+        partial, final = self._local_path(fname) + ".partial", self._local_path(fname)
+        if self._count == 0:            # ShardWriter opens the next shard eagerly; drop it if empty
+            os.remove(partial)
+            return
+        os.replace(partial, final)
+        record = {"url": fname, "samples": self._count, "bytes": os.path.getsize(final),
+                  "sha256": sha256_file(final)}
+        if self.remote:
+            self.uploader.submit(final, fname)
+        else:
+            record["url"] = os.path.basename(fname)   # relative to the index
+        self.shards.append(record)
+        self._count = 0
+
+    # API ----------------------------------------------------------------------------------------
+    def write(self, sample: dict) -> None:
+        self.writer.write(sample)  # may finish the previous shard first (-> _finished resets _count)
+        self._count += 1
+
+    def close(self) -> dict:
+        self.writer.close()
+        if self.remote:
+            self.uploader.wait()
+        index = {"format": "d2v_scale/shards-v1", **self.meta,
+                 "samples": sum(s["samples"] for s in self.shards),
+                 "bytes": sum(s["bytes"] for s in self.shards), "shards": self.shards}
+        data = (json.dumps(index, indent=1) + "\n").encode()
+        if self.remote:
+            self.uploader.put_bytes(self.index_url, data)
+            self.uploader.close()
+        else:
+            tmp = self.index_url + ".partial"
+            Path(tmp).write_bytes(data)
+            os.replace(tmp, self.index_url)
+        return index
+
+    def abort(self) -> None:
+        """Leave completed shards, remove the open partial, write no index."""
+        for f in self._files.values():
+            f.close()
+            try:
+                os.remove(f.name)
+            except OSError:
+                pass
+        self._files.clear()
+        if self.remote:
+            self.uploader.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *rest):
+        if exc_type is None:
+            self.index = self.close()
+        else:
+            self.abort()
+        return False
