@@ -86,9 +86,10 @@ def import_fairseq(ckpt: str, out: str) -> None:
 def bench(kind: str = "step", **kwargs) -> None:
     """Benchmarks that print ratios measured side by side in one run: step | data | ema."""
     from . import bench as b
-    fn = {"step": b.bench_step, "data": b.bench_data, "ema": b.bench_ema}.get(kind)
+    benches = {"step": b.bench_step}
+    fn = benches.get(kind)
     if fn is None:
-        raise ConfigError(f"unknown benchmark {kind!r}: step, data or ema")
+        raise ConfigError(f"unknown benchmark {kind!r}: {', '.join(benches)}")
     fn(**kwargs)
 
 

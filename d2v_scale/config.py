@@ -175,6 +175,9 @@ class Config:
             raise ConfigError(f"model.{m.modality} is not set for modality {m.modality!r}")
         if m.embed_dim % m.num_heads:
             raise ConfigError(f"model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads}")
+        if m.modality == "image" and m.image.img_size % m.image.patch_size:
+            raise ConfigError(f"model.image.patch_size={m.image.patch_size} does not divide model.image.img_size="
+                              f"{m.image.img_size}: pick sizes with img_size % patch_size == 0")
         if not 1 <= m.average_top_k_layers <= m.depth:
             raise ConfigError(f"model.average_top_k_layers={m.average_top_k_layers} must be in [1, model.depth={m.depth}]")
         if self.mask.clone_batch < 1:

@@ -83,6 +83,7 @@ class ReplicatedTeacher:
         if dtype is not None or device is not None:
             self.module.to(device=device, dtype=dtype)
         dtype = next(self.module.parameters()).dtype
+        self.updates = 0  # EMA steps applied (checkpointed with the engine's client state)
         self.names = [n for n, _ in self.module.named_parameters()]
         self.groups = _block_groups(self.names)
         if dtype == torch.float32:
@@ -107,6 +108,7 @@ class ReplicatedTeacher:
         """theta_T <- decay * theta_T + (1 - decay) * theta_S, fp32; skipped at decay 1 (frozen)."""
         if decay >= 1.0:
             return
+        self.updates += 1
         student = dict(student_encoder.named_parameters())
         for idx in self.groups:  # one block at a time: a ZeRO-3 student is gathered block by block
             params = [student[self.names[i]] for i in idx]

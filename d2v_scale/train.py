@@ -77,6 +77,24 @@ def resolve_ds_config(cfg: Config, world: int, overrides: dict | None = None, cu
     return ds
 
 
+def check_mask(cfg: Config) -> None:
+    """Raise MaskError now if the mask settings cannot be met on the model's token grid."""
+    from .masking import block_mask, random_mask
+    m, gen = cfg.model, torch.Generator().manual_seed(0)
+    if m.modality == "image":
+        grid = (m.image.img_size // m.image.patch_size,) * 2
+    elif m.modality == "text":
+        grid = (cfg.data.tokens_per_sample,)
+    else:
+        from .models.audio import frames_for
+        grid = (frames_for(m.audio.feature_encoder_spec, cfg.data.min_sample_size),)
+    if cfg.mask.mask_length <= 1:
+        random_mask(1, math.prod(grid), cfg.mask.mask_prob, gen)
+    else:
+        block_mask(1, grid, cfg.mask.mask_prob, cfg.mask.mask_length, cfg.mask.mask_prob_adjust,
+                   cfg.mask.inverse_mask, gen)
+
+
 def compute_dtype(ds: dict) -> torch.dtype:
     if ds.get("bf16", {}).get("enabled"):
         return torch.bfloat16
@@ -157,7 +175,8 @@ def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
     from .metrics import Metrics, measure_peak_flops
 
     cfg.validate()
-    urls = shard_list(cfg.data.path, cfg.data.allow_pipe)       # bad paths fail before any collective
+    check_mask(cfg)                                              # fail before any rank waits on another
+    urls = shard_list(cfg.data.path, cfg.data.allow_pipe)
     dist = dist_mod.init()
     import deepspeed
     ds = resolve_ds_config(cfg, dist.world, ds_overrides)
@@ -182,6 +201,7 @@ def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
     data_state, resumed = None, checkpoint.resolve_resume(run_dir, cfg.run.resume)
     if resumed:
         client, data_state = checkpoint.load(engine, teacher, *resumed, dist.rank)
+        teacher.updates = client.get("ema_updates", 0)
         print0(f"resumed from {resumed[0] / resumed[1]} at step {engine.global_steps}")
     elif cfg.run.resume == "auto":
         print0("no checkpoint to resume from: starting from scratch")
@@ -217,7 +237,7 @@ def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
                              "data/unreadable_shards": loader.state["read_errors"]})
             _check_health(m, step, cfg)
         if step % cfg.run.save_every == 0 or step == stop:
-            last_saved = checkpoint.save(engine, teacher, run_dir, step, {"step": step, "preset": cfg.preset},
+            last_saved = checkpoint.save(engine, teacher, run_dir, step, {"step": step, "preset": cfg.preset, "ema_updates": teacher.updates},
                                          loader.state_dict(), dist.rank, cfg.run.keep_last)
     summary = metrics.close(engine.global_steps, run_dir, str(last_saved) if last_saved else None)
     if dist.is_main:

@@ -1,0 +1,85 @@
+"""Benchmarks that measure side by side in one process and print ratios (not timed tests).
+
+  d2v bench step --preset vit_base_patch16_debug [--steps 10] [--key=value ...]
+      forward + backward + optimizer step + EMA through the DeepSpeed engine on synthetic batches;
+      samples/s, achieved TFLOP/s and MFU against the GEMM peak measured in the same run.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .dist import print0
+
+
+def _synthetic_batch(cfg, device) -> dict:
+    m, B = cfg.model, cfg.data.batch_size
+    if m.modality == "image":
+        return {"source": torch.randn(B, m.image.in_chans, m.image.img_size, m.image.img_size)}
+    if m.modality == "audio":
+        return {"source": torch.randn(B, cfg.data.max_sample_size)}
+    vocab = m.text.vocab_size or 1000
+    return {"source": torch.randint(4, vocab, (B, cfg.data.tokens_per_sample))}
+
+
+def _time_steps(engine, teacher, cfg, dist, dtype, steps: int, warmup: int) -> float:
+    from .train import train_step
+    batch = _synthetic_batch(cfg, dist.device)
+    sync = torch.cuda.synchronize if dist.device.type == "cuda" else (lambda: None)
+    gas = engine.gradient_accumulation_steps()
+    for i in range(warmup * gas):
+        train_step(engine, teacher, batch, cfg, i // gas, i % gas, dist, dtype)
+    sync()
+    t0 = time.perf_counter()
+    for i in range(steps * gas):
+        train_step(engine, teacher, batch, cfg, warmup + i // gas, i % gas, dist, dtype)
+    sync()
+    return (time.perf_counter() - t0) / steps
+
+
+def build_engine(cfg, dist, ds_overrides: dict | None = None):
+    import deepspeed
+    from .d2v import Data2Vec
+    from .optim import build_optimizer
+    from .train import build_teacher, compute_dtype, offloads_optimizer, resolve_ds_config
+    ds = resolve_ds_config(cfg, dist.world, ds_overrides)
+    torch.manual_seed(cfg.run.seed)
+    model = Data2Vec(cfg.model, cfg.mask.mask_noise_std)
+    teacher = build_teacher(model, cfg, ds, dist)
+    optimizer = build_optimizer(model, cfg.optim, offload=offloads_optimizer(ds))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    return engine, teacher, compute_dtype(ds), ds
+
+
+def bench_step(preset: str = "vit_base_patch16_debug", steps: int = 10, warmup: int = 2,
+               ds_config: str = "ds_configs/zero0.json", **overrides) -> dict:
+    from . import dist as dist_mod
+    from .cli import build_config
+    from .flops import step_flops_per_sample
+    from .metrics import measure_peak_flops
+    from .train import _token_count
+    cfg, ds_over = build_config(preset, None, ds_config=ds_config, **overrides)
+    cfg.optim.warmup_steps = 0                      # time real updates, not lr = 0 ones
+    dist = dist_mod.init()
+    engine, teacher, dtype, ds = build_engine(cfg, dist, ds_over)
+    enc = engine.module.encoder
+    flops = step_flops_per_sample(cfg, _token_count(enc, cfg), enc.num_extra_tokens, cfg.data.max_sample_size)
+    peak = measure_peak_flops(dist.device, dtype if dtype != torch.float32 else torch.float32)
+    dt = _time_steps(engine, teacher, cfg, dist, dtype, steps, warmup)
+    samples = cfg.data.batch_size * engine.gradient_accumulation_steps() * dist.world
+    achieved = flops["total"] * samples / dt / dist.world
+    result = {"preset": cfg.preset, "batch": samples, "clone_batch": cfg.mask.clone_batch,
+              "step_s": dt, "samples_per_s": samples / dt, "model_tflop_per_sample": flops["total"] / 1e12,
+              "achieved_tflops_per_rank": achieved / 1e12, "peak_tflops_per_rank": peak / 1e12,
+              "mfu": achieved / peak, "teacher_share_of_flops": flops["teacher"] / flops["total"],
+              "dtype": str(dtype).replace("torch.", ""), "device": str(dist.device)}
+    print0(f"\nbench step: {cfg.preset} | batch {samples} x {cfg.mask.clone_batch} clones | {result['dtype']} on "
+           f"{result['device']}, {torch.get_num_threads()} threads")
+    print0(f"  step time            {dt * 1e3:10.1f} ms")
+    print0(f"  samples/s            {samples / dt:10.2f}")
+    print0(f"  model GFLOP/sample   {flops['total'] / 1e9:10.3f}  (teacher {result['teacher_share_of_flops']:.1%})")
+    print0(f"  achieved TFLOP/s     {achieved / 1e12:10.4f}")
+    print0(f"  GEMM peak TFLOP/s    {peak / 1e12:10.4f}  (measured now, same process)")
+    print0(f"  MFU = achieved/peak  {achieved / peak:10.1%}")
+    return result

@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny image shards made on the fly, and runners for `d2v` / the deepspeed launcher.
+
+Every test that starts ranks goes through `run_d2v`, which puts a wall-clock timeout on the whole
+process group, so a hang fails the test instead of the suite.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def run_d2v(args: list[str], nproc: int = 1, timeout: float = 240, cwd: Path = ROOT, env: dict | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """`d2v ARGS` in one process, or under `deepspeed --num_accelerators N` when nproc > 1."""
+    from d2v_scale.dist import free_port
+    if nproc > 1:
+        cmd = [str(BIN / "deepspeed"), "--num_accelerators", str(nproc), "--no_local_rank",
+               "--master_port", str(free_port()), "--module", "d2v_scale.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "d2v_scale.cli", *args]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-4000:]}")
+    result = subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+    if check and proc.returncode != 0:
+        pytest.fail(f"exit {proc.returncode}: {' '.join(cmd)}\n{out[-6000:]}")
+    return result
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(l)["train/loss"] for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory) -> Path:
+    from d2v_scale.demo import make_images
+    return make_images(tmp_path_factory.mktemp("images"), 96, size=40)
+
+
+@pytest.fixture(scope="session")
+def image_shards(image_dir, tmp_path_factory) -> Path:
+    """8 shards of 12 images (ImageNet layout) written by the real `d2v-shard image`."""
+    out = tmp_path_factory.mktemp("shards")
+    subprocess.run([str(BIN / "d2v-shard"), "image", str(image_dir), str(out / "img-%06d.tar"),
+                    "--maxcount", "12", "--workers", "2"], check=True, capture_output=True, env=_env())
+    return out
+
+
+TRAIN_ARGS = ["--preset", "vit_base_patch16_debug", "--data.num_workers=1", "--data.batch_size=4",
+              "--run.log_every=1", "--optim.warmup_steps=2"]
+
+
+def pytest_configure(config):
+    # webdataset leaves the local file of a shard it stopped reading mid-way to the garbage collector
+    config.addinivalue_line("filterwarnings", "ignore::ResourceWarning")

@@ -1,0 +1,88 @@
+"""The command-line surface: import-fairseq, export round trip, check, show_config, bench, demo, launcher."""
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+
+from conftest import BIN, ROOT, _env, losses, run_d2v
+
+
+def test_import_fairseq_round_trip(tmp_path):
+    """`d2v import-fairseq` on a fairseq-layout checkpoint -> weights file -> same losses as fairseq."""
+    g = torch.load(ROOT / "tests/assets/image_tiny.pt", weights_only=True)
+    ckpt = {"model": {**g["student_state_dict"], "_ema": g["teacher_state_dict"]},
+            "cfg": {"model": json.loads(g["config"])}, "args": None,
+            "extra_state": {"metrics": {}, "val_loss": None}, "optimizer_history": []}
+    torch.save(ckpt, tmp_path / "checkpoint_last.pt")
+    out = run_d2v(["import-fairseq", str(tmp_path / "checkpoint_last.pt"), str(tmp_path / "w.safetensors")]).stdout
+    assert json.loads(out[out.index("{"):])["modality"] == "image"
+
+    from d2v_scale.config import from_dict
+    from d2v_scale.d2v import Data2Vec
+    from d2v_scale.export import read_weights
+    from d2v_scale.masking import MaskInfo
+    from d2v_scale.teacher import ReplicatedTeacher
+    student_sd, teacher_sd, cfg = read_weights(tmp_path / "w.safetensors")
+    cfg = from_dict(cfg)
+    model = Data2Vec(cfg.model, cfg.mask.mask_noise_std)
+    model.load_state_dict(student_sd)
+    teacher = ReplicatedTeacher(model.encoder, cfg.model)
+    teacher.load_state_dict(teacher_sd)
+    mi = g["mask_info"]
+    res = model(g["inputs"], MaskInfo(mi["mask"].bool(), mi["ids_keep"], mi["ids_restore"]), teacher)
+    assert float(res["loss"].detach()) == pytest.approx(float(g["forward"]["loss"]), rel=1e-5)
+
+
+def test_import_refuses_pickled_objects(tmp_path):
+    """Legacy checkpoints carry an argparse.Namespace: not loadable with weights_only=True -> the fix."""
+    import argparse
+    torch.save({"model": {}, "cfg": {"model": {}}, "args": argparse.Namespace(lr=[1e-3])}, tmp_path / "bad.pt")
+    res = run_d2v(["import-fairseq", str(tmp_path / "bad.pt"), str(tmp_path / "w.safetensors")], check=False)
+    assert res.returncode != 0 and "weights_only=True" in res.stdout
+
+
+def test_show_config_and_check(image_shards):
+    out = run_d2v(["show_config", "--preset", "vit_huge_patch14", "--mask.clone_batch=8"]).stdout
+    cfg = json.loads(out)
+    assert cfg["mask"]["clone_batch"] == 8 and cfg["model"]["image"]["patch_size"] == 14
+    ok = run_d2v(["check", "--preset", "vit_base_patch16_debug", "--data", str(image_shards), "--ds_config",
+                  "ds_configs/zero3.json", "--world", "2", "--data.num_workers=2"]).stdout
+    assert ok.startswith("ok:") and "8 shards | world 2" in ok
+    bad = run_d2v(["check", "--preset", "vit_base_patch16_debug", "--data", str(image_shards), "--ds_config",
+                   "ds_configs/zero3.json", "--world", "4", "--data.num_workers=4"], check=False)
+    assert bad.returncode != 0 and "cannot be split over 4 ranks x 4 workers" in bad.stdout
+
+
+@pytest.mark.timeout(300)
+def test_bench_step_prints_mfu_against_measured_peak():
+    out = run_d2v(["bench", "step", "--preset", "vit_base_patch16_debug", "--steps", "3", "--warmup", "1"]).stdout
+    assert "GEMM peak TFLOP/s" in out and "MFU = achieved/peak" in out
+    mfu = float(out.split("MFU = achieved/peak")[1].split("%")[0])
+    assert 0 < mfu < 100
+
+
+@pytest.mark.timeout(600)
+def test_demo_runs_end_to_end(tmp_path):
+    """README command 1, shortened: draws scenes, shards them, trains 2 CPU ranks with ZeRO-3."""
+    res = subprocess.run([str(BIN / "d2v"), "demo", "--steps", "30", "--samples", "256",
+                          "--workdir", str(tmp_path / "data"), "--out", str(tmp_path / "runs")],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=540)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run = tmp_path / "runs" / "image"
+    seq = losses(run)
+    assert seq[-1] < seq[0]
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000030"
+    assert "TensorBoard:" in res.stdout and "on a GPU box" in res.stdout
+
+
+@pytest.mark.timeout(300)
+def test_run_local_launcher_checks_then_trains(image_shards, tmp_path):
+    env = _env(DATA=str(image_shards), OUT=str(tmp_path / "run"), NPROC="2", BIN=str(BIN),
+               MASTER_PORT=str(__import__("d2v_scale.dist", fromlist=["x"]).free_port()))
+    res = subprocess.run([str(ROOT / "launcher/run_local.sh"), "--optim.max_steps=3", "--data.num_workers=1",
+                          "--data.batch_size=4", "--run.log_every=1"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=280)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.startswith("ok:") and len(losses(tmp_path / "run")) == 3
