@@ -1,8 +1,17 @@
-"""d2v-shard: the data preparation CLI (fire).
+"""d2v-shard: turn image folders, audio collections and text corpora into WebDataset shards.
 
-  d2v-shard image SRC DST [--maxcount N] [--maxsize BYTES] [--workers N] [--max_size PX]
+  d2v-shard image SRC DST [--max_size PX]              image folder or ImageNet train layout
+  d2v-shard audio SRC DST [--ext wav,flac,ogg] [--max_seconds 30] [--min_seconds 1]   folder or .tsv
+  d2v-shard manifest SRC DEST [--valid_percent 0.01]   wav2vec-style train.tsv / valid.tsv
+  d2v-shard spm-train CORPUS MODEL_PREFIX --vocab_size N
+  d2v-shard text SRC DST --spm MODEL [--tokens_per_sample 512]
+  d2v-shard verify INDEX                               re-read, decode and checksum every shard
 
-DST is a shard pattern (`out/train-%06d.tar`) or a directory (`out/` -> `out/shard-%06d.tar`).
+DST is a local pattern (`out/train-%06d.tar`), a local directory (-> `shard-%06d.tar`), or
+`s3://bucket/prefix/name-%06d.tar` (credentials and endpoint from the standard AWS environment).
+Common options: --maxcount (samples per shard), --maxsize (bytes per shard), --workers (processes),
+--seed (input order shuffle; same input + seed -> identical shards). The index JSON (shard URLs,
+samples, bytes, sha256) is written last, beside the shards.
 """
 from __future__ import annotations
 
@@ -13,48 +22,157 @@ from pathlib import Path
 
 import fire
 
+WORKERS = os.cpu_count() or 1
 
-class ShardCliError(SystemExit):
-    def __init__(self, msg: str):
-        super().__init__(f"d2v-shard: error: {msg}")
+
+def _fail(msg: str):
+    raise SystemExit(f"d2v-shard: error: {msg}")
 
 
 def _summary(index: dict, what: str) -> None:
-    print(f"wrote {index['samples']} {what} in {len(index['shards'])} shards "
-          f"({index['bytes'] / 1e6:.1f} MB); skipped {index.get('skipped_inputs', 0)} inputs"
-          + (f" (listed in {index['skipped_report']})" if index.get("skipped_report") else ""))
+    extra = ""
+    if index.get("dropped_too_short"):
+        extra += f"; dropped {index['dropped_too_short']} chunks shorter than --min_seconds"
+    if index.get("upload_mb_per_s"):
+        extra += f"; upload {index['upload_mb_per_s']:.1f} MB/s"
+    print(f"wrote {index['samples']} {what} in {len(index['shards'])} shards ({index['bytes'] / 1e6:.1f} MB); "
+          f"skipped {index.get('skipped_inputs', 0)} of {index.get('inputs', '?')} inputs"
+          + (f" (listed in {index['skipped_report']})" if index.get("skipped_report") else "") + extra)
 
 
-def image(src: str, dst: str, maxcount: int = 10_000, maxsize: float = 1e9, workers: int = os.cpu_count() or 1,
-          max_size: int | None = None, seed: int = 0, index: str | None = None) -> None:
-    """Shard an image folder (or ImageNet train layout: one subfolder per class) as jpg/png + cls."""
-    from .image import encode_image, find_images
+def _run(items, fn, dst, keys, what, meta, maxcount, maxsize, workers, seed, collector=None, extras=None):
     from .pipeline import shard
     from .sink import SinkError, normalize_pattern
+    from d2v_scale.data.s3 import S3Error
+    try:
+        index = shard(items, fn, normalize_pattern(dst), keys=keys, maxcount=maxcount, maxsize=maxsize,
+                      workers=workers, seed=seed, desc=what, meta=meta, collector=collector, extras=extras)
+    except (SinkError, S3Error, ValueError) as e:
+        _fail(str(e))
+    _summary(index, what)
+    return index
 
-    root = Path(src)
+
+def _source(src: str) -> Path:
+    p = Path(src)
+    if not p.exists():
+        _fail(f"{src} does not exist")
+    return p
+
+
+def image(src: str, dst: str, maxcount: int = 10_000, maxsize: float = 1e9, workers: int = WORKERS,
+          max_size: int | None = None, seed: int = 0) -> None:
+    """An image folder, or an ImageNet train layout (class subfolders -> `cls` + classes.json)."""
+    from .image import encode_image, find_images
+    root = _source(src)
     if not root.is_dir():
-        raise ShardCliError(f"{src} is not a directory of images")
+        _fail(f"{src} is not a directory of images")
     files, classes = find_images(src)
     if not files:
-        raise ShardCliError(f"{src} contains no images ({', '.join(sorted(e for e in ('jpg', 'png', 'webp')))}...)")
+        _fail(f"{src} contains no images (.jpg, .jpeg, .png, .webp, .bmp)")
+    extras = {"classes.json": (json.dumps({c: i for i, c in enumerate(classes)}, indent=1) + "\n").encode()} \
+        if classes else None
+    _run([(src, rel, label, max_size) for rel, label in files], encode_image, dst, [rel for rel, _ in files],
+         "images", {"modality": "image", "classes": len(classes or [])}, maxcount, maxsize, workers, seed,
+         extras=extras)
+
+
+def audio(src: str, dst: str, ext: str = "wav,flac,ogg", max_seconds: float = 30.0, min_seconds: float = 1.0,
+          maxcount: int = 2_000, maxsize: float = 1e9, workers: int = WORKERS, seed: int = 0) -> None:
+    """A folder of wav/flac/ogg (recursive) or a .tsv manifest -> mono 16 kHz flac chunks."""
+    from .audio import encode_audio, find_audio
+    from .pipeline import Chunks
+    _source(src)
+    exts = tuple(ext.split(",")) if isinstance(ext, str) else tuple(ext)
+    root, files = find_audio(src, exts)
+    if not files:
+        _fail(f"{src} has no audio files ({', '.join(exts)})")
+    if max_seconds < min_seconds:
+        _fail(f"--max_seconds {max_seconds} < --min_seconds {min_seconds}")
+    _run([(root, rel, max_seconds, min_seconds) for rel in files], encode_audio, dst, files, "audio chunks",
+         {"modality": "audio", "sample_rate": 16000, "max_seconds": max_seconds}, maxcount, maxsize, workers,
+         seed, collector=Chunks())
+
+
+def manifest(src: str, dest: str, valid_percent: float = 0.01, ext: str = "flac", seed: int = 42) -> None:
+    """train.tsv / valid.tsv (root line, then path<TAB>frames) as fairseq's wav2vec_manifest writes them."""
+    from .audio import write_manifest
+    _source(src)
     try:
-        pattern = normalize_pattern(dst)
-    except SinkError as e:
-        raise ShardCliError(str(e)) from None
-    meta = {"modality": "image", "source": str(root.resolve()), "classes": len(classes) if classes else 0}
-    result = shard([(src, rel, label, max_size) for rel, label in files], encode_image, pattern,
-                   keys=[rel for rel, _ in files], maxcount=maxcount, maxsize=maxsize, workers=workers,
-                   seed=seed, desc="image", meta=meta, index=index)
-    if classes:
-        out = Path(pattern).parent / "classes.json"
-        out.write_text(json.dumps({c: i for i, c in enumerate(classes)}, indent=1) + "\n")
-    _summary(result, "images")
+        counts = write_manifest(src, dest, valid_percent, tuple(ext.split(",")), seed)
+    except ValueError as e:
+        _fail(str(e))
+    print(f"wrote {dest}/train.tsv ({counts['train']} files) and {dest}/valid.tsv ({counts['valid']}); "
+          f"{len(counts['unreadable'])} unreadable files skipped")
+
+
+def spm_train(corpus: str, model_prefix: str, vocab_size: int = 8000, model_type: str = "unigram",
+              seed: int = 0) -> None:
+    """A sentencepiece model with fairseq's special-token layout (bos 0, pad 1, eos 2, unk 3)."""
+    from .text import train_spm
+    _source(corpus)
+    try:
+        path = train_spm(corpus, model_prefix, vocab_size, model_type, seed=seed)
+    except (ValueError, RuntimeError) as e:
+        _fail(str(e))
+    print(f"wrote {path} ({vocab_size} pieces)")
+
+
+def text(src: str, dst: str, spm: str, tokens_per_sample: int = 512, maxcount: int = 10_000,
+         maxsize: float = 1e9, workers: int = WORKERS, seed: int = 0) -> None:
+    """Text files -> blocks of <s> + (tokens_per_sample - 1) sentencepiece ids (int32 .npy)."""
+    from .text import BlockPacker, encode_text_file, find_text
+    _source(src)
+    if not Path(spm).exists():
+        _fail(f"--spm {spm} not found; train one with `d2v-shard spm-train CORPUS PREFIX --vocab_size N`")
+    files = find_text(src)
+    if not files:
+        _fail(f"{src} has no text files")
+
+    class Packer:
+        def __init__(self):
+            self.p = BlockPacker(tokens_per_sample)
+
+        def feed(self, ids, key):
+            return list(self.p.feed(ids, key))
+
+        def finish(self):
+            return self.p.finish()
+
+        def stats(self):
+            return {"tokens_per_sample": tokens_per_sample, "tail_tokens_dropped": self.p.tail_dropped}
+
+    import sentencepiece as spmlib
+    vocab = spmlib.SentencePieceProcessor(model_file=spm).get_piece_size()
+    _run([(f, spm) for f in files], encode_text_file, dst, files, "text blocks",
+         {"modality": "text", "spm": str(Path(spm).resolve()), "vocab_size": vocab}, maxcount, maxsize,
+         workers, seed, collector=Packer())
+
+
+def verify(index: str, decode: bool = True) -> None:
+    """Re-read every shard of INDEX: existence, size, sha256, sample count, decodability."""
+    from .verify import verify as run
+    from d2v_scale.data.s3 import S3Error
+    try:
+        report = run(index, decode)
+    except (OSError, S3Error, ValueError, KeyError) as e:
+        _fail(f"{index}: {e}")
+    for url, problems in report["problems"].items():
+        for p in problems:
+            print(f"PROBLEM {url}: {p}")
+    status = "ok" if not report["problems"] else f"{len(report['problems'])} shards with problems"
+    print(f"{status}: {report['shards']} shards, {report['samples']} samples")
+    if report["problems"]:
+        raise SystemExit(1)
+
+
+COMMANDS = {"image": image, "audio": audio, "manifest": manifest, "spm-train": spm_train, "spm_train": spm_train,
+            "text": text, "verify": verify}
 
 
 def main(argv: list[str] | None = None) -> None:
-    fire.Fire({"image": image}, command=argv, name="d2v-shard")
+    fire.Fire(COMMANDS, command=argv if argv is not None else sys.argv[1:], name="d2v-shard")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -48,7 +48,9 @@ class ShardSink:
         self.pattern = normalize_pattern(dst)
         self.remote = self.pattern.startswith("s3://")
         if self.remote:
-            raise SinkError("s3:// destinations are not supported yet")
+            from .s3_upload import Uploader
+            self.uploader = Uploader(self.pattern)
+            self.tmpdir = self.uploader.tmpdir
         else:
             parent = Path(self.pattern).parent
             parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +94,15 @@ class ShardSink:
     def write(self, sample: dict) -> None:
         self.writer.write(sample)  # may finish the previous shard first (-> _finished resets _count)
         self._count += 1
+
+    def write_extra(self, name: str, data: bytes) -> str:
+        """A small file beside the shards (e.g. classes.json), written before the index."""
+        url = self.pattern.rsplit("/", 1)[0] + "/" + name
+        if self.remote:
+            self.uploader.put_bytes(url, data)
+        else:
+            Path(url).write_bytes(data)
+        return url
 
     def close(self) -> dict:
         self.writer.close()

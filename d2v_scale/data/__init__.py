@@ -21,6 +21,8 @@ def sample_codec(cfg):
 
 def build_loader(cfg, rank: int, world: int, state: dict | None = None, urls: list[str] | None = None) -> Loader:
     """cfg: the root Config (data settings + the modality's input sizes)."""
+    from .s3 import register
+    register()                      # s3:// through boto3, inherited by the forked DataLoader workers
     urls = urls if urls is not None else shard_list(cfg.data.path, cfg.data.allow_pipe)
     decode, collate = sample_codec(cfg)
     return Loader(urls, cfg.data, rank=rank, world=world, seed=cfg.run.seed, batch_size=cfg.data.batch_size,

@@ -48,6 +48,8 @@ def shard_list(path: str, allow_pipe: bool = False) -> list[str]:
         raise DataError(f"--data {path!r} runs a shell command; pass --data.allow_pipe=true if you mean it")
     if path.endswith(".json"):
         return _index_urls(path)
+    if path.startswith("s3://"):
+        return _s3_urls(path)
     if _is_local(path) and Path(path).is_dir():
         urls = sorted(str(p) for p in Path(path).glob("*.tar"))
         if not urls:
@@ -62,12 +64,27 @@ def shard_list(path: str, allow_pipe: bool = False) -> list[str]:
     return urls
 
 
+def _s3_urls(path: str) -> list[str]:
+    """s3://bucket/prefix/ (every .tar under it) or a brace pattern; the first shard must answer."""
+    from .s3 import S3Error, head, list_shards
+    try:
+        urls = list_shards(path) if path.endswith("/") else expand_urls(path)
+        if not urls:
+            raise DataError(f"--data {path}: no .tar objects under that prefix")
+        head(urls[0])
+    except S3Error as e:
+        raise DataError(f"--data: {e}") from None
+    return urls
+
+
 def _index_urls(path: str) -> list[str]:
-    from .s3 import read_bytes
+    from .s3 import S3Error, read_bytes
     try:
         index = json.loads(read_bytes(path))
     except FileNotFoundError:
         raise DataError(f"--data {path}: index file not found") from None
+    except S3Error as e:
+        raise DataError(f"--data: {e}") from None
     base = path.rsplit("/", 1)[0] if "/" in path else "."
     urls = []
     for shard in index.get("shards", []):
