@@ -3,10 +3,13 @@
   d2v bench step --preset vit_base_patch16_debug [--steps 10] [--key=value ...]
       forward + backward + optimizer step + EMA through the DeepSpeed engine on synthetic batches;
       samples/s, achieved TFLOP/s and MFU against the GEMM peak measured in the same run.
+  d2v bench data --data SHARDS [--s3 s3://...] [--workers 1,2,4]
+      decode + augment samples/s of the same shards from local disk and from S3, and the ratio.
 """
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -83,3 +86,72 @@ def bench_step(preset: str = "vit_base_patch16_debug", steps: int = 10, warmup: 
     print0(f"  GEMM peak TFLOP/s    {peak / 1e12:10.4f}  (measured now, same process)")
     print0(f"  MFU = achieved/peak  {achieved / peak:10.1%}")
     return result
+
+
+def _loader_rate(cfg, urls: list[str], workers: int, batches: int) -> float:
+    from .data import build_loader
+    cfg.data.num_workers = workers
+    it = iter(build_loader(cfg, 0, 1, urls=urls))
+    for _ in range(max(2, workers)):                        # start-up: worker spawn, first shards
+        next(it)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * cfg.data.batch_size / (time.perf_counter() - t0)
+
+
+def bench_data(data: str, s3: str | None = None, preset: str = "vit_base_patch16_debug", workers: str = "1,2",
+               batches: int = 40, batch_size: int = 32, **overrides) -> dict:
+    """Decode + augment samples/s from local disk and from S3, same shards, side by side.
+
+    Without --s3 a local SeaweedFS is started and the shards are uploaded to it with d2v-shard's
+    uploader (its throughput is reported too)."""
+    import tempfile
+    from .cli import build_config
+    from .data import shard_list
+    cfg, _ = build_config(preset, None, **overrides)
+    cfg.data.batch_size, cfg.data.shuffle_buffer = batch_size, 100
+    cfg.data.sampling = "resample"                          # any worker count on any shard count
+    cfg.data.epoch_samples = 10 ** 9
+    local = shard_list(data)
+    store, upload = None, None
+    try:
+        if s3 is None:
+            from .objectstore import SeaweedFS
+            store = SeaweedFS(tempfile.mkdtemp(prefix="d2v-bench-s3-"), buckets=("bench",)).start()
+            import os
+            os.environ.update(store.env())
+            from data_prep.s3_upload import Uploader
+            up = Uploader("s3://bench/shards/x-%06d.tar")
+            t0 = time.perf_counter()
+            remote = []
+            for i, path in enumerate(local):
+                url = f"s3://bench/shards/{Path(path).name}"
+                import shutil
+                tmp = Path(up.tmpdir) / Path(path).name
+                shutil.copy(path, tmp)
+                up.submit(str(tmp), url)
+                remote.append(url)
+            up.wait()
+            upload = up.bytes / 1e6 / (time.perf_counter() - t0)
+            up.close()
+        else:
+            remote = shard_list(s3)
+        from .data.s3 import register
+        register()
+        rows = []
+        counts = workers if isinstance(workers, (list, tuple)) else str(workers).split(",")
+        for w in [int(x) for x in counts]:
+            rl = _loader_rate(cfg, local, w, batches)
+            rs = _loader_rate(cfg, remote, w, batches)
+            rows.append({"workers": w, "local": rl, "s3": rs, "ratio": rs / rl})
+    finally:
+        if store is not None:
+            store.stop()
+    print(f"\nbench data: {cfg.model.modality} decode + augment, batch {batch_size}, {len(local)} shards")
+    print(f"  {'workers':>7} {'local/s':>10} {'s3/s':>10} {'s3/local':>9}")
+    for r in rows:
+        print(f"  {r['workers']:>7} {r['local']:>10.1f} {r['s3']:>10.1f} {r['ratio']:>9.2f}")
+    if upload is not None:
+        print(f"  d2v-shard upload to the local S3 endpoint: {upload:.1f} MB/s")
+    return {"rows": rows, "upload_mb_per_s": upload}

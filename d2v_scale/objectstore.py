@@ -96,12 +96,13 @@ class SeaweedFS:
         self.stop()
         raise RuntimeError(f"SeaweedFS did not become ready in {timeout}s; see {self.root / 'weed.log'}")
 
-    def stop(self) -> None:
+    def stop(self, hard: bool = False) -> None:
+        """SIGTERM (SIGKILL after 5 s); `hard`: SIGKILL at once, as a crash would."""
         if self.proc is None:
             return
         try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=20)
+            os.killpg(self.proc.pid, signal.SIGKILL if hard else signal.SIGTERM)
+            self.proc.wait(timeout=5)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -111,9 +112,9 @@ class SeaweedFS:
         self.proc = None
         self.log.close()
 
-    def restart(self, down_for: float = 0.0) -> None:
-        """Stop, wait `down_for` seconds, start again on the same ports with the same data."""
-        self.stop()
+    def restart(self, down_for: float = 0.0, hard: bool = True) -> None:
+        """Kill (or stop), wait `down_for` seconds, start again on the same ports with the same data."""
+        self.stop(hard=hard)
         time.sleep(down_for)
         self.start()
 

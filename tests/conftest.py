@@ -73,3 +73,22 @@ TRAIN_ARGS = ["--preset", "vit_base_patch16_debug", "--data.num_workers=1", "--d
 def pytest_configure(config):
     # webdataset leaves the local file of a shard it stopped reading mid-way to the garbage collector
     config.addinivalue_line("filterwarnings", "ignore::ResourceWarning")
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 endpoint: SeaweedFS on free loopback ports with bucket `d2v-test`, stopped by pid.
+    The AWS variables point this process (and subprocesses given `s3.env()`) at it."""
+    from d2v_scale.objectstore import SeaweedFS
+    store = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"), buckets=("d2v-test",)).start()
+    saved = {k: os.environ.get(k) for k in store.env()}
+    os.environ.update(store.env())
+    try:
+        yield store
+    finally:
+        store.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -65,7 +65,8 @@ def test_bench_step_prints_mfu_against_measured_peak():
 
 @pytest.mark.timeout(600)
 def test_demo_runs_end_to_end(tmp_path):
-    """README command 1, shortened: draws scenes, shards them, trains 2 CPU ranks with ZeRO-3."""
+    """README command 1, shortened: draws scenes, shards them into a local SeaweedFS, trains 2 CPU ranks
+    with ZeRO-3 streaming from it, and stops the object store again."""
     res = subprocess.run([str(BIN / "d2v"), "demo", "--steps", "30", "--samples", "256",
                           "--workdir", str(tmp_path / "data"), "--out", str(tmp_path / "runs")],
                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=540)
@@ -75,6 +76,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert seq[-1] < seq[0]
     assert (run / "checkpoints" / "latest").read_text() == "step_00000030"
     assert "TensorBoard:" in res.stdout and "on a GPU box" in res.stdout
+    assert "local S3 object store (SeaweedFS)" in res.stdout and "--data s3://d2v-demo/image/index.json" in res.stdout
+    assert subprocess.run(["pgrep", "-f", f"weed mini -dir={tmp_path}"], capture_output=True).returncode == 1
 
 
 @pytest.mark.timeout(300)

@@ -1,12 +1,12 @@
-"""S3-compatible object storage for shards and index files, through boto3.
+"""Remote shards and index files: S3-compatible object storage (boto3) and plain http(s).
 
 Credentials, region and endpoint come from the standard AWS chain (AWS_ACCESS_KEY_ID /
 AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_PROFILE and ~/.aws/config, AWS_ENDPOINT_URL or a
 profile's `endpoint_url` for SeaweedFS, MinIO, Ceph ...). Nothing here prints or logs them.
 
-`register()` installs an `s3://` opener in webdataset's gopen scheme table (no `pipe:` shell
-commands). The opener streams the object and, when the connection drops, reconnects with a
-`Range: bytes=<offset>-` request and bounded retries with exponential backoff, so a shard resumes
+`register()` installs `s3://`, `http://` and `https://` openers in webdataset's gopen scheme table
+(no `pipe:` shell commands). They stream the object and, when the connection drops, reconnect with
+a `Range: bytes=<offset>-` request and bounded retries with exponential backoff, so a shard resumes
 where it broke instead of starting over; after the last retry the error reaches webdataset's
 handler, which skips the rest of that shard and counts it.
 """
@@ -53,7 +53,12 @@ def split_url(url: str) -> tuple[str, str]:
 
 def explain(e: Exception, url: str) -> str:
     """A message naming the problem and the fix, with no credential material."""
+    from urllib.error import HTTPError
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+    if isinstance(e, HTTPError):
+        return f"{url}: HTTP {e.code} {e.reason}" + ("; no such object" if e.code == 404 else "")
+    if isinstance(e, S3Error):
+        return str(e)
     if isinstance(e, NoCredentialsError):
         return (f"{url}: no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE "
                 "with a profile in ~/.aws/credentials")
@@ -62,8 +67,9 @@ def explain(e: Exception, url: str) -> str:
                 "and that the object store is running")
     if isinstance(e, ClientError):
         code = e.response.get("Error", {}).get("Code", "")
-        if code in ("NoSuchBucket",):
-            return f"{url}: bucket {split_url(url)[0]!r} does not exist; create it or fix the URL"
+        bucket, key = split_url(url)
+        if code == "NoSuchBucket" or (code in ("404", "NotFound") and not key):
+            return f"{url}: bucket {bucket!r} does not exist; create it or fix the URL"
         if code in ("NoSuchKey", "404", "NotFound"):
             return f"{url}: no such object"
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
@@ -73,36 +79,38 @@ def explain(e: Exception, url: str) -> str:
 
 
 def _transient(e: Exception) -> bool:
-    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, ReadTimeoutError
+    from botocore.exceptions import (ClientError, ConnectionError as BotoConnectionError, IncompleteReadError,
+                                     ReadTimeoutError, ResponseStreamingError)
+    from urllib.error import HTTPError
     from urllib3.exceptions import HTTPError as Urllib3Error
+    if isinstance(e, HTTPError):
+        return e.code >= 500
+    if isinstance(e, S3Error):
+        return False
     if isinstance(e, ClientError):
         code = e.response.get("Error", {}).get("Code", "")
         status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         return status >= 500 or code in ("SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable")
-    return isinstance(e, (BotoConnectionError, ReadTimeoutError, Urllib3Error, ConnectionError, OSError,
-                          IncompleteRead))
+    return isinstance(e, (BotoConnectionError, ReadTimeoutError, IncompleteReadError, ResponseStreamingError,
+                          Urllib3Error, ConnectionError, OSError, IncompleteRead))
 
 
 class IncompleteRead(IOError):
     pass
 
 
-class S3Reader(io.RawIOBase):
-    """A readable stream over one object that survives dropped connections (Range resume)."""
+class RangeReader(io.RawIOBase):
+    """A readable stream over one remote object that survives dropped connections (Range resume)."""
 
     def __init__(self, url: str, retries: int = RETRIES, backoff: float = BACKOFF_S):
         self.url, self.retries, self.backoff = url, retries, backoff
-        self.bucket, self.key = split_url(url)
         self.pos, self.size, self.body = 0, None, None
         self.reconnects = 0
         self._with_retries(self._open)
 
     def _open(self) -> None:
-        kw = {"Range": f"bytes={self.pos}-"} if self.pos else {}
-        resp = client().get_object(Bucket=self.bucket, Key=self.key, **kw)
-        if self.size is None:
-            self.size = int(resp["ContentLength"])
-        self.body = resp["Body"]
+        """Set self.body to a stream starting at self.pos (and self.size on the first call)."""
+        raise NotImplementedError
 
     def _with_retries(self, fn):
         wait = self.backoff
@@ -133,7 +141,7 @@ class S3Reader(io.RawIOBase):
             if self.body is None:
                 self._open()
             data = self.body.read(len(b))
-            if not data and self.pos < self.size:
+            if not data and self.size is not None and self.pos < self.size:
                 self.body = None
                 raise IncompleteRead(f"connection closed at byte {self.pos} of {self.size}")
             return data
@@ -154,16 +162,45 @@ class S3Reader(io.RawIOBase):
         super().close()
 
 
-def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+class S3Reader(RangeReader):
+    def __init__(self, url: str, **kw):
+        self.bucket, self.key = split_url(url)
+        super().__init__(url, **kw)
+
+    def _open(self) -> None:
+        kw = {"Range": f"bytes={self.pos}-"} if self.pos else {}
+        resp = client().get_object(Bucket=self.bucket, Key=self.key, **kw)
+        if self.size is None:
+            self.size = int(resp["ContentLength"])
+        self.body = resp["Body"]
+
+
+class HTTPReader(RangeReader):
+    def _open(self) -> None:
+        import urllib.request
+        req = urllib.request.Request(self.url, headers={"Range": f"bytes={self.pos}-"} if self.pos else {})
+        resp = urllib.request.urlopen(req, timeout=60)  # noqa: S310 - the user's own data URL
+        if self.pos and resp.status != 206:
+            resp.close()
+            raise S3Error(f"{self.url}: the server ignores Range requests; cannot resume at byte {self.pos}")
+        if self.size is None:
+            self.size = int(resp.headers.get("Content-Length", 0)) or None
+        self.body = resp
+
+
+def gopen_remote(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
     if mode[0] != "r":
-        raise S3Error(f"{url}: the s3 opener only reads")
-    return io.BufferedReader(S3Reader(url), buffer_size=max(bufsize, 1 << 20))
+        raise S3Error(f"{url}: remote shards are read-only")
+    reader = S3Reader(url) if url.startswith("s3://") else HTTPReader(url)
+    return io.BufferedReader(reader, buffer_size=max(bufsize, 1 << 20))
 
 
 def register() -> None:
-    """Add `s3://` to webdataset's gopen scheme table (the module, not the re-exported function)."""
+    """Add s3/http/https to webdataset's gopen scheme table (the module, not the re-exported function)."""
     import webdataset  # noqa: F401 - makes sure the module is loaded
-    sys.modules["webdataset.gopen"].gopen_schemes["s3"] = gopen_s3
+    schemes = sys.modules["webdataset.gopen"].gopen_schemes
+    for scheme in ("s3", "http", "https"):
+        schemes[scheme] = gopen_remote
 
 
 def read_bytes(url: str) -> bytes:
@@ -175,8 +212,7 @@ def read_bytes(url: str) -> bytes:
         with S3Reader(url) as r:
             return r.read()
     if parsed.scheme in ("http", "https"):
-        import urllib.request
-        with urllib.request.urlopen(url, timeout=60) as r:  # noqa: S310 - the user's own data URL
+        with HTTPReader(url) as r:
             return r.read()
     raise S3Error(f"unsupported URL scheme in {url!r}")
 
@@ -206,4 +242,10 @@ def head(url: str) -> int:
     try:
         return int(client().head_object(Bucket=bucket, Key=key)["ContentLength"])
     except Exception as e:  # noqa: BLE001
-        raise S3Error(explain(e, url)) from None
+        msg = explain(e, url)
+        if msg.endswith("no such object"):        # a HEAD 404 does not say whether the bucket exists
+            try:
+                client().head_bucket(Bucket=bucket)
+            except Exception as e2:  # noqa: BLE001
+                msg = explain(e2, f"s3://{bucket}/")
+        raise S3Error(msg) from None

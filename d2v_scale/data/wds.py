@@ -48,8 +48,8 @@ def shard_list(path: str, allow_pipe: bool = False) -> list[str]:
         raise DataError(f"--data {path!r} runs a shell command; pass --data.allow_pipe=true if you mean it")
     if path.endswith(".json"):
         return _index_urls(path)
-    if path.startswith("s3://"):
-        return _s3_urls(path)
+    if path.startswith(("s3://", "http://", "https://")):
+        return _remote_urls(path)
     if _is_local(path) and Path(path).is_dir():
         urls = sorted(str(p) for p in Path(path).glob("*.tar"))
         if not urls:
@@ -64,14 +64,21 @@ def shard_list(path: str, allow_pipe: bool = False) -> list[str]:
     return urls
 
 
-def _s3_urls(path: str) -> list[str]:
-    """s3://bucket/prefix/ (every .tar under it) or a brace pattern; the first shard must answer."""
-    from .s3 import S3Error, head, list_shards
+def _remote_urls(path: str) -> list[str]:
+    """s3://bucket/prefix/ (every .tar under it) or a brace pattern of s3/http(s) URLs; the first
+    shard must answer before training starts."""
+    from .s3 import HTTPReader, S3Error, head, list_shards
     try:
-        urls = list_shards(path) if path.endswith("/") else expand_urls(path)
+        if path.endswith("/") and path.startswith("s3://"):
+            urls = list_shards(path)
+        else:
+            urls = expand_urls(path)
         if not urls:
             raise DataError(f"--data {path}: no .tar objects under that prefix")
-        head(urls[0])
+        if urls[0].startswith("s3://"):
+            head(urls[0])
+        else:
+            HTTPReader(urls[0]).close()
     except S3Error as e:
         raise DataError(f"--data: {e}") from None
     return urls
