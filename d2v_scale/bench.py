@@ -41,7 +41,37 @@ def _time_steps(engine, teacher, cfg, dist, dtype, steps: int, warmup: int) -> f
     return (time.perf_counter() - t0) / steps
 
 
-def build_engine(cfg, dist, ds_overrides: dict | None = None):
+class Data2Vec1Style(torch.nn.Module):
+    """The data2vec (1) compute pattern on the same encoder, for `--compare d2v1`: one mask per sample,
+    the student encodes the whole sequence with masked tokens blanked, a linear head predicts the
+    targets at masked positions (no clones, no token dropping, no conv decoder)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.head = torch.nn.Linear(model.cfg.embed_dim, model.cfg.embed_dim)
+
+    @property
+    def encoder(self):
+        return self.model.encoder
+
+    def forward(self, source, mask, teacher, padding_mask=None, layer_keep=None):
+        from .d2v import var_stats
+        enc = self.model.encoder
+        feats, pad = enc.local_features(source, padding_mask)                       # (B, T, D)
+        with torch.no_grad():
+            y = teacher(source, feats.detach(), pad)                                  # (B, T, D)
+        x = feats * (~mask)[..., None].to(feats.dtype)                                # masked tokens blanked
+        x, _ = enc(x, None, 1, pad, layer_keep=layer_keep)                            # (B, E+T, D): all tokens
+        pred = self.head(x[:, enc.num_extra_tokens:])                                 # (B, T, D)
+        rows, pos = mask.nonzero(as_tuple=True)
+        pred_m, y_m = pred[rows, pos].float(), y[rows, pos]
+        loss = ((pred_m - y_m) ** 2).sum() * self.model.loss_scale
+        return {"loss": loss, "sample_size": rows.numel(), "pred_stats": var_stats(pred_m),
+                "target_stats": var_stats(y_m)}
+
+
+def build_engine(cfg, dist, ds_overrides: dict | None = None, style: str = "d2v2"):
     import deepspeed
     from .d2v import Data2Vec
     from .optim import build_optimizer
@@ -50,24 +80,31 @@ def build_engine(cfg, dist, ds_overrides: dict | None = None):
     torch.manual_seed(cfg.run.seed)
     model = Data2Vec(cfg.model, cfg.mask.mask_noise_std)
     teacher = build_teacher(model, cfg, ds, dist)
+    if style == "d2v1":
+        model = Data2Vec1Style(model)
     optimizer = build_optimizer(model, cfg.optim, offload=offloads_optimizer(ds))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     return engine, teacher, compute_dtype(ds), ds
 
 
 def bench_step(preset: str = "vit_base_patch16_debug", steps: int = 10, warmup: int = 2,
-               ds_config: str = "ds_configs/zero0.json", **overrides) -> dict:
+               ds_config: str = "ds_configs/zero0.json", compare: str | None = None, **overrides) -> dict:
+    """`--compare d2v1` also times the data2vec-1 pattern (one mask, whole sequence) on the same model
+    and batch in the same process and prints the ratios."""
     from . import dist as dist_mod
     from .cli import build_config
     from .flops import step_flops_per_sample
     from .metrics import measure_peak_flops
-    from .train import _token_count
+    import math
     cfg, ds_over = build_config(preset, None, ds_config=ds_config, **overrides)
     cfg.optim.warmup_steps = 0                      # time real updates, not lr = 0 ones
+    if cfg.model.text is not None and not cfg.model.text.vocab_size:
+        cfg.model.text.vocab_size = 8000            # synthetic ids; the real size comes from the shards
     dist = dist_mod.init()
     engine, teacher, dtype, ds = build_engine(cfg, dist, ds_over)
     enc = engine.module.encoder
-    flops = step_flops_per_sample(cfg, _token_count(enc, cfg), enc.num_extra_tokens, cfg.data.max_sample_size)
+    src = _synthetic_batch(cfg, dist.device)["source"]
+    flops = step_flops_per_sample(cfg, math.prod(enc.token_shape(src)), enc.num_extra_tokens, src.shape[-1])
     peak = measure_peak_flops(dist.device, dtype if dtype != torch.float32 else torch.float32)
     dt = _time_steps(engine, teacher, cfg, dist, dtype, steps, warmup)
     samples = cfg.data.batch_size * engine.gradient_accumulation_steps() * dist.world
@@ -85,6 +122,20 @@ def bench_step(preset: str = "vit_base_patch16_debug", steps: int = 10, warmup: 
     print0(f"  achieved TFLOP/s     {achieved / 1e12:10.4f}")
     print0(f"  GEMM peak TFLOP/s    {peak / 1e12:10.4f}  (measured now, same process)")
     print0(f"  MFU = achieved/peak  {achieved / peak:10.1%}")
+    if compare == "d2v1":
+        import copy
+        cfg1 = copy.deepcopy(cfg)
+        cfg1.mask.clone_batch = 1
+        engine1, teacher1, _, _ = build_engine(cfg1, dist, ds_over, style="d2v1")
+        dt1 = _time_steps(engine1, teacher1, cfg1, dist, dtype, steps, warmup)
+        M = cfg.mask.clone_batch
+        result.update(d2v1_step_s=dt1, step_time_ratio_d2v2_over_d2v1=dt / dt1,
+                      masked_views_per_s_ratio=(samples * M / dt) / (samples / dt1))
+        print0(f"\n  data2vec-1 pattern (1 mask/sample, student sees all {math.prod(enc.token_shape(src))} tokens, "
+               f"linear head), same model and batch:")
+        print0(f"  d2v1 step time       {dt1 * 1e3:10.1f} ms")
+        print0(f"  step time d2v2/d2v1  {dt / dt1:10.2f}   (d2v2 trains {M} masked views per sample)")
+        print0(f"  masked views/s ratio {result['masked_views_per_s_ratio']:10.2f}   (d2v2 / d2v1)")
     return result
 
 

@@ -53,8 +53,10 @@ def check(preset: str | None = None, data: str | None = None, ds_config: str | N
     cfg, ds_overrides = build_config(preset, from_json, data=data, ds_config=ds_config, out=out,
                                      resume=resume, **overrides)
     from .data import shard_list
-    from .train import resolve_ds_config
+    from .train import check_mask, resolve_ds_config, resolve_from_data
     urls = shard_list(cfg.data.path, cfg.data.allow_pipe)
+    resolve_from_data(cfg)
+    check_mask(cfg)
     world = world or int(os.environ.get("WORLD_SIZE", "1"))
     ds = resolve_ds_config(cfg, world, ds_overrides)
     if cfg.data.sampling == "split" and len(urls) < world * max(1, cfg.data.num_workers):

@@ -27,7 +27,7 @@ class ImageConfig:
 
 @dataclass
 class AudioConfig:
-    feature_encoder_spec: str = "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2"  # wav2vec 2.0 CNN
+    feature_encoder_spec: str = "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]"  # as in fairseq
     conv_pos_width: int = 95     # kernel = max(3, width // depth) (fairseq)
     conv_pos_depth: int = 5
     conv_pos_groups: int = 16

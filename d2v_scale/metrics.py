@@ -40,9 +40,9 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float 
 
 class Metrics:
     def __init__(self, out_dir: Path, is_main: bool, world: int, start_step: int, stop_step: int,
-                 flops_per_sample: float, peak_flops: float, progress: bool = True):
+                 peak_flops: float, progress: bool = True):
         self.is_main, self.world = is_main, world
-        self.flops_per_sample, self.peak_flops = flops_per_sample, peak_flops
+        self.peak_flops = peak_flops
         self.writer, self.jsonl = None, None
         if is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -60,11 +60,13 @@ class Metrics:
     def _reset(self) -> None:
         self.sums = None      # on the compute device: loss (summed), loss_cls (summed), masked tokens
         self.samples = 0
+        self.flops = 0.0
         self.stats = None
         self.t0 = time.perf_counter()
 
-    def update(self, out: dict, batch_size: int) -> None:
+    def update(self, out: dict, batch_size: int, flops: float) -> None:
         """After every micro-step: accumulate this rank's sums (no synchronisation)."""
+        self.flops += flops
         loss = out["loss"].detach().double()
         vec = torch.stack([loss, out["loss_cls"].detach().double() if "loss_cls" in out else loss * 0,
                            loss.new_tensor(float(out["sample_size"]))])
@@ -75,21 +77,21 @@ class Metrics:
     def log(self, step: int, lr: float, ema_decay: float, extra: dict | None = None) -> dict:
         """Reduce the window across ranks (all ranks call this) and write the scalars."""
         pred, target = self.stats
-        vec = torch.cat([self.sums.cpu(), torch.tensor([self.samples], dtype=torch.float64),
+        vec = torch.cat([self.sums.cpu(), torch.tensor([self.samples, self.flops], dtype=torch.float64),
                          pred.detach().cpu(), target.detach().cpu()])
         if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
             vec = all_reduce_sum(vec.cuda()).cpu()
         else:
             vec = all_reduce_sum(vec)
-        loss_sum, cls_sum, tokens, samples = vec[:4].tolist()
+        loss_sum, cls_sum, tokens, samples, flops = vec[:5].tolist()
         n = pred.numel()
         dt = time.perf_counter() - self.t0
         sps = samples / max(dt, 1e-9)
         m = {"train/loss": loss_sum / max(tokens, 1), "train/loss_cls": cls_sum / max(tokens, 1),
              "train/lr": lr, "train/ema_decay": ema_decay,
-             "train/pred_var": float(mean_std(vec[4:4 + n])), "train/target_var": float(mean_std(vec[4 + n:])),
+             "train/pred_var": float(mean_std(vec[5:5 + n])), "train/target_var": float(mean_std(vec[5 + n:])),
              "perf/samples_per_s": sps,
-             "perf/mfu": self.flops_per_sample * sps / self.world / self.peak_flops if self.peak_flops else 0.0}
+             "perf/mfu": flops / max(dt, 1e-9) / self.world / self.peak_flops if self.peak_flops else 0.0}
         m.update(extra or {})
         self.last = m
         self.history.append((step, m["train/loss"]))

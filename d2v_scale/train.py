@@ -77,6 +77,21 @@ def resolve_ds_config(cfg: Config, world: int, overrides: dict | None = None, cu
     return ds
 
 
+def resolve_from_data(cfg: Config) -> None:
+    """Settings that come from the shards: the text vocabulary size (the index records it)."""
+    m = cfg.model
+    if m.modality != "text" or m.text.vocab_size > 0:
+        return
+    if cfg.data.path.endswith(".json"):
+        from .data.s3 import read_bytes
+        vocab = json.loads(read_bytes(cfg.data.path)).get("vocab_size", 0)
+        if vocab:
+            m.text.vocab_size = int(vocab)
+            return
+    raise ConfigError("model.text.vocab_size is unknown: pass --data INDEX.json written by `d2v-shard text` "
+                      "(it records the sentencepiece vocabulary) or set --model.text.vocab_size")
+
+
 def check_mask(cfg: Config) -> None:
     """Raise MaskError now if the mask settings cannot be met on the model's token grid."""
     from .masking import block_mask, random_mask
@@ -175,8 +190,9 @@ def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
     from .metrics import Metrics, measure_peak_flops
 
     cfg.validate()
-    check_mask(cfg)                                              # fail before any rank waits on another
     urls = shard_list(cfg.data.path, cfg.data.allow_pipe)
+    resolve_from_data(cfg)
+    check_mask(cfg)                                              # fail before any rank waits on another
     dist = dist_mod.init()
     import deepspeed
     ds = resolve_ds_config(cfg, dist.world, ds_overrides)
@@ -208,11 +224,9 @@ def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
     loader = build_loader(cfg, dist.rank, dist.world, data_state, urls=urls)
 
     stop = min(cfg.optim.max_steps, cfg.run.stop_after or cfg.optim.max_steps)
-    tokens = _token_count(engine.module.encoder, cfg)
-    fps = step_flops_per_sample(cfg, tokens, engine.module.encoder.num_extra_tokens,
-                                cfg.data.max_sample_size)["total"]
     peak = cfg.run.peak_tflops * 1e12 or measure_peak_flops(dist.device, torch.bfloat16 if dtype != torch.float32 else torch.float32)
-    metrics = Metrics(run_dir, dist.is_main, dist.world, engine.global_steps, stop, fps, peak, cfg.run.progress)
+    metrics = Metrics(run_dir, dist.is_main, dist.world, engine.global_steps, stop, peak, cfg.run.progress)
+    encoder = engine.module.encoder
     gas = engine.gradient_accumulation_steps()
     print0(f"d2v_scale: {cfg.preset or 'custom'} | {n_params / 1e6:.2f}M student "
            f"params | world {dist.world} x micro {cfg.data.batch_size} x accum {gas} | ZeRO-"
@@ -225,7 +239,10 @@ def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
         if step >= stop:
             break
         out, boundary = train_step(engine, teacher, batch, cfg, step, micro, dist, dtype)
-        metrics.update(out, batch["source"].shape[0])
+        src = batch["source"]
+        tokens = math.prod(encoder.token_shape(src))
+        flops = step_flops_per_sample(cfg, tokens, encoder.num_extra_tokens, src.shape[-1])["total"] * src.shape[0]
+        metrics.update(out, src.shape[0], flops)
         micro = 0 if boundary else micro + 1
         if not boundary:
             continue
@@ -243,15 +260,6 @@ def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
     if dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def _token_count(encoder, cfg: Config) -> int:
-    m = cfg.model
-    if m.modality == "image":
-        return math.prod(encoder.grid)
-    if m.modality == "audio":
-        return encoder.num_frames(cfg.data.max_sample_size)
-    return cfg.data.tokens_per_sample
 
 
 def _check_health(m: dict, step: int, cfg: Config) -> None:

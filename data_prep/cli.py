@@ -120,7 +120,7 @@ def spm_train(corpus: str, model_prefix: str, vocab_size: int = 8000, model_type
 
 def text(src: str, dst: str, spm: str, tokens_per_sample: int = 512, maxcount: int = 10_000,
          maxsize: float = 1e9, workers: int = WORKERS, seed: int = 0) -> None:
-    """Text files -> blocks of <s> + (tokens_per_sample - 1) sentencepiece ids (int32 .npy)."""
+    """Text files -> blocks of <s> + (tokens_per_sample - 1) sentencepiece ids (.npy, uint16 or int32)."""
     from .text import BlockPacker, encode_text_file, find_text
     _source(src)
     if not Path(spm).exists():
@@ -129,9 +129,12 @@ def text(src: str, dst: str, spm: str, tokens_per_sample: int = 512, maxcount: i
     if not files:
         _fail(f"{src} has no text files")
 
+    import sentencepiece as spmlib
+    vocab = spmlib.SentencePieceProcessor(model_file=spm).get_piece_size()
+
     class Packer:
         def __init__(self):
-            self.p = BlockPacker(tokens_per_sample)
+            self.p = BlockPacker(tokens_per_sample, vocab)
 
         def feed(self, ids, key):
             return list(self.p.feed(ids, key))
@@ -142,8 +145,6 @@ def text(src: str, dst: str, spm: str, tokens_per_sample: int = 512, maxcount: i
         def stats(self):
             return {"tokens_per_sample": tokens_per_sample, "tail_tokens_dropped": self.p.tail_dropped}
 
-    import sentencepiece as spmlib
-    vocab = spmlib.SentencePieceProcessor(model_file=spm).get_piece_size()
     _run([(f, spm) for f in files], encode_text_file, dst, files, "text blocks",
          {"modality": "text", "spm": str(Path(spm).resolve()), "vocab_size": vocab}, maxcount, maxsize,
          workers, seed, collector=Packer())

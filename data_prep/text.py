@@ -79,9 +79,11 @@ def encode_text_file(path: str, spm_model: str) -> np.ndarray:
 
 
 class BlockPacker:
-    """Cuts the running token stream into <s> + (tokens_per_sample - 1) token blocks."""
+    """Cuts the running token stream into <s> + (tokens_per_sample - 1) token blocks, stored as
+    uint16 when the vocabulary fits (half the bytes of int32), int32 otherwise."""
 
-    def __init__(self, tokens_per_sample: int):
+    def __init__(self, tokens_per_sample: int, vocab_size: int):
+        self.dtype = np.uint16 if vocab_size <= 1 << 16 else np.int32
         self.body = tokens_per_sample - 1
         self.buf = np.zeros(0, dtype=np.int32)
         self.blocks = 0
@@ -90,7 +92,7 @@ class BlockPacker:
     def feed(self, ids: np.ndarray, source: str):
         self.buf = np.concatenate([self.buf, ids])
         while len(self.buf) >= self.body:
-            block = np.concatenate([[BOS], self.buf[: self.body]]).astype(np.int32)
+            block = np.concatenate([[BOS], self.buf[: self.body]]).astype(self.dtype)
             self.buf = self.buf[self.body:]
             self.blocks += 1
             out = io.BytesIO()

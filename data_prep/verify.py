@@ -29,7 +29,7 @@ def _decode(sample: dict) -> None:
             raise ValueError(f"audio is {sr} Hz, shape {wav.shape}; expected mono 16 kHz")
     elif TEXT_EXT in sample:
         ids = np.load(io.BytesIO(sample[TEXT_EXT]))
-        if ids.ndim != 1 or ids.dtype != np.int32:
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
             raise ValueError(f"token block has shape {ids.shape}, dtype {ids.dtype}")
     else:
         raise ValueError(f"no known payload ({', '.join(k for k in sample if not k.startswith('__'))})")

@@ -53,7 +53,7 @@ def losses(run_dir: Path) -> list[float]:
 
 @pytest.fixture(scope="session")
 def image_dir(tmp_path_factory) -> Path:
-    from d2v_scale.demo import make_images
+    from d2v_scale.demo_data import make_images
     return make_images(tmp_path_factory.mktemp("images"), 96, size=40)
 
 
@@ -92,3 +92,27 @@ def s3(tmp_path_factory):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """Real English prose from this machine (license texts, stdlib docstrings), ~400 kB."""
+    from d2v_scale.demo_data import make_corpus
+    return make_corpus(tmp_path_factory.mktemp("corpus"), max_bytes=400_000)
+
+
+@pytest.fixture(scope="session")
+def speech_dir(corpus_dir, tmp_path_factory) -> Path:
+    """24 spoken sentences (espeak-ng at 22.05 kHz: d2v-shard resamples them to 16 kHz)."""
+    from d2v_scale.demo_data import espeak, make_speech
+    if espeak() is None:
+        pytest.fail("espeak-ng is missing: `make test` installs it (apt-get install espeak-ng)")
+    return make_speech(tmp_path_factory.mktemp("speech"), 24, corpus_dir)
+
+
+@pytest.fixture(scope="session")
+def spm_model(corpus_dir, tmp_path_factory) -> Path:
+    prefix = tmp_path_factory.mktemp("spm") / "m"
+    subprocess.run([str(BIN / "d2v-shard"), "spm-train", str(corpus_dir), str(prefix), "--vocab_size", "500"],
+                   check=True, capture_output=True, env=_env())
+    return Path(str(prefix) + ".model")

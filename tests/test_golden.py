@@ -15,7 +15,7 @@ from d2v_scale.masking import MaskInfo
 from d2v_scale.optim import param_groups
 
 ASSETS = Path(__file__).parent / "assets"
-MODALITIES = ["image"]
+MODALITIES = ["image", "audio", "text"]
 
 
 def rel(a, b) -> float:

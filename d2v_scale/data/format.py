@@ -8,7 +8,7 @@ from __future__ import annotations
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")  # one of these per image sample (written: as found)
 CLASS_EXT = "cls"             # optional integer class index (ImageNet layout), text
 AUDIO_EXT = "flac"            # mono 16 kHz flac
-TEXT_EXT = "ids.npy"          # one block of sentencepiece ids, np.int32, length tokens_per_sample
+TEXT_EXT = "ids.npy"          # one block of sentencepiece ids (uint16, or int32 for vocabularies > 65536)
 SOURCE_EXT = "src.txt"        # optional provenance of the sample (file it came from)
 
 SAMPLE_RATE = 16_000

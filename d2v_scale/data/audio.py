@@ -1,0 +1,61 @@
+"""Audio samples: flac decode, per-utterance waveform normalisation, batch cropping or padding.
+
+As fairseq's RawAudioDataset (`normalize: true`): each utterance is layer-normalised over its
+samples; a batch is cropped to its shortest utterance (at most max_sample_size) at a random offset
+per utterance, or with `data.pad_audio` padded to its longest with a padding mask. Utterances
+shorter than min_sample_size are left out (counted, not warned about).
+"""
+from __future__ import annotations
+
+import io
+
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+
+from .format import AUDIO_EXT, SAMPLE_RATE
+
+
+class TooShort(Exception):
+    """A sample the recipe leaves out on purpose (not a decoding error)."""
+
+
+class AudioDecoder:
+    def __init__(self, cfg):
+        self.normalize, self.min_size = cfg.normalize, cfg.min_sample_size
+
+    def __call__(self, sample: dict) -> torch.Tensor:
+        if AUDIO_EXT not in sample:
+            raise ValueError(f"sample {sample.get('__key__')} has no .{AUDIO_EXT}")
+        wav, sr = sf.read(io.BytesIO(sample[AUDIO_EXT]), dtype="float32", always_2d=True)
+        if sr != SAMPLE_RATE:
+            raise ValueError(f"{sr} Hz audio; shards must be 16 kHz (d2v-shard audio resamples)")
+        x = torch.from_numpy(wav.mean(axis=1))                              # (S,)
+        if len(x) < self.min_size:
+            raise TooShort(f"{len(x)} samples < data.min_sample_size {self.min_size}")
+        return F.layer_norm(x, x.shape) if self.normalize else x
+
+
+class Collater:
+    def __init__(self, cfg, audio_cfg=None):
+        self.pad, self.max_size = cfg.pad_audio, cfg.max_sample_size
+
+    def _crop(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        if len(x) <= size:
+            return x
+        start = int(torch.randint(0, len(x) - size + 1, ()))
+        return x[start:start + size]
+
+    def __call__(self, items: list[torch.Tensor]) -> dict:
+        sizes = [len(x) for x in items]
+        if not self.pad:
+            target = min(min(sizes), self.max_size)
+            return {"source": torch.stack([self._crop(x, target) for x in items])}   # (B, S)
+        target = min(max(sizes), self.max_size)
+        source = torch.zeros(len(items), target)
+        padding = torch.ones(len(items), target, dtype=torch.bool)
+        for i, x in enumerate(items):
+            x = self._crop(x, target)
+            source[i, : len(x)] = x
+            padding[i, : len(x)] = False
+        return {"source": source, "padding_mask": padding}                            # (B, S), True = pad
