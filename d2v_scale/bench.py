@@ -5,9 +5,12 @@
       samples/s, achieved TFLOP/s and MFU against the GEMM peak measured in the same run.
   d2v bench data --data SHARDS [--s3 s3://...] [--workers 1,2,4]
       decode + augment samples/s of the same shards from local disk and from S3, and the ratio.
+  deepspeed --num_accelerators 2 --no_local_rank --module d2v_scale.cli bench ema [--preset ...]
+      per-rank time and bytes of the shard-local EMA vs a gathered full-model EMA, and the ratio.
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -95,7 +98,6 @@ def bench_step(preset: str = "vit_base_patch16_debug", steps: int = 10, warmup: 
     from .cli import build_config
     from .flops import step_flops_per_sample
     from .metrics import measure_peak_flops
-    import math
     cfg, ds_over = build_config(preset, None, ds_config=ds_config, **overrides)
     cfg.optim.warmup_steps = 0                      # time real updates, not lr = 0 ones
     if cfg.model.text is not None and not cfg.model.text.vocab_size:
@@ -206,3 +208,51 @@ def bench_data(data: str, s3: str | None = None, preset: str = "vit_base_patch16
     if upload is not None:
         print(f"  d2v-shard upload to the local S3 endpoint: {upload:.1f} MB/s")
     return {"rows": rows, "upload_mb_per_s": upload}
+
+
+def bench_ema(preset: str = "vit_base_patch16", reps: int = 5, ds_config: str = "ds_configs/zero3.json",
+              **overrides) -> dict:
+    """Per-rank time and bytes of the shard-local EMA (ShardedTeacher) vs a gathered full-model EMA
+    (ReplicatedTeacher reading the ZeRO-3 student through all-gathers), same student, same process.
+    Launch with the deepspeed launcher for N ranks:
+      deepspeed --num_accelerators 2 --no_local_rank --module d2v_scale.cli bench ema --preset vit_base_patch16
+    """
+    from . import dist as dist_mod
+    from .cli import build_config
+    from .sharded_teacher import ShardedTeacher
+    from .teacher import ReplicatedTeacher
+    cfg, ds_over = build_config(preset, None, ds_config=ds_config, **overrides)
+    ds_over = {"zero_optimization.stage3_param_persistence_threshold": 0, **ds_over}   # every param partitioned
+    cfg.data.global_batch = 0
+    if cfg.model.text is not None and not cfg.model.text.vocab_size:
+        cfg.model.text.vocab_size = 8000
+    dist = dist_mod.init()
+    import deepspeed
+    from .d2v import Data2Vec
+    from .optim import build_optimizer
+    from .train import compute_dtype, offloads_optimizer, resolve_ds_config
+    ds = resolve_ds_config(cfg, dist.world, ds_over)
+    torch.manual_seed(cfg.run.seed)
+    model = Data2Vec(cfg.model, cfg.mask.mask_noise_std)
+    sharded = ShardedTeacher(model, cfg, ds, dist)
+    replicated = ReplicatedTeacher(model.encoder, cfg.model, dtype=compute_dtype(ds), device=dist.device)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim, offloads_optimizer(ds)),
+                                      config=ds)
+    results = {}
+    for name, teacher in (("shard-local", sharded), ("gathered", replicated)):
+        teacher.update(engine.module.encoder, 0.999)                     # warm-up
+        with dist_mod.count_collectives() as c:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                teacher.update(engine.module.encoder, 0.999)
+            dt = (time.perf_counter() - t0) / reps
+        results[name] = {"s_per_update": dt, "collectives": c.calls / reps, "bytes": c.bytes / reps}
+    n_params = sum(math.prod(s) for s in sharded.shapes.values())
+    ratio = results["shard-local"]["s_per_update"] / results["gathered"]["s_per_update"]
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    print0(f"\nbench ema: {cfg.preset} teacher ({n_params / 1e6:.1f}M params), {dist.world} ranks, ZeRO-{stage} student")
+    print0(f"  {'':>12} {'ms/update':>10} {'collectives':>12} {'MB sent':>9}")
+    for name, r in results.items():
+        print0(f"  {name:>12} {r['s_per_update'] * 1e3:>10.1f} {r['collectives']:>12.0f} {r['bytes'] / 1e6:>9.1f}")
+    print0(f"  time shard-local / gathered = {ratio:.3f}  (1/N = {1 / dist.world:.3f})")
+    return {"results": results, "ratio": ratio, "world": dist.world}

@@ -43,6 +43,11 @@ def save(engine, teacher, run_dir: Path, step: int, client_state: dict, data_sta
     engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state=client_state, save_latest=False)
     teacher.save(tmp, rank)
     (tmp / f"data_rank{rank}.json").write_text(json.dumps(data_state))
+    if rank == 0:
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        stage = engine.zero_optimization_stage()
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "world": world, "zero_stage": stage,
+                                                   "universal": False}))
     _barrier()
     final = ckpt_dir / tag
     if rank == 0:
@@ -58,7 +63,7 @@ def save(engine, teacher, run_dir: Path, step: int, client_state: dict, data_sta
 
 
 def _prune(ckpt_dir: Path, keep_last: int) -> None:
-    tags = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    tags = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith((".tmp", "_universal")))
     for old in tags[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -82,6 +87,55 @@ def resolve_resume(run_dir: Path, resume: str) -> tuple[Path, str] | None:
                             "with a `latest` file, or a step_* directory)")
 
 
+def read_meta(ckpt_dir: Path, tag: str) -> dict:
+    f = ckpt_dir / tag / "meta.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def check_world(ckpt_dir: Path, tag: str, world: int) -> bool:
+    """True when the checkpoint must be loaded as a DeepSpeed universal checkpoint; raises with the
+    fix when it was written by another number of ranks and has not been converted."""
+    meta = read_meta(ckpt_dir, tag)
+    if meta.get("universal"):
+        return True
+    saved = meta.get("world", world)
+    if saved != world and meta.get("zero_stage", 0) > 0:
+        raise ValueError(
+            f"checkpoint {ckpt_dir / tag} was written by {saved} ranks and this run has {world}: ZeRO "
+            f"partitions the optimizer state by rank. Convert it once with `d2v reshard {ckpt_dir.parent}` "
+            f"(a DeepSpeed universal checkpoint), then resume again")
+    return False
+
+
+def make_universal(run_dir: Path, tag: str | None = None, workers: int = 2) -> Path:
+    """Convert a checkpoint to DeepSpeed's universal format (loadable at any world size) beside it,
+    carry over the teacher, data position and metadata, and point `latest` at it."""
+    import argparse
+    from deepspeed.checkpoint import ds_to_universal
+    ckpt_dir = Path(run_dir) / CKPT_DIR
+    tag = tag or latest_tag(ckpt_dir)
+    if tag is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint to convert")
+    if tag.endswith("_universal"):
+        return ckpt_dir / tag
+    src, out = ckpt_dir / tag, ckpt_dir / f"{tag}_universal"
+    tmp = ckpt_dir / f"{tag}_universal.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(src), output_folder=str(tmp), num_extract_workers=workers,
+                              num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)
+    ds_to_universal.main(args)
+    for f in list(src.glob("teacher*.pt")) + list(src.glob("data_rank*.json")):
+        shutil.copy2(f, tmp / f.name)
+    meta = read_meta(ckpt_dir, tag)
+    (tmp / "meta.json").write_text(json.dumps({**meta, "universal": True, "converted_from": tag}))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    (ckpt_dir / "latest.tmp").write_text(out.name)
+    os.replace(ckpt_dir / "latest.tmp", ckpt_dir / "latest")
+    return out
+
+
 def load(engine, teacher, ckpt_dir: Path, tag: str, rank: int) -> tuple[dict, dict]:
     """Restore engine (weights, optimizer, step) and teacher; returns (client_state, data_state)."""
     _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
@@ -90,7 +144,9 @@ def load(engine, teacher, ckpt_dir: Path, tag: str, rank: int) -> tuple[dict, di
         raise RuntimeError(f"could not load checkpoint {ckpt_dir / tag}")
     teacher.load(ckpt_dir / tag, rank)
     data_file = ckpt_dir / tag / f"data_rank{rank}.json"
-    data_state = json.loads(data_file.read_text()) if data_file.exists() else client_state.get("data", {})
+    if not data_file.exists():               # resumed at another world size: rank 0's epoch position
+        data_file = ckpt_dir / tag / "data_rank0.json"
+    data_state = json.loads(data_file.read_text()) if data_file.exists() else {}
     return client_state, data_state
 
 

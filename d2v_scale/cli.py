@@ -6,6 +6,8 @@
   d2v show_config --preset NAME [--key=value ...]
   d2v export RUN_DIR OUT.safetensors [--teacher]
   d2v import-fairseq CKPT OUT.safetensors
+  d2v reshard RUN_DIR    convert the newest checkpoint for resuming at another world size
+  d2v plan --preset vit_huge_patch14 --nodes 8 --gpus_per_node 8 --zero 3 --offload_teacher --micro_batch 16
   d2v bench step|data|ema ...
   d2v demo [--modality image]
 """
@@ -79,20 +81,44 @@ def export(run_dir: str, out: str, teacher: bool = False, tag: str | None = None
     print(json.dumps(export_run(run_dir, out, teacher=teacher, tag=tag), indent=1))
 
 
+def reshard(run_dir: str, tag: str | None = None) -> None:
+    """Make a run's newest checkpoint loadable at another world size (DeepSpeed universal checkpoint)."""
+    from .checkpoint import make_universal
+    out = make_universal(run_dir, tag)
+    print(f"wrote {out}; `--resume auto` now resumes from it at any number of ranks")
+
+
 def import_fairseq(ckpt: str, out: str) -> None:
     """A fairseq data2vec 2.0 checkpoint -> a d2v_scale weights file (for --run.init_from)."""
     from .export import import_fairseq as run
     print(json.dumps(run(ckpt, out), indent=1))
 
 
-def bench(kind: str = "step", **kwargs) -> None:
+def bench(kind: str = "step", local_rank: int = -1, **kwargs) -> None:
     """Benchmarks that print ratios measured side by side in one run: step | data | ema."""
     from . import bench as b
-    benches = {"step": b.bench_step, "data": b.bench_data}
+    benches = {"step": b.bench_step, "data": b.bench_data, "ema": b.bench_ema}
     fn = benches.get(kind)
     if fn is None:
         raise ConfigError(f"unknown benchmark {kind!r}: {', '.join(benches)}")
     fn(**kwargs)
+
+
+def plan(preset: str, nodes: int = 1, gpus_per_node: int = 8, zero: int = 3, micro_batch: int | None = None,
+         offload_teacher: bool = True, offload_optimizer: bool = False, grad_checkpointing: bool = False,
+         mfu: float = 0.4, peak_tflops: float = 989.0, measure: bool = False,
+         ds_config: str = "ds_configs/zero3.json", local_rank: int = -1, **overrides) -> None:
+    """Memory and step-time plan for a cluster run (`--measure`: compare with this machine's real engines)."""
+    from . import plan as planner
+    cfg, ds_over = build_config(preset, None, ds_config=ds_config, **overrides)
+    micro = micro_batch or cfg.data.batch_size
+    if not measure:
+        args = dict(nodes=nodes, gpus_per_node=gpus_per_node, zero=zero, micro_batch=micro,
+                    offload_teacher=offload_teacher, offload_optimizer=offload_optimizer,
+                    checkpointing=grad_checkpointing, mfu=mfu, peak_tflops=peak_tflops)
+        planner.print_plan(planner.plan(cfg, **args), cfg, args)
+        return
+    planner.measure_and_compare(cfg, ds_over, micro)
 
 
 def demo(**kwargs) -> None:
@@ -102,7 +128,8 @@ def demo(**kwargs) -> None:
 
 
 COMMANDS = {"train": train, "check": check, "show_config": show_config, "export": export,
-            "import-fairseq": import_fairseq, "import_fairseq": import_fairseq, "bench": bench, "demo": demo}
+            "import-fairseq": import_fairseq, "import_fairseq": import_fairseq, "bench": bench, "demo": demo,
+            "reshard": reshard, "plan": plan}
 
 
 def main(argv: list[str] | None = None) -> None:

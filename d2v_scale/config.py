@@ -103,7 +103,8 @@ class TeacherConfig:
     ema_decay: float = 0.9998
     ema_end_decay: float = 0.99999
     ema_anneal_end_step: int = 100_000
-    placement: str = "replicated"  # replicated: full teacher on every rank | sharded: ZeRO-3 partitioned on CPU
+    placement: str = "auto"      # sharded: ZeRO-3-partitioned, on CPU | replicated: a full copy per rank | auto:
+                                 # sharded when the student runs ZeRO-3, replicated otherwise
 
 
 @dataclass
@@ -182,8 +183,8 @@ class Config:
             raise ConfigError(f"model.average_top_k_layers={m.average_top_k_layers} must be in [1, model.depth={m.depth}]")
         if self.mask.clone_batch < 1:
             raise ConfigError(f"mask.clone_batch={self.mask.clone_batch} must be >= 1")
-        if self.teacher.placement not in ("replicated", "sharded"):
-            raise ConfigError(f"teacher.placement={self.teacher.placement!r}: replicated or sharded")
+        if self.teacher.placement not in ("auto", "replicated", "sharded"):
+            raise ConfigError(f"teacher.placement={self.teacher.placement!r}: auto, replicated or sharded")
         if self.data.sampling not in ("split", "resample"):
             raise ConfigError(f"data.sampling={self.data.sampling!r}: split or resample")
         if not 0 < self.teacher.ema_decay <= 1 or not 0 < self.teacher.ema_end_decay <= 1:

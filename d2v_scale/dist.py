@@ -105,3 +105,45 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(t)
     return t
+
+
+_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "reduce_scatter",
+                "reduce_scatter_tensor", "broadcast", "broadcast_object_list", "reduce", "gather", "scatter",
+                "all_to_all", "all_to_all_single", "barrier", "send", "recv", "isend", "irecv")
+
+
+_DS_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "allgather_fn", "reduce_scatter_fn",
+                   "reduce_scatter_tensor", "broadcast", "reduce", "barrier", "all_to_all_single", "inference_all_reduce")
+
+
+class count_collectives:
+    """Counts collective calls (and the bytes of their tensors) inside the block, at both entry
+    points: torch.distributed and deepspeed.comm (ZeRO-3's gathers go through the latter, whose
+    backend holds its own references to the torch functions)."""
+
+    def __init__(self):
+        self.calls, self.bytes, self._saved = 0, 0, {}
+
+    def _wrap(self, name, fn):
+        def counted(*args, **kwargs):
+            self.calls += 1
+            for a in list(args) + list(kwargs.values()):
+                for t in (a if isinstance(a, (list, tuple)) else [a]):
+                    if isinstance(t, torch.Tensor):
+                        self.bytes += t.numel() * t.element_size()
+            return fn(*args, **kwargs)
+        return counted
+
+    def __enter__(self):
+        import deepspeed.comm as ds_comm
+        for module, names in ((torch.distributed, _COLLECTIVES), (ds_comm, _DS_COLLECTIVES)):
+            for name in names:
+                fn = getattr(module, name, None)
+                if fn is not None:
+                    self._saved[module, name] = fn
+                    setattr(module, name, self._wrap(name, fn))
+        return self
+
+    def __exit__(self, *exc):
+        for (module, name), fn in self._saved.items():
+            setattr(module, name, fn)

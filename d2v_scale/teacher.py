@@ -91,6 +91,10 @@ class ReplicatedTeacher:
         else:
             self.fp32 = [p.detach().float().clone() for p in self.module.parameters()]
 
+    @property
+    def encoder(self) -> nn.Module:
+        return self.module
+
     # -- targets -------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, source: torch.Tensor, feats: torch.Tensor, padding_mask=None) -> torch.Tensor:
@@ -127,7 +131,7 @@ class ReplicatedTeacher:
             torch.save(self.state_dict(), f"{ckpt_dir}/teacher.pt")
 
     def load(self, ckpt_dir, rank: int) -> None:
-        self.load_state_dict(torch.load(f"{ckpt_dir}/teacher.pt", map_location="cpu", weights_only=True))
+        self.load_state_dict(load_teacher_state(ckpt_dir))    # teacher.pt, or a sharded teacher's slices
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: a.detach().cpu().clone() for n, a in zip(self.names, self.fp32)}

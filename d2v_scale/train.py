@@ -124,7 +124,10 @@ def offloads_optimizer(ds: dict) -> bool:
 
 def build_teacher(model: Data2Vec, cfg: Config, ds: dict, dist: Dist):
     """The EMA teacher, copied from the student before DeepSpeed partitions it."""
-    if cfg.teacher.placement == "sharded":
+    placement = cfg.teacher.placement
+    if placement == "auto":
+        placement = "sharded" if ds.get("zero_optimization", {}).get("stage", 0) == 3 else "replicated"
+    if placement == "sharded":
         from .sharded_teacher import ShardedTeacher
         return ShardedTeacher(model, cfg, ds, dist)
     return ReplicatedTeacher(model.encoder, cfg.model, dtype=compute_dtype(ds), device=dist.device)
@@ -149,8 +152,9 @@ def seed_for(*parts: int) -> int:
 
 
 def train_step(engine, teacher, batch: dict, cfg: Config, step: int, micro: int, dist: Dist,
-               dtype: torch.dtype) -> tuple[dict, bool]:
-    """One micro-batch: masks, student forward (teacher targets inside), backward, step, EMA."""
+               dtype: torch.dtype, mask: torch.Tensor | None = None) -> tuple[dict, bool]:
+    """One micro-batch: masks, student forward (teacher targets inside), backward, step, EMA.
+    `mask` (B*M, T) replaces the seeded masks (fairseq's precomputed_mask)."""
     x = batch["source"].to(dist.device, non_blocking=True)             # image (B,3,H,W) | audio (B,S) | text (B,T)
     if x.is_floating_point():
         x = x.to(dtype)
@@ -162,7 +166,9 @@ def train_step(engine, teacher, batch: dict, cfg: Config, step: int, micro: int,
     # masks and dropout: reproducible from (seed, step, micro-step, rank)
     gen = torch.Generator().manual_seed(seed_for(cfg.run.seed, step, micro, dist.rank))
     torch.manual_seed(seed_for(cfg.run.seed, step, micro, dist.rank, 1))
-    mask = sample_mask(cfg.mask, x.shape[0] * M, encoder.token_shape(x, pad), gen).to(dist.device)  # (B*M, T)
+    if mask is None:
+        mask = sample_mask(cfg.mask, x.shape[0] * M, encoder.token_shape(x, pad), gen)          # (B*M, T)
+    mask = mask.to(dist.device)
     layer_keep = encoder.draw_layerdrop(seed_for(cfg.run.seed, step, micro))   # same on every rank
 
     # forward: student on the visible tokens of M clones, teacher targets once per sample
@@ -209,12 +215,21 @@ def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
     teacher = build_teacher(model, cfg, ds, dist)
     if cfg.run.init_from:
         load_init_weights(model, teacher, cfg.run.init_from)
+    if cfg.run.compile:                      # per block: compiled graphs stay small and ZeRO hooks stay outside
+        for blk in list(model.encoder.blocks) + list(teacher.encoder.blocks):
+            blk.compile()
     n_params = sum(p.numel() for p in model.parameters())
+    data_state, resumed = None, checkpoint.resolve_resume(run_dir, cfg.run.resume)
+    if resumed:
+        try:
+            if checkpoint.check_world(*resumed, dist.world):
+                ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     optimizer = build_optimizer(model, cfg.optim, offload=offloads_optimizer(ds))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
 
     # resume
-    data_state, resumed = None, checkpoint.resolve_resume(run_dir, cfg.run.resume)
     if resumed:
         client, data_state = checkpoint.load(engine, teacher, *resumed, dist.rank)
         teacher.updates = client.get("ema_updates", 0)
