@@ -152,9 +152,11 @@ def seed_for(*parts: int) -> int:
 
 
 def train_step(engine, teacher, batch: dict, cfg: Config, step: int, micro: int, dist: Dist,
-               dtype: torch.dtype, mask: torch.Tensor | None = None) -> tuple[dict, bool]:
+               dtype: torch.dtype, mask: torch.Tensor | None = None,
+               stop_flags: torch.Tensor | None = None) -> tuple[dict, bool]:
     """One micro-batch: masks, student forward (teacher targets inside), backward, step, EMA.
-    `mask` (B*M, T) replaces the seeded masks (fairseq's precomputed_mask)."""
+    `mask` (B*M, T) replaces the seeded masks (fairseq's precomputed_mask); `stop_flags` (2,) are this
+    rank's signal flags, returned summed over ranks in out["stop"]."""
     x = batch["source"].to(dist.device, non_blocking=True)             # image (B,3,H,W) | audio (B,S) | text (B,T)
     if x.is_floating_point():
         x = x.to(dtype)
@@ -175,9 +177,12 @@ def train_step(engine, teacher, batch: dict, cfg: Config, step: int, micro: int,
     set_lr(engine.optimizer, lr_at(step, cfg.optim))
     out = engine(x, mask, teacher, pad, layer_keep)
 
-    # loss = mean over every masked token on every rank (DeepSpeed averages gradients over ranks)
-    n_global = all_reduce_sum(torch.tensor([float(out["sample_size"])], device=dist.device))
-    loss = out["loss"] * dist.world / n_global.clamp_min(1)
+    # loss = mean over every masked token on every rank (DeepSpeed averages gradients over ranks);
+    # the same all-reduce carries the stop-signal flags, so every rank learns of a signal together
+    flags = stop_flags if stop_flags is not None else torch.zeros(2)
+    counts = all_reduce_sum(torch.cat([torch.tensor([float(out["sample_size"])]), flags]).to(dist.device))
+    out["stop"] = counts[1:].cpu()
+    loss = out["loss"] * dist.world / counts[0].clamp_min(1)
 
     boundary = engine.is_gradient_accumulation_boundary()              # ask before step()
     engine.backward(loss)
@@ -192,7 +197,6 @@ def train_step(engine, teacher, batch: dict, cfg: Config, step: int, micro: int,
 def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
     from . import dist as dist_mod
     from .data import build_loader, shard_list
-    from .flops import step_flops_per_sample
     from .metrics import Metrics, measure_peak_flops
 
     cfg.validate()
@@ -248,12 +252,40 @@ def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
            f"{ds.get('zero_optimization', {}).get('stage', 0)} | {str(dtype).replace('torch.', '')} | "
            f"{len(urls)} shards | steps {engine.global_steps} -> {stop}")
 
+    from .preempt import StopSignals, restart_banner
+    signals = StopSignals(dist.rank)
+    if restart_banner():
+        print0(restart_banner())
+    try:
+        last_saved = _loop(engine, teacher, loader, cfg, dist, dtype, metrics, signals, run_dir, stop, encoder)
+    except (RuntimeError, torch.distributed.DistBackendError) as e:
+        if not _is_comm_failure(e):
+            raise
+        latest = checkpoint.latest_tag(run_dir / checkpoint.CKPT_DIR)
+        raise TrainingError(f"rank {dist.rank} lost contact with another rank ({type(e).__name__}: {str(e)[:200]}); "
+                            f"a rank died or was killed. The last complete checkpoint is {latest}; rerun with "
+                            f"--resume auto") from None
+    summary = metrics.close(engine.global_steps, run_dir, str(last_saved) if last_saved else None)
+    if dist.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _is_comm_failure(e: Exception) -> bool:
+    text = str(e)
+    return isinstance(e, torch.distributed.DistBackendError) or any(
+        s in text for s in ("Connection reset", "Connection closed", "Broken pipe", "gloo", "NCCL", "ProcessGroup"))
+
+
+def _loop(engine, teacher, loader, cfg, dist, dtype, metrics, signals, run_dir, stop, encoder):
+    from .flops import step_flops_per_sample
+    from .preempt import REQUEUE, StopRequested, requeue_slurm_job
     last_saved, micro, out = None, 0, None
     for batch in loader:
         step = engine.global_steps
         if step >= stop:
             break
-        out, boundary = train_step(engine, teacher, batch, cfg, step, micro, dist, dtype)
+        out, boundary = train_step(engine, teacher, batch, cfg, step, micro, dist, dtype, stop_flags=signals.flags)
         src = batch["source"]
         tokens = math.prod(encoder.token_shape(src))
         flops = step_flops_per_sample(cfg, tokens, encoder.num_extra_tokens, src.shape[-1])["total"] * src.shape[0]
@@ -268,13 +300,18 @@ def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
                             {"data/skipped_samples": loader.state["skipped"],
                              "data/unreadable_shards": loader.state["read_errors"]})
             _check_health(m, step, cfg)
-        if step % cfg.run.save_every == 0 or step == stop:
-            last_saved = checkpoint.save(engine, teacher, run_dir, step, {"step": step, "preset": cfg.preset, "ema_updates": teacher.updates},
-                                         loader.state_dict(), dist.rank, cfg.run.keep_last)
-    summary = metrics.close(engine.global_steps, run_dir, str(last_saved) if last_saved else None)
-    if dist.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+        stop_now = bool(out["stop"].sum() > 0)
+        if step % cfg.run.save_every == 0 or step == stop or stop_now:
+            last_saved = checkpoint.save(engine, teacher, run_dir, step, {"step": step, "preset": cfg.preset,
+                                         "ema_updates": teacher.updates}, loader.state_dict(), dist.rank,
+                                         cfg.run.keep_last)
+        if stop_now:
+            requeue = out["stop"][REQUEUE] > 0 and not out["stop"][1] > 0
+            note = requeue_slurm_job() if requeue and dist.is_main else ""
+            print0(f"d2v: stopped by a signal at step {step}; checkpoint {last_saved}. {note}")
+            metrics.close(step, run_dir, str(last_saved))
+            raise StopRequested(0 if requeue else 143)
+    return last_saved
 
 
 def _check_health(m: dict, step: int, cfg: Config) -> None:

@@ -116,3 +116,19 @@ def spm_model(corpus_dir, tmp_path_factory) -> Path:
     subprocess.run([str(BIN / "d2v-shard"), "spm-train", str(corpus_dir), str(prefix), "--vocab_size", "500"],
                    check=True, capture_output=True, env=_env())
     return Path(str(prefix) + ".model")
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real single-node Slurm cluster (slurmctld + slurmd + munged) from launcher/slurm/local_cluster.sh;
+    yields the environment that points sbatch/squeue/scontrol at it; stopped by pid afterwards."""
+    import shutil
+    if not shutil.which("slurmctld") or os.geteuid() != 0:
+        pytest.fail("Slurm tests need Debian's slurm-wlm and munge and root: `make test` installs them as root")
+    state = tmp_path_factory.mktemp("slurm")
+    script = ROOT / "launcher" / "slurm" / "local_cluster.sh"
+    subprocess.run([str(script), "start", str(state)], check=True, capture_output=True, timeout=120)
+    try:
+        yield _env(SLURM_CONF=str(state / "slurm.conf"))
+    finally:
+        subprocess.run([str(script), "stop", str(state)], capture_output=True, timeout=120)

@@ -182,6 +182,14 @@ class ShardStream(torch.utils.data.IterableDataset):
                 buf, skipped, done = [], 0, done + 1
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGUSR1 to the training process, which checkpoints and then ends them
+    (launchers and Slurm signal every process of a rank, workers included)."""
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def _mark_progress(samples, progress: dict):
     for sample in samples:
         progress["opened_at_sample"] = progress["opened"]
@@ -216,7 +224,7 @@ class Loader:
                          shuffle_buffer=self.cfg.shuffle_buffer, skip_batches=skip,
                          num_workers=self.cfg.num_workers)
         return torch.utils.data.DataLoader(
-            ds, batch_size=None, num_workers=self.cfg.num_workers,
+            ds, batch_size=None, num_workers=self.cfg.num_workers, worker_init_fn=_ignore_stop_signals,
             persistent_workers=False, prefetch_factor=4 if self.cfg.num_workers > 0 else None,
             multiprocessing_context="fork" if self.cfg.num_workers > 0 and os.name == "posix" else None)
 
