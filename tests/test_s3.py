@@ -67,6 +67,22 @@ def test_stream_from_s3_equals_local(s3, s3_images, image_shards):
         assert torch.equal(next(a)["source"], next(b)["source"])
 
 
+def test_a_shard_that_keeps_failing_is_skipped_and_counted(s3, s3_images):
+    """An index entry whose object is gone: the stream warns, counts it, and keeps delivering batches."""
+    from d2v_scale.data import build_loader
+    from d2v_scale.data.s3 import read_bytes
+    from d2v_scale.presets import get_preset
+    cfg = get_preset("vit_base_patch16_debug")
+    cfg.data.num_workers, cfg.data.batch_size, cfg.data.epoch_samples = 0, 4, 48
+    urls = [s["url"] for s in json.loads(read_bytes(s3_images))["shards"]][:2] + ["s3://d2v-test/img/gone.tar"]
+    loader = build_loader(cfg, 0, 1, urls=urls)
+    it = iter(loader)
+    with pytest.warns(UserWarning, match="unreadable shard"):
+        batches = [next(it) for _ in range(12)]
+    assert all(b["source"].shape == (4, 3, 32, 32) for b in batches)
+    assert loader.state["read_errors"] >= 1
+
+
 def test_reader_resumes_with_range_after_a_restart(s3):
     from d2v_scale.data.s3 import S3Reader, client
     payload = os.urandom(24_000_000)
@@ -140,7 +156,10 @@ def test_stream_over_https_style_urls(image_shards, tmp_path):
         def log_message(self, *a):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(image_shards)))
+    class Server(http.server.ThreadingHTTPServer):
+        request_queue_size = 64                       # the loader opens shards from several processes
+
+    server = Server(("127.0.0.1", 0), functools.partial(Quiet, directory=str(image_shards)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"

@@ -37,7 +37,8 @@ def test_two_rank_zero3_run_resume_and_export(image_shards, tmp_path):
         assert len(ev.Scalars(tag)) == 8, tag
     ckpt = full / "checkpoints"
     assert (ckpt / "latest").read_text() == "step_00000008"
-    assert sorted(p.name for p in (ckpt / "step_00000008").iterdir()) >= ["data_rank0.json", "data_rank1.json", "teacher.pt"]
+    names = {p.name for p in (ckpt / "step_00000008").iterdir()}
+    assert {"data_rank0.json", "data_rank1.json", "meta.json", "teacher_rank0.pt", "teacher_rank1.pt"} <= names
     assert json.loads((ckpt / "step_00000008" / "data_rank1.json").read_text())["batches"] == 8
 
     run_d2v(["export", str(full), str(tmp_path / "enc.safetensors"), "--teacher"])
@@ -89,6 +90,15 @@ def test_bad_input_fails_fast_with_the_fix(image_shards, tmp_path, args, msg):
     res = run_d2v(train_args(image_shards, tmp_path / "x", "zero2", 2, *args), check=False, timeout=120)
     assert res.returncode != 0 and re.search(msg, res.stdout), res.stdout[-2000:]
     assert "Traceback" not in res.stdout
+
+
+def test_collapse_guard_stops_with_the_reason(image_shards, tmp_path):
+    """fairseq's min_pred_var / min_target_var: here an impossible floor trips it at the first check."""
+    res = run_d2v(train_args(image_shards, tmp_path / "c", "zero2", 6, "--run.min_pred_var=100",
+                             "--run.collapse_guard_after=2"), check=False, timeout=120)
+    assert res.returncode != 0
+    assert "training stopped: pred_var" in res.stdout and "< run.min_pred_var 100" in res.stdout
+    assert "at step 3" in res.stdout and "Lower --optim.lr" in res.stdout
 
 
 def test_missing_data_path_fails_before_training(tmp_path):

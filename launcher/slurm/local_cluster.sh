@@ -21,7 +21,7 @@ start() {
   [ "$(id -u)" = 0 ] || { echo "the local cluster runs its daemons as root" >&2; exit 2; }
   mkdir -p "$dir/state" "$dir/spool" "$dir/log"
   host=$(hostname -s)
-  cpus=$(nproc)
+  cpus=$(nproc --all)              # not plain nproc: it follows OMP_NUM_THREADS
   mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 8 / 10 ))
   cat > "$conf" <<CONF
 ClusterName=local
