@@ -9,7 +9,6 @@ source batch and a precomputed (B*M, T) mask and returns fairseq's summed `loss`
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -26,7 +25,7 @@ _UNSUPPORTED = ("layer_norm_first", "end_of_block_targets", "recon_loss", "loss_
                 "batch_norm_target_layer", "shared_decoder", "mae_init")
 
 
-class ImportError_(ValueError):
+class FairseqImportError(ValueError):
     """A fairseq checkpoint that cannot be mapped onto d2v_scale."""
 
 
@@ -34,13 +33,13 @@ def config_from_fairseq(fcfg: dict, vocab_size: int = 0) -> Config:
     """Our Config from a fairseq `cfg["model"]` dict (as checkpoints and the golden files store it)."""
     for key in _UNSUPPORTED:
         if fcfg.get(key):
-            raise ImportError_(f"fairseq option {key}={fcfg[key]!r} is not supported: d2v_scale implements "
+            raise FairseqImportError(f"fairseq option {key}={fcfg[key]!r} is not supported: d2v_scale implements "
                                "the released data2vec 2.0 configs, where it is off")
     modality = str(fcfg.get("supported_modality", "IMAGE")).lower()
     mc = fcfg["modalities"][modality]
     dec = mc["decoder"]
     if dec.get("add_positions_masked") or dec.get("add_positions_all"):
-        raise ImportError_("decoder add_positions_* is not supported (off in every released config)")
+        raise FairseqImportError("decoder add_positions_* is not supported (off in every released config)")
     model = ModelConfig(
         modality=modality, embed_dim=fcfg["embed_dim"], depth=fcfg["depth"], prenet_depth=mc["prenet_depth"],
         num_heads=fcfg["num_heads"], mlp_ratio=float(fcfg["mlp_ratio"]), norm_eps=float(fcfg["norm_eps"]),
@@ -105,7 +104,7 @@ def map_key(key: str, prenet_depth: int, teacher: bool = False) -> str | None:
         return f"blocks.{int(m[1]) + prenet_depth}.{m[2]}"
     m = re.fullmatch(r"modality_encoders\.[A-Z]+\.(.*)", key)
     if not m:
-        raise ImportError_(f"unexpected fairseq key {key!r}")
+        raise FairseqImportError(f"unexpected fairseq key {key!r}")
     rest = m[1]
     if rest == "fixed_positional_encoder.positions":
         return None
@@ -118,7 +117,7 @@ def map_key(key: str, prenet_depth: int, teacher: bool = False) -> str | None:
     for pat, rep in _RULES:
         if re.fullmatch(pat, rest):
             return enc + re.sub(pat, rep, rest) if not callable(rep) else enc + rep(re.fullmatch(pat, rest))
-    raise ImportError_(f"unexpected fairseq key {key!r}")
+    raise FairseqImportError(f"unexpected fairseq key {key!r}")
 
 
 def convert_state(state: dict, prenet_depth: int, teacher: bool, positions_check: torch.Tensor | None = None):
@@ -128,7 +127,7 @@ def convert_state(state: dict, prenet_depth: int, teacher: bool, positions_check
         if ours is None:
             if positions_check is not None and not v.is_meta and not torch.allclose(
                     v.float(), positions_check, atol=1e-5):
-                raise ImportError_(f"{k} differs from the 2-D sin-cos table d2v_scale computes")
+                raise FairseqImportError(f"{k} differs from the 2-D sin-cos table d2v_scale computes")
             continue
         if ours.endswith("alibi_scale") and v.dim() == 4:      # old 4-D alibi_scale (fairseq upgrade)
             v = v.unsqueeze(0)
@@ -160,7 +159,7 @@ def _vocab_size(model_state: dict) -> int:
 def from_fairseq(ckpt: dict, strict: bool = True) -> StudentTeacher:
     """Student, teacher and config from a fairseq data2vec 2.0 checkpoint dict."""
     if "model" not in ckpt or "cfg" not in ckpt or "model" not in (ckpt["cfg"] or {}):
-        raise ImportError_("not a fairseq checkpoint: expected ckpt['model'] and ckpt['cfg']['model']")
+        raise FairseqImportError("not a fairseq checkpoint: expected ckpt['model'] and ckpt['cfg']['model']")
     state = dict(ckpt["model"])
     ema = state.pop("_ema", None)
     cfg = config_from_fairseq(ckpt["cfg"]["model"], vocab_size=_vocab_size(state)).validate()
@@ -174,7 +173,7 @@ def from_fairseq(ckpt: dict, strict: bool = True) -> StudentTeacher:
         teacher.load_state_dict(convert_state({k: v.float() for k, v in ema.items()}, P, teacher=True,
                                               positions_check=pos))
     elif strict:
-        raise ImportError_("the checkpoint has no '_ema' teacher; pass strict=False to start the teacher "
+        raise FairseqImportError("the checkpoint has no '_ema' teacher; pass strict=False to start the teacher "
                            "from the student")
     return StudentTeacher(cfg, student, teacher)
 
@@ -191,11 +190,7 @@ def load_fairseq_checkpoint(path: str | Path) -> dict:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - re-raised with the fix
-            raise ImportError_(
+            raise FairseqImportError(
                 f"{path} cannot be loaded with torch.load(weights_only=True): {e}\nIt holds Python objects "
                 "beyond tensors and plain containers. In an environment you trust, re-save just "
                 "{'model': ckpt['model'], 'cfg': {'model': dict(ckpt['cfg']['model'])}} and import that.") from None
-
-
-def config_json(cfg: Config) -> str:
-    return json.dumps(cfg.to_dict())

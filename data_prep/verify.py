@@ -9,7 +9,7 @@ import hashlib
 import io
 import json
 import tarfile
-from pathlib import Path
+
 
 import numpy as np
 

@@ -1,6 +1,5 @@
 """The command-line surface: import-fairseq, export round trip, check, show_config, bench, demo, launcher."""
 import json
-import os
 import subprocess
 
 import pytest

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import BIN, ROOT, TRAIN_ARGS, _env, losses, run_d2v
+from conftest import BIN, TRAIN_ARGS, _env, losses, run_d2v
 
 
 def shard_cli(*args, env=None, check=True):

@@ -7,7 +7,6 @@ import tarfile
 import time
 
 import numpy as np
-import pytest
 import soundfile as sf
 
 from conftest import BIN, _env

@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from d2v_scale.config import TeacherConfig
 from d2v_scale.d2v import Data2Vec
 from d2v_scale.presets import get_preset
 from d2v_scale.teacher import ReplicatedTeacher, decay_at, make_targets

@@ -6,7 +6,6 @@ and masks so that runs at different world sizes and teacher placements are compa
 import json
 import re
 import subprocess
-import sys
 
 import pytest
 import torch
