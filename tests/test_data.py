@@ -112,3 +112,23 @@ def test_all_shards_unreadable_stops_with_a_message(tmp_path):
     with pytest.raises(DataError, match="gave no sample"):
         with pytest.warns(UserWarning):
             take(loader, 1)
+
+
+def test_exit_with_live_workers_does_not_hang(image_shards, tmp_path):
+    """Workers ignore SIGTERM (the training process checkpoints first), so multiprocessing's exit-time
+    terminate() cannot end them: a process that exits with a half-read loader must still exit."""
+    import subprocess
+    import sys
+    script = tmp_path / "leave.py"
+    script.write_text(f"""
+from d2v_scale.data import build_loader
+from d2v_scale.presets import get_preset
+cfg = get_preset("vit_base_patch16_debug")
+cfg.data.path, cfg.data.num_workers, cfg.data.batch_size = {str(image_shards)!r}, 2, 4
+it = iter(build_loader(cfg, 0, 1))
+next(it)
+keep = [it]
+keep.append(keep)          # a reference cycle: nothing frees the iterator before exit
+""")
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90)
+    assert res.returncode == 0, res.stderr[-2000:]

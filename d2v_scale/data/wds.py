@@ -16,11 +16,13 @@ loop consumed fixes exactly what each worker has delivered: that count is the wh
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import random
 import warnings
+import weakref
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -184,10 +186,22 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 def _ignore_stop_signals(worker_id: int) -> None:
     """Workers leave SIGTERM/SIGUSR1 to the training process, which checkpoints and then ends them
-    (launchers and Slurm signal every process of a rank, workers included)."""
+    (launchers and Slurm signal every process of a rank, workers included). Because a worker then
+    outlives multiprocessing's exit-time terminate(), live iterators are shut down first (below)."""
     import signal
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+_LIVE_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+@atexit.register                # registered after multiprocessing's own exit hook, so it runs before it
+def _shutdown_live_workers() -> None:
+    for it in list(_LIVE_ITERATORS):
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def _mark_progress(samples, progress: dict):
@@ -234,7 +248,9 @@ class Loader:
             if st["batches"] >= self.batches_per_epoch:
                 st["epoch"], st["batches"] = st["epoch"] + 1, 0
             got = 0
-            for batch in self._epoch_loader(st["epoch"], st["batches"]):
+            batches = iter(self._epoch_loader(st["epoch"], st["batches"]))
+            _LIVE_ITERATORS.add(batches)
+            for batch in batches:
                 got += 1
                 st["batches"] += 1
                 st["samples_seen"] += self.batch_size
