@@ -39,7 +39,7 @@ demo: venv
 
 # pytest exits 5 when it collected nothing (e.g. an over-narrow -k): say so instead of failing.
 test: venv system-deps
-	@$(BIN)/python -m pytest -q -rs --durations=15 tests $(PYTEST_ARGS); rc=$$?; \
+	@$(BIN)/python -m pytest -q -rs --durations=25 --timeout=900 tests $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
 
 clean:

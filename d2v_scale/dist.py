@@ -48,6 +48,23 @@ def _extensions_dir(stale_after_s: float = 900.0) -> None:
             pass
 
 
+def _unlink_shm_allreduce_buffer(rank: int, world: int) -> None:
+    """DeepSpeed's CPU all-reduce maps one 69 MB segment per rank in /dev/shm and never unlinks it,
+    so every CPU run would leave RAM behind. Once every rank has mapped its peers' segments (they
+    wait for each other inside init_distributed; the barrier makes it certain) the names can go:
+    the mappings stay valid until the processes exit, and a killed run leaves nothing either."""
+    import torch.distributed as tdist
+    if world < 2 or not os.path.isdir("/dev/shm"):
+        return
+    tdist.barrier()
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+            f"{os.environ.get('MASTER_PORT')}_{rank}")
+    try:
+        os.unlink(name)
+    except FileNotFoundError:   # shm op not built or not all ranks local
+        pass
+
+
 def _slurm_head_node() -> str:
     nodes = os.environ.get("SLURM_JOB_NODELIST", os.environ.get("SLURM_NODELIST", "127.0.0.1"))
     try:
@@ -86,6 +103,7 @@ def init() -> Dist:
     ds_logger.setLevel(logging.WARNING)
     deepspeed.init_distributed(verbose=False)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    _unlink_shm_allreduce_buffer(rank, world)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     acc = get_accelerator()
     if acc.device_name() == "cuda":

@@ -24,27 +24,49 @@ def _env(**extra) -> dict:
     return env
 
 
+def run_group(cmd: list[str], timeout: float, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Like subprocess.run(capture_output=True, text=True), but a timeout kills the whole process group
+    (launcher, ranks, data-loader workers, object store), so nothing is left to slow later tests."""
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env or _env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout}s: {' '.join(map(str, cmd))}\n{out[-4000:]}\n{err[-4000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def run_d2v(args: list[str], nproc: int = 1, timeout: float = 240, cwd: Path = ROOT, env: dict | None = None,
             check: bool = True) -> subprocess.CompletedProcess:
-    """`d2v ARGS` in one process, or under `deepspeed --num_accelerators N` when nproc > 1."""
+    """`d2v ARGS` in one process, or under `deepspeed --num_accelerators N` when nproc > 1 (stderr in stdout)."""
     from d2v_scale.dist import free_port
     if nproc > 1:
         cmd = [str(BIN / "deepspeed"), "--num_accelerators", str(nproc), "--no_local_rank",
                "--master_port", str(free_port()), "--module", "d2v_scale.cli", *args]
     else:
         cmd = [sys.executable, "-m", "d2v_scale.cli", *args]
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-4000:]}")
-    result = subprocess.CompletedProcess(cmd, proc.returncode, out, "")
-    if check and proc.returncode != 0:
-        pytest.fail(f"exit {proc.returncode}: {' '.join(cmd)}\n{out[-6000:]}")
+    res = run_group(cmd, timeout, cwd, env)
+    result = subprocess.CompletedProcess(cmd, res.returncode, res.stdout + res.stderr, "")
+    if check and res.returncode != 0:
+        pytest.fail(f"exit {res.returncode}: {' '.join(cmd)}\n{result.stdout[-6000:]}")
     return result
+
+
+def shm_segments() -> set[str]:
+    """DeepSpeed CPU all-reduce segments of this user in /dev/shm (RAM: 69 MB per rank)."""
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")} if shm.is_dir() else set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_shm_left_behind():
+    """A rank killed before it finished setting up keeps its segment; the suite removes what it made."""
+    before = shm_segments()
+    yield
+    for name in shm_segments() - before:
+        Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def losses(run_dir: Path) -> list[float]:

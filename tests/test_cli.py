@@ -5,7 +5,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import BIN, ROOT, _env, losses, run_d2v
+from conftest import BIN, ROOT, _env, losses, run_d2v, run_group
 
 
 def test_import_fairseq_round_trip(tmp_path):
@@ -66,9 +66,8 @@ def test_bench_step_prints_mfu_against_measured_peak():
 def test_demo_runs_end_to_end(tmp_path):
     """README command 1, shortened: draws scenes, shards them into a local SeaweedFS, trains 2 CPU ranks
     with ZeRO-3 streaming from it, and stops the object store again."""
-    res = subprocess.run([str(BIN / "d2v"), "demo", "--steps", "30", "--samples", "256",
-                          "--workdir", str(tmp_path / "data"), "--out", str(tmp_path / "runs")],
-                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=540)
+    res = run_group([BIN / "d2v", "demo", "--steps", "30", "--samples", "256",
+                     "--workdir", tmp_path / "data", "--out", tmp_path / "runs"], timeout=540)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     run = tmp_path / "runs" / "image"
     seq = losses(run)
@@ -83,8 +82,7 @@ def test_demo_runs_end_to_end(tmp_path):
 def test_run_local_launcher_checks_then_trains(image_shards, tmp_path):
     env = _env(DATA=str(image_shards), OUT=str(tmp_path / "run"), NPROC="2", BIN=str(BIN),
                MASTER_PORT=str(__import__("d2v_scale.dist", fromlist=["x"]).free_port()))
-    res = subprocess.run([str(ROOT / "launcher/run_local.sh"), "--optim.max_steps=3", "--data.num_workers=1",
-                          "--data.batch_size=4", "--run.log_every=1"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=280)
+    res = run_group([ROOT / "launcher/run_local.sh", "--optim.max_steps=3", "--data.num_workers=1",
+                     "--data.batch_size=4", "--run.log_every=1"], timeout=280, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert res.stdout.startswith("ok:") and len(losses(tmp_path / "run")) == 3

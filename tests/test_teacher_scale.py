@@ -5,12 +5,11 @@ and masks so that runs at different world sizes and teacher placements are compa
 """
 import json
 import re
-import subprocess
 
 import pytest
 import torch
 
-from conftest import BIN, ROOT, TRAIN_ARGS, _env, losses, run_d2v
+from conftest import BIN, ROOT, TRAIN_ARGS, losses, run_d2v, run_group
 
 PROBE = ROOT / "tests" / "probes" / "ema_probe.py"
 
@@ -20,7 +19,7 @@ def probe(tmp_path, nproc, placement, ds_config):
     prefix = tmp_path / f"probe_{nproc}_{placement}"
     cmd = [str(BIN / "deepspeed"), "--num_accelerators", str(nproc), "--no_local_rank", "--master_port",
            str(free_port()), str(PROBE), str(prefix), placement, str(ds_config)]
-    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    res = run_group(cmd, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     return json.loads(prefix.with_suffix(".json").read_text()), torch.load(str(prefix) + ".teacher.pt")
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TRAIN_ARGS, losses, run_d2v
+from conftest import TRAIN_ARGS, losses, run_d2v, shm_segments
 
 
 def train_args(data, out, ds="zero3", steps=8, *extra):
@@ -18,7 +18,9 @@ def test_two_rank_zero3_run_resume_and_export(image_shards, tmp_path):
     """2 ranks, ZeRO-3: falling loss, TensorBoard scalars, checkpoints; stopping at step 4 and resuming
     gives the same loss sequence as an uninterrupted run; the export loads into the encoder."""
     full, split = tmp_path / "full", tmp_path / "split"
+    shm_before = shm_segments()
     out = run_d2v(train_args(image_shards, full), nproc=2).stdout
+    assert shm_segments() == shm_before        # DeepSpeed's CPU all-reduce segments do not outlive the run
     assert "world 2" in out and "ZeRO-3" in out
     run_d2v(train_args(image_shards, split, "zero3", 8, "--run.stop_after=4"), nproc=2)
     resumed = run_d2v(train_args(image_shards, split, "zero3", 8, "--resume", "auto"), nproc=2).stdout
