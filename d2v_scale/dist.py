@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,6 @@ def setup_env() -> None:
 def _extensions_dir(stale_after_s: float = 900.0) -> None:
     """JIT-built DeepSpeed ops go to a folder of this Python environment; a `lock` left by a build
     that was killed midway would make every later run wait forever, so stale ones are removed."""
-    import sys
     import time
     from pathlib import Path
     root = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions")))
@@ -46,6 +46,27 @@ def _extensions_dir(stale_after_s: float = 900.0) -> None:
                 print(f"removed a stale DeepSpeed op build lock: {lock}", file=sys.stderr)
         except OSError:
             pass
+
+
+SHM_SEGMENT_BYTES = 69_206_024   # DeepSpeed 0.19's CPU all-reduce workspace, one per local rank
+
+
+def _check_shm_room(deepspeed) -> None:
+    """DeepSpeed's CPU all-reduce (used when all ranks share a host) needs one workspace per rank in
+    /dev/shm; too little room (a container's 64 MB default) makes the ranks crash or wait on each other
+    forever. Fall back to gloo's all-reduce then, and say how to get the fast path back."""
+    import shutil
+    local = int(os.environ.get("LOCAL_SIZE", "0"))
+    if local < 2 or local != int(os.environ.get("WORLD_SIZE", "1")) or not os.path.isdir("/dev/shm"):
+        return
+    free, need = shutil.disk_usage("/dev/shm").free, local * SHM_SEGMENT_BYTES
+    if free < 2 * need:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"warning: /dev/shm has {free / 2**20:.0f} MiB free and DeepSpeed's shared-memory all-reduce "
+                  f"needs {need / 2**20:.0f} MiB for {local} ranks: using gloo's all-reduce instead (slower). "
+                  "Give the container more shared memory (docker run --shm-size=1g) to get it back.",
+                  file=sys.stderr, flush=True)
 
 
 def _unlink_shm_allreduce_buffer(rank: int, world: int) -> None:
@@ -101,6 +122,7 @@ def init() -> Dist:
     from deepspeed.accelerator import get_accelerator
     from deepspeed.utils import logger as ds_logger
     ds_logger.setLevel(logging.WARNING)
+    _check_shm_room(deepspeed)
     deepspeed.init_distributed(verbose=False)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     _unlink_shm_allreduce_buffer(rank, world)

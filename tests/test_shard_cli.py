@@ -102,7 +102,10 @@ def test_interrupted_run_leaves_no_index(image_dir, tmp_path):
     """Ctrl-C mid-run: finished shards stay, the open one is removed, no index points anywhere."""
     big = tmp_path / "many"
     from d2v_scale.demo_data import make_images
-    make_images(big, 1500, size=64, seed=3)
+    make_images(big, 300, size=32, seed=3)
+    for png in list(big.glob("*/*.png")):              # 12,000 inputs (hard links): ~10 s of work, so the
+        for k in range(39):                            # interrupt lands mid-run however slow this machine is
+            (png.parent / f"{png.stem}_{k}.png").hardlink_to(png)
     proc = subprocess.Popen([str(BIN / "d2v-shard"), "image", str(big), str(tmp_path / "out"), "--maxcount", "50",
                              "--workers", "1"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120

@@ -1,11 +1,13 @@
 """End-to-end training through the real DeepSpeed engine on CPU (gloo), 1 and 2 ranks."""
 import json
+import os
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TRAIN_ARGS, losses, run_d2v, shm_segments
+from conftest import BIN, TRAIN_ARGS, losses, run_d2v, run_group, shm_segments
 
 
 def train_args(data, out, ds="zero3", steps=8, *extra):
@@ -107,3 +109,19 @@ def test_missing_data_path_fails_before_training(tmp_path):
     res = run_d2v(train_args(tmp_path / "nope-{000000..000003}.tar", tmp_path / "x"), check=False, timeout=120)
     assert res.returncode != 0 and "4 of 4 shards do not exist" in res.stdout
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.timeout(300)
+def test_small_dev_shm_falls_back_to_gloo(image_shards, tmp_path):
+    """A container's default 64 MB /dev/shm cannot hold DeepSpeed's CPU all-reduce workspaces (69 MB per
+    rank): the run says so and trains through gloo's all-reduce instead of crashing or hanging."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root to mount a small /dev/shm in a private mount namespace")
+    from d2v_scale.dist import free_port
+    cmd = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=64m tmpfs /dev/shm && exec "$@"', "sh",
+           BIN / "deepspeed", "--num_accelerators", "2", "--no_local_rank", "--master_port", free_port(),
+           "--module", "d2v_scale.cli", *train_args(image_shards, tmp_path / "run", "zero2", 3)]
+    res = run_group(cmd, timeout=240)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "/dev/shm has 64 MiB free" in res.stderr and "--shm-size" in res.stderr
+    assert len(losses(tmp_path / "run")) == 3
