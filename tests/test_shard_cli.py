@@ -107,7 +107,9 @@ def test_interrupted_run_leaves_no_index(image_dir, tmp_path):
         for k in range(39):                            # interrupt lands mid-run however slow this machine is
             (png.parent / f"{png.stem}_{k}.png").hardlink_to(png)
     proc = subprocess.Popen([str(BIN / "d2v-shard"), "image", str(big), str(tmp_path / "out"), "--maxcount", "50",
-                             "--workers", "1"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--workers", "1"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            # a suite started in the background (`make test &`) inherits SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and len(list((tmp_path / "out").glob("shard-*.tar"))) < 2:
         time.sleep(0.05)
