@@ -1,7 +1,12 @@
 """The shard stream: shapes, exact resume, rank/worker split, corrupt samples and shards, clear errors."""
+import gc
 import io
 import json
+import os
+import signal
+import subprocess
 import tarfile
+import time
 
 import pytest
 import torch
@@ -132,3 +137,42 @@ keep.append(keep)          # a reference cycle: nothing frees the iterator befor
 """)
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+class _Stuck(torch.utils.data.IterableDataset):
+    """A worker blocked for good, like one reading from a server that accepted and never answers."""
+    def __iter__(self):
+        time.sleep(3600)
+        yield 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+
+
+def test_workers_ignore_others_sigterm_but_obey_their_training_process():
+    """Slurm and launchers send SIGTERM to every process of a rank: workers must survive it so the
+    training process can checkpoint. torch's own shutdown terminate() must still end a blocked one."""
+    from d2v_scale.data.wds import _ignore_stop_signals
+    loader = torch.utils.data.DataLoader(_Stuck(), batch_size=None, num_workers=1, worker_init_fn=_ignore_stop_signals,
+                                         multiprocessing_context="fork")
+    it = iter(loader)
+    pid = it._workers[0].pid
+    try:
+        time.sleep(1.0)                                        # worker_init_fn has run
+        subprocess.run(["kill", "-TERM", str(pid)], check=True)   # sent by another process: ignored
+        time.sleep(1.0)
+        assert _alive(pid)
+        del it                                                  # DataLoader shutdown: join(5 s), then terminate()
+        gc.collect()
+        deadline = time.time() + 20
+        while time.time() < deadline and _alive(pid):
+            time.sleep(0.2)
+        assert not _alive(pid)
+    finally:                                                   # a regression fails here instead of hanging at exit
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)

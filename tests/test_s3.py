@@ -171,5 +171,8 @@ def test_stream_over_https_style_urls(image_shards, tmp_path):
             assert torch.equal(next(remote)["source"], next(local)["source"])
         with pytest.raises(DataError, match="HTTP 404"):
             shard_list(base + "/nope-{000000..000001}.tar")
+        remote.close()                                # stops its prefetching worker before the server goes
+        local.close()
     finally:
         server.shutdown()
+        server.server_close()

@@ -186,11 +186,22 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 def _ignore_stop_signals(worker_id: int) -> None:
     """Workers leave SIGTERM/SIGUSR1 to the training process, which checkpoints and then ends them
-    (launchers and Slurm signal every process of a rank, workers included). Because a worker then
-    outlives multiprocessing's exit-time terminate(), live iterators are shut down first (below)."""
+    (launchers and Slurm signal every process of a rank, workers included). A SIGTERM sent by the
+    training process itself (torch's and multiprocessing's terminate() at shutdown) still ends the
+    worker, even one blocked in a read: a thread waits for the signal and checks who sent it."""
     import signal
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    import threading
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})     # inherited by every thread after this
+
+    def obey_parent_only() -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=obey_parent_only, name="sigterm-from-parent", daemon=True).start()
 
 
 _LIVE_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()
@@ -198,6 +209,7 @@ _LIVE_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()
 
 @atexit.register                # registered after multiprocessing's own exit hook, so it runs before it
 def _shutdown_live_workers() -> None:
+    """An orderly stop of loaders still open at exit, before multiprocessing terminates their workers."""
     for it in list(_LIVE_ITERATORS):
         shutdown = getattr(it, "_shutdown_workers", None)
         if shutdown is not None:
@@ -250,13 +262,16 @@ class Loader:
             got = 0
             batches = iter(self._epoch_loader(st["epoch"], st["batches"]))
             _LIVE_ITERATORS.add(batches)
-            for batch in batches:
-                got += 1
-                st["batches"] += 1
-                st["samples_seen"] += self.batch_size
-                st["skipped"] += int(batch.pop("skipped"))
-                st["read_errors"] += int(batch.pop("read_errors"))
-                yield batch
+            try:
+                for batch in batches:
+                    got += 1
+                    st["batches"] += 1
+                    st["samples_seen"] += self.batch_size
+                    st["skipped"] += int(batch.pop("skipped"))
+                    st["read_errors"] += int(batch.pop("read_errors"))
+                    yield batch
+            finally:                                    # closing this generator stops the workers now
+                getattr(batches, "_shutdown_workers", lambda: None)()
             if got == 0:
                 raise DataError(f"rank {self.rank} read no complete batch from {len(self.urls)} shards "
                                 "(every shard unreadable or every sample undecodable?); see the warnings above")
