@@ -51,38 +51,43 @@ def _extensions_dir(stale_after_s: float = 900.0) -> None:
 SHM_SEGMENT_BYTES = 69_206_024   # DeepSpeed 0.19's CPU all-reduce workspace, one per local rank
 
 
-def _check_shm_room(deepspeed) -> None:
-    """DeepSpeed's CPU all-reduce (used when all ranks share a host) needs one workspace per rank in
-    /dev/shm; too little room (a container's 64 MB default) makes the ranks crash or wait on each other
-    forever. Fall back to gloo's all-reduce then, and say how to get the fast path back."""
-    import shutil
+def _shm_allreduce_ranks() -> int:
+    """How many ranks share DeepSpeed's CPU all-reduce through /dev/shm: it is used on the CPU
+    accelerator when every rank is on this host (LOCAL_SIZE == WORLD_SIZE); 0 otherwise."""
+    from deepspeed.accelerator import get_accelerator
     local = int(os.environ.get("LOCAL_SIZE", "0"))
-    if local < 2 or local != int(os.environ.get("WORLD_SIZE", "1")) or not os.path.isdir("/dev/shm"):
-        return
-    free, need = shutil.disk_usage("/dev/shm").free, local * SHM_SEGMENT_BYTES
+    if get_accelerator().device_name() != "cpu" or local < 2 or local != int(os.environ.get("WORLD_SIZE", "1")):
+        return 0
+    return local if os.path.isdir("/dev/shm") else 0
+
+
+def _check_shm_room(deepspeed, ranks: int) -> None:
+    """Each of those ranks needs a workspace in /dev/shm; too little room (a container's 64 MB default)
+    makes them crash or wait on each other forever. Fall back to gloo's all-reduce then, and say how
+    to get the fast path back."""
+    import shutil
+    free, need = shutil.disk_usage("/dev/shm").free, ranks * SHM_SEGMENT_BYTES
     if free < 2 * need:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"warning: /dev/shm has {free / 2**20:.0f} MiB free and DeepSpeed's shared-memory all-reduce "
-                  f"needs {need / 2**20:.0f} MiB for {local} ranks: using gloo's all-reduce instead (slower). "
+                  f"needs {need / 2**20:.0f} MiB for {ranks} ranks: using gloo's all-reduce instead (slower). "
                   "Give the container more shared memory (docker run --shm-size=1g) to get it back.",
                   file=sys.stderr, flush=True)
 
 
-def _unlink_shm_allreduce_buffer(rank: int, world: int) -> None:
-    """DeepSpeed's CPU all-reduce maps one 69 MB segment per rank in /dev/shm and never unlinks it,
-    so every CPU run would leave RAM behind. Once every rank has mapped its peers' segments (they
-    wait for each other inside init_distributed; the barrier makes it certain) the names can go:
-    the mappings stay valid until the processes exit, and a killed run leaves nothing either."""
+def _unlink_shm_allreduce_buffer(rank: int) -> None:
+    """DeepSpeed maps one segment per rank in /dev/shm and never unlinks it, so every CPU run would
+    leave RAM behind. Once every rank has mapped its peers' segments (they wait for each other inside
+    init_distributed; the barrier makes it certain) the names can go: the mappings stay valid until
+    the processes exit, and a killed run leaves nothing either."""
     import torch.distributed as tdist
-    if world < 2 or not os.path.isdir("/dev/shm"):
-        return
     tdist.barrier()
     name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
             f"{os.environ.get('MASTER_PORT')}_{rank}")
     try:
         os.unlink(name)
-    except FileNotFoundError:   # shm op not built or not all ranks local
+    except FileNotFoundError:   # the shm op could not be built here
         pass
 
 
@@ -122,10 +127,13 @@ def init() -> Dist:
     from deepspeed.accelerator import get_accelerator
     from deepspeed.utils import logger as ds_logger
     ds_logger.setLevel(logging.WARNING)
-    _check_shm_room(deepspeed)
+    shm_ranks = _shm_allreduce_ranks()
+    if shm_ranks:
+        _check_shm_room(deepspeed, shm_ranks)
     deepspeed.init_distributed(verbose=False)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    _unlink_shm_allreduce_buffer(rank, world)
+    if shm_ranks and deepspeed.ops.__compatible_ops__.get("deepspeed_shm_comm"):
+        _unlink_shm_allreduce_buffer(rank)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     acc = get_accelerator()
     if acc.device_name() == "cuda":

@@ -10,7 +10,6 @@ import io
 import json
 import tarfile
 
-
 import numpy as np
 
 from d2v_scale.data.format import AUDIO_EXT, TEXT_EXT, image_ext

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 
@@ -120,10 +121,8 @@ def test_all_shards_unreadable_stops_with_a_message(tmp_path):
 
 
 def test_exit_with_live_workers_does_not_hang(image_shards, tmp_path):
-    """Workers ignore SIGTERM (the training process checkpoints first), so multiprocessing's exit-time
-    terminate() cannot end them: a process that exits with a half-read loader must still exit."""
-    import subprocess
-    import sys
+    """Workers ignore SIGTERM from others (the training process checkpoints first) but not the
+    exit-time terminate() of their own process: a process that exits with a half-read loader exits."""
     script = tmp_path / "leave.py"
     script.write_text(f"""
 from d2v_scale.data import build_loader

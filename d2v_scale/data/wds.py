@@ -16,13 +16,11 @@ loop consumed fixes exactly what each worker has delivered: that count is the wh
 """
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import os
 import random
 import warnings
-import weakref
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -204,18 +202,6 @@ def _ignore_stop_signals(worker_id: int) -> None:
     threading.Thread(target=obey_parent_only, name="sigterm-from-parent", daemon=True).start()
 
 
-_LIVE_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()
-
-
-@atexit.register                # registered after multiprocessing's own exit hook, so it runs before it
-def _shutdown_live_workers() -> None:
-    """An orderly stop of loaders still open at exit, before multiprocessing terminates their workers."""
-    for it in list(_LIVE_ITERATORS):
-        shutdown = getattr(it, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
-
-
 def _mark_progress(samples, progress: dict):
     for sample in samples:
         progress["opened_at_sample"] = progress["opened"]
@@ -261,7 +247,6 @@ class Loader:
                 st["epoch"], st["batches"] = st["epoch"] + 1, 0
             got = 0
             batches = iter(self._epoch_loader(st["epoch"], st["batches"]))
-            _LIVE_ITERATORS.add(batches)
             try:
                 for batch in batches:
                     got += 1
