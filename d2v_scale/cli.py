@@ -2,7 +2,7 @@
 
   d2v train --preset vit_base_patch16_debug --data 'DIR/shard-{000000..000009}.tar' \\
             --ds_config ds_configs/zero3.json --out runs/x [--mask.clone_batch=8 --ds.zero_optimization.stage=2]
-  d2v check ...          same arguments: validate config, ds_config and data, start nothing
+  d2v check ...          same arguments: validate config, ds_config, data and run directory, start nothing
   d2v show_config --preset NAME [--key=value ...]
   d2v export RUN_DIR OUT.safetensors [--teacher]
   d2v import-fairseq CKPT OUT.safetensors
@@ -20,6 +20,7 @@ import sys
 import fire
 
 from .config import ConfigError, apply_overrides, from_json
+from .errors import D2VError, one_line
 from .presets import PRESETS, get_preset
 
 
@@ -38,35 +39,42 @@ def build_config(preset: str | None = None, from_json_path: str | None = None, *
     return cfg.validate(), ds_overrides
 
 
-def train(preset: str | None = None, data: str | None = None, ds_config: str | None = None,
+def _no_positional(command: str, words: tuple) -> None:
+    if words:
+        raise ConfigError(f"d2v {command}: unexpected argument {words[0]!r}: every option is a --flag "
+                          f"(e.g. --resume auto, --out DIR); `d2v {command} --help` lists them")
+
+
+def train(*words, preset: str | None = None, data: str | None = None, ds_config: str | None = None,
           out: str | None = None, resume: str | None = None, from_json: str | None = None,
           local_rank: int = -1, **overrides) -> None:
     """Pretrain. `local_rank` is accepted for the deepspeed launcher; LOCAL_RANK is read from the env."""
+    _no_positional("train", words)
     cfg, ds_overrides = build_config(preset, from_json, data=data, ds_config=ds_config, out=out,
                                      resume=resume, **overrides)
     from .train import train as run
     run(cfg, ds_overrides)
 
 
-def check(preset: str | None = None, data: str | None = None, ds_config: str | None = None,
+def check(*words, preset: str | None = None, data: str | None = None, ds_config: str | None = None,
           out: str | None = None, resume: str | None = None, from_json: str | None = None,
           world: int = 0, local_rank: int = -1, **overrides) -> None:
-    """Validate everything `train` would use (config, ds_config, shards) in this process; start nothing."""
+    """Validate everything `train` would use (config, ds_config, shards, run directory, the checkpoint
+    to resume from) in this process; start nothing, write nothing."""
+    _no_positional("check", words)
     cfg, ds_overrides = build_config(preset, from_json, data=data, ds_config=ds_config, out=out,
                                      resume=resume, **overrides)
-    from .data import shard_list
-    from .train import check_mask, resolve_ds_config, resolve_from_data
-    urls = shard_list(cfg.data.path, cfg.data.allow_pipe)
-    resolve_from_data(cfg)
-    check_mask(cfg)
+    from .preflight import preflight
     world = world or int(os.environ.get("WORLD_SIZE", "1"))
-    ds = resolve_ds_config(cfg, world, ds_overrides)
-    if cfg.data.sampling == "split" and len(urls) < world * max(1, cfg.data.num_workers):
-        from .data import DataError
-        raise DataError(f"{len(urls)} shards cannot be split over {world} ranks x {cfg.data.num_workers} workers: "
-                        "make more shards, use fewer --data.num_workers, or --data.sampling=resample")
-    print(f"ok: {cfg.preset or 'config'} | {len(urls)} shards | world {world} | micro batch "
-          f"{ds['train_micro_batch_size_per_gpu']} x accumulation {ds['gradient_accumulation_steps']}")
+    plan = preflight(cfg, ds_overrides, world)
+    ds = plan.ds
+    start = f"resume from {plan.resume.path}" if plan.resume else "start from step 0"
+    for tag, problem in plan.resume.broken if plan.resume else []:
+        print(f"note: checkpoint {tag} is unusable ({problem}); the run passes over it")
+    if plan.changed:
+        print("note: resuming with changed settings: " + "; ".join(plan.changed))
+    print(f"ok: {cfg.preset or 'config'} | {len(plan.shards.urls)} shards | world {world} | micro batch "
+          f"{ds['train_micro_batch_size_per_gpu']} x accumulation {ds['gradient_accumulation_steps']} | {start}")
 
 
 def show_config(preset: str | None = None, from_json: str | None = None, **overrides) -> None:
@@ -133,15 +141,16 @@ COMMANDS = {"train": train, "check": check, "show_config": show_config, "export"
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .data import DataError
-    from .masking import MaskError
+    """Errors a user can act on end in one line (problem and fix); OSErrors name the path."""
     try:
-        from .train import TrainingError
         fire.Fire(COMMANDS, command=argv if argv is not None else sys.argv[1:], name="d2v")
-    except (ConfigError, DataError, MaskError, FileNotFoundError) as e:
-        sys.exit(f"d2v: error: {e}")
-    except TrainingError as e:
-        sys.exit(f"d2v: training stopped: {e}")
+    except D2VError as e:
+        from .train import TrainingError
+        what = "training stopped" if isinstance(e, TrainingError) else "error"
+        sys.exit(f"d2v: {what}: {one_line(e)}")
+    except OSError as e:
+        where = f" {e.filename}" if e.filename else ""
+        sys.exit(f"d2v: error: cannot use{where}: {e.strerror or one_line(e)}; check the path and its permissions")
 
 
 if __name__ == "__main__":

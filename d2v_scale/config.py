@@ -3,7 +3,7 @@
 Field names keep the fairseq data2vec 2.0 names where the meaning is the same (`clone_batch`,
 `average_top_k_layers`, `ema_end_decay`, ...) and timm names otherwise (`embed_dim`, `depth`).
 System knobs (ZeRO stage, bf16, micro batch, accumulation, clipping) live in the DeepSpeed JSON;
-`"auto"` values there are filled from this config (see `train.resolve_ds_config`).
+`"auto"` values there are filled from this config (see `preflight.resolve_ds_config`).
 Named configurations live in `presets.py`.
 """
 from __future__ import annotations
@@ -11,10 +11,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .errors import D2VError
 
 MODALITIES = ("image", "audio", "text")
 
@@ -157,6 +160,7 @@ class RunConfig:
     compile: bool = False
     peak_tflops: float = 0.0     # per-rank peak for perf/mfu; 0: measured GEMM peak
     progress: bool = True
+    stop_timeout_s: float = 120.0  # after SIGTERM/SIGUSR1: exit without a checkpoint if no step ends in this time
 
 
 @dataclass
@@ -175,6 +179,12 @@ class Config:
             raise ConfigError(f"model.modality={m.modality!r}: choose one of {', '.join(MODALITIES)}")
         if getattr(m, m.modality) is None:
             raise ConfigError(f"model.{m.modality} is not set for modality {m.modality!r}")
+        for key, ok, want in _RANGES:
+            value = self
+            for part in key.split("."):
+                value = getattr(value, part) if value is not None else None
+            if value is not None and not ok(value):
+                raise ConfigError(f"--{key}={value!r}: must be {want}")
         if m.embed_dim % m.num_heads:
             raise ConfigError(f"model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads}")
         if m.modality == "image" and m.image.img_size % m.image.patch_size:
@@ -182,14 +192,19 @@ class Config:
                               f"{m.image.img_size}: pick sizes with img_size % patch_size == 0")
         if not 1 <= m.average_top_k_layers <= m.depth:
             raise ConfigError(f"model.average_top_k_layers={m.average_top_k_layers} must be in [1, model.depth={m.depth}]")
-        if self.mask.clone_batch < 1:
-            raise ConfigError(f"mask.clone_batch={self.mask.clone_batch} must be >= 1")
         if self.teacher.placement not in ("auto", "replicated", "sharded"):
             raise ConfigError(f"teacher.placement={self.teacher.placement!r}: auto, replicated or sharded")
         if self.data.sampling not in ("split", "resample"):
             raise ConfigError(f"data.sampling={self.data.sampling!r}: split or resample")
-        if not 0 < self.teacher.ema_decay <= 1 or not 0 < self.teacher.ema_end_decay <= 1:
-            raise ConfigError("teacher.ema_decay and teacher.ema_end_decay must be in (0, 1]")
+        if self.optim.min_lr > self.optim.lr:
+            raise ConfigError(f"--optim.min_lr={self.optim.min_lr} is above --optim.lr={self.optim.lr}: the cosine "
+                              "schedule decays from lr to min_lr")
+        lo, hi = self.data.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"--data.crop_scale={self.data.crop_scale}: need 0 < min <= max <= 1")
+        if self.data.max_sample_size < self.data.min_sample_size:
+            raise ConfigError(f"--data.max_sample_size={self.data.max_sample_size} is below --data.min_sample_size="
+                              f"{self.data.min_sample_size}")
         return self
 
     def to_dict(self) -> dict:
@@ -199,8 +214,94 @@ class Config:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
-class ConfigError(ValueError):
+class ConfigError(D2VError, ValueError):
     """A configuration problem, reported before any rank starts work."""
+
+
+def _finite(lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False):
+    def ok(v) -> bool:
+        return (isinstance(v, (int, float)) and math.isfinite(v) and (v > lo if lo_open else v >= lo)
+                and (v < hi if hi_open else v <= hi))
+    return ok
+
+
+_POSITIVE, _NON_NEGATIVE = _finite(0, lo_open=True), _finite(0)
+_AT_LEAST_1 = _finite(1)
+_PROB = _finite(0, 1, hi_open=True)
+# (key, predicate, what the value must be): every number a run would otherwise crash or silently misuse
+_RANGES = [
+    ("optim.lr", _POSITIVE, "a finite number > 0"),
+    ("optim.min_lr", _NON_NEGATIVE, "a finite number >= 0"),
+    ("optim.eps", _POSITIVE, "a finite number > 0"),
+    ("optim.weight_decay", _NON_NEGATIVE, "a finite number >= 0"),
+    ("optim.clip_grad", _NON_NEGATIVE, "a finite number >= 0 (0 = off)"),
+    ("optim.warmup_steps", _NON_NEGATIVE, "an integer >= 0"),
+    ("optim.max_steps", _AT_LEAST_1, "an integer >= 1"),
+    ("data.batch_size", _AT_LEAST_1, "an integer >= 1 (samples per rank per micro-step)"),
+    ("data.global_batch", _NON_NEGATIVE, "an integer >= 0 (0: batch_size x ranks)"),
+    ("data.num_workers", _NON_NEGATIVE, "an integer >= 0"),
+    ("data.shuffle_buffer", _NON_NEGATIVE, "an integer >= 0"),
+    ("data.epoch_samples", _AT_LEAST_1, "an integer >= 1"),
+    ("data.sample_rate", _AT_LEAST_1, "an integer >= 1"),
+    ("data.min_sample_size", _AT_LEAST_1, "an integer >= 1"),
+    ("data.tokens_per_sample", _finite(2), "an integer >= 2"),
+    ("mask.clone_batch", _AT_LEAST_1, "an integer >= 1"),
+    ("mask.mask_length", _AT_LEAST_1, "an integer >= 1"),
+    ("mask.mask_noise_std", _NON_NEGATIVE, "a finite number >= 0"),
+    ("teacher.ema_decay", _finite(0, 1, lo_open=True), "in (0, 1]"),
+    ("teacher.ema_end_decay", _finite(0, 1, lo_open=True), "in (0, 1]"),
+    ("teacher.ema_anneal_end_step", _NON_NEGATIVE, "an integer >= 0"),
+    ("model.embed_dim", _AT_LEAST_1, "an integer >= 1"),
+    ("model.depth", _AT_LEAST_1, "an integer >= 1"),
+    ("model.prenet_depth", _NON_NEGATIVE, "an integer >= 0"),
+    ("model.num_heads", _AT_LEAST_1, "an integer >= 1"),
+    ("model.mlp_ratio", _POSITIVE, "a finite number > 0"),
+    ("model.encoder_dropout", _PROB, "in [0, 1)"),
+    ("model.attention_dropout", _PROB, "in [0, 1)"),
+    ("model.activation_dropout", _PROB, "in [0, 1)"),
+    ("model.post_mlp_drop", _PROB, "in [0, 1)"),
+    ("model.dropout_input", _PROB, "in [0, 1)"),
+    ("model.prenet_dropout", _PROB, "in [0, 1)"),
+    ("model.layerdrop", _PROB, "in [0, 1)"),
+    ("model.prenet_layerdrop", _PROB, "in [0, 1)"),
+    ("model.decoder.decoder_dim", _AT_LEAST_1, "an integer >= 1"),
+    ("model.decoder.decoder_layers", _NON_NEGATIVE, "an integer >= 0"),
+    ("model.decoder.decoder_kernel", _AT_LEAST_1, "an integer >= 1"),
+    ("model.decoder.decoder_groups", _AT_LEAST_1, "an integer >= 1"),
+    ("run.log_every", _AT_LEAST_1, "an integer >= 1"),
+    ("run.save_every", _AT_LEAST_1, "an integer >= 1"),
+    ("run.keep_last", _NON_NEGATIVE, "an integer >= 0 (0 keeps every checkpoint)"),
+    ("run.stop_after", _NON_NEGATIVE, "an integer >= 0"),
+    ("run.peak_tflops", _NON_NEGATIVE, "a finite number >= 0"),
+    ("run.stop_timeout_s", _POSITIVE, "a finite number of seconds > 0"),
+]
+
+# names users bring from fairseq, MAE, timm or Hugging Face configs -> ours
+ALIASES = {"learning_rate": "optim.lr", "max_update": "optim.max_steps", "warmup_updates": "optim.warmup_steps",
+           "warmup": "optim.warmup_steps", "adam_betas": "optim.betas", "adam_eps": "optim.eps",
+           "clip_norm": "optim.clip_grad", "max_grad_norm": "optim.clip_grad", "mask_ratio": "mask.mask_prob",
+           "hidden_size": "model.embed_dim", "num_layers": "model.depth", "num_hidden_layers": "model.depth",
+           "num_attention_heads": "model.num_heads", "input_size": "model.image.img_size",
+           "save_interval_updates": "run.save_every", "log_interval": "run.log_every",
+           "keep_interval_updates": "run.keep_last", "epochs": "optim.max_steps", "max_steps": "optim.max_steps"}
+
+
+def suggest_key(key: str) -> str | None:
+    """The config key a mistyped or foreign `key` most likely means (None: no good guess)."""
+    keys = all_keys()
+    last = key.split(".")[-1]
+    same_last = [k for k in keys if k.split(".")[-1] == last and k != key]
+    if same_last:                                   # --lr -> --optim.lr, --data.clone_batch -> --mask.clone_batch
+        return same_last[0]
+    if last in ALIASES:
+        return ALIASES[last]
+    section = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    siblings = {k.split(".")[-1]: k for k in keys if section and k.startswith(section)}
+    close = difflib.get_close_matches(last, siblings, n=1, cutoff=0.6)
+    if close:
+        return siblings[close[0]]
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def _hints(cls) -> dict:
@@ -266,8 +367,8 @@ def set_key(cfg, key: str, value) -> None:
     for i, part in enumerate(parts):
         hints = _hints(type(obj))
         if part not in hints:
-            close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
-            hint = f"; did you mean --{close[0]}?" if close else "; `d2v show_config` lists every key"
+            close = suggest_key(key)
+            hint = f"; did you mean --{close}?" if close else "; `d2v show_config` lists every key"
             raise ConfigError(f"unknown config key --{key}{hint}")
         tp = hints[part]
         sub = _dataclass_of(tp)

@@ -11,15 +11,37 @@ The config travels in the file's metadata as JSON.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from safetensors import safe_open
+
+from .errors import D2VError, one_line
+
+
+class WeightsError(D2VError, ValueError):
+    """A weights file that cannot be read or written where asked."""
+
+
+def check_writable(path: str | Path) -> Path:
+    """`path` as a Path if a file can be written there; WeightsError with the fix otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"{path} is a directory; give a file name, e.g. {path / 'encoder.safetensors'}")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise WeightsError(f"cannot write {path}: {parent} is a file, not a directory; choose another output path")
+    if not os.access(parent, os.W_OK):
+        raise WeightsError(f"cannot write {path}: {parent} is not writable; choose another output path")
+    return path
 
 
 def write_weights(path: str | Path, tensors: dict[str, torch.Tensor], cfg_dict: dict, kind: str) -> None:
-    path = Path(path)
+    path = check_writable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
@@ -29,11 +51,15 @@ def write_weights(path: str | Path, tensors: dict[str, torch.Tensor], cfg_dict: 
 
 def read_weights(path: str | Path) -> tuple[dict, dict, dict]:
     """(student state_dict, teacher state_dict, config dict) from any d2v_scale weights file."""
-    if not Path(path).exists():
-        raise FileNotFoundError(f"weights file {path} not found")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    tensors = load_file(str(path))
+    if not Path(path).is_file():
+        raise WeightsError(f"weights file {path} not found (write one with `d2v export` or `d2v import-fairseq`)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise WeightsError(f"{path} is not a readable safetensors file ({one_line(e)[:160]}); "
+                           "write it with `d2v export` or `d2v import-fairseq`") from None
     kind = meta.get("format", "")
     if kind.startswith("d2v_scale/encoder"):
         return {f"encoder.{k}": v for k, v in tensors.items()}, {}, json.loads(meta.get("config", "{}"))
@@ -41,11 +67,13 @@ def read_weights(path: str | Path) -> tuple[dict, dict, dict]:
         student = {k: v for k, v in tensors.items() if not k.startswith("teacher.")}
         teacher = {k[len("teacher."):]: v for k, v in tensors.items() if k.startswith("teacher.")}
         return student, teacher, json.loads(meta.get("config", "{}"))
-    raise ValueError(f"{path} is not a d2v_scale weights file (metadata format {kind!r})")
+    raise WeightsError(f"{path} is not a d2v_scale weights file (metadata format {kind!r}); write it with "
+                       "`d2v export` or `d2v import-fairseq`")
 
 
 def export_run(run_dir: str | Path, out: str | Path, teacher: bool = False, tag: str | None = None) -> dict:
     from .checkpoint import consolidated_state
+    check_writable(out)
     state, tag = consolidated_state(Path(run_dir), tag)
     cfg_path = Path(run_dir) / "config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
@@ -64,6 +92,7 @@ def export_run(run_dir: str | Path, out: str | Path, teacher: bool = False, tag:
 
 def import_fairseq(ckpt: str | Path, out: str | Path) -> dict:
     from .fairseq import from_fairseq, load_fairseq_checkpoint
+    check_writable(out)
     model = from_fairseq(load_fairseq_checkpoint(ckpt))
     tensors = dict(model.student.state_dict())
     tensors.update({f"teacher.{k}": v for k, v in model.teacher.state_dict().items()})

@@ -18,6 +18,7 @@ from torch import nn
 from .config import (AudioConfig, Config, DecoderConfig, ImageConfig, MaskConfig, ModelConfig,
                      TeacherConfig, TextConfig)
 from .d2v import Data2Vec
+from .errors import D2VError, one_line
 from .teacher import ReplicatedTeacher
 
 # fairseq options that are off in every released config and not implemented here
@@ -25,7 +26,7 @@ _UNSUPPORTED = ("layer_norm_first", "end_of_block_targets", "recon_loss", "loss_
                 "batch_norm_target_layer", "shared_decoder", "mae_init")
 
 
-class FairseqImportError(ValueError):
+class FairseqImportError(D2VError, ValueError):
     """A fairseq checkpoint that cannot be mapped onto d2v_scale."""
 
 
@@ -162,12 +163,19 @@ def from_fairseq(ckpt: dict, strict: bool = True) -> StudentTeacher:
         raise FairseqImportError("not a fairseq checkpoint: expected ckpt['model'] and ckpt['cfg']['model']")
     state = dict(ckpt["model"])
     ema = state.pop("_ema", None)
-    cfg = config_from_fairseq(ckpt["cfg"]["model"], vocab_size=_vocab_size(state)).validate()
+    try:
+        cfg = config_from_fairseq(ckpt["cfg"]["model"], vocab_size=_vocab_size(state)).validate()
+    except (KeyError, TypeError) as e:
+        raise FairseqImportError(f"the checkpoint's cfg['model'] lacks {one_line(e)}: not a data2vec 2.0 "
+                                 "(data2vec_multi) checkpoint") from None
     student = Data2Vec(cfg.model, mask_noise_std=cfg.mask.mask_noise_std)
     P = cfg.model.prenet_depth
     pos = getattr(student.encoder, "pos_embed", None)
     sd = convert_state({k: v.float() for k, v in state.items()}, P, teacher=False, positions_check=pos)
-    student.load_state_dict(sd, strict=strict)
+    try:
+        student.load_state_dict(sd, strict=strict)
+    except RuntimeError as e:
+        raise FairseqImportError(f"the weights do not fit the model its config describes: {one_line(e)[:300]}") from None
     teacher = ReplicatedTeacher(student.encoder, cfg.model)
     if ema is not None:
         teacher.load_state_dict(convert_state({k: v.float() for k, v in ema.items()}, P, teacher=True,
@@ -179,8 +187,12 @@ def from_fairseq(ckpt: dict, strict: bool = True) -> StudentTeacher:
 
 
 def load_fairseq_checkpoint(path: str | Path) -> dict:
-    """torch.load with weights_only=True (numpy scalars in fairseq's extra_state allowed)."""
+    """torch.load with weights_only=True (numpy scalars in fairseq's extra_state allowed); every
+    refusal is one line with the fix."""
+    import pickle
     import numpy as np
+    if not Path(path).is_file():
+        raise FairseqImportError(f"{path} not found; give the path of a fairseq checkpoint (checkpoint_best.pt)")
     safe = [np.dtype, type(np.dtype("float64")), type(np.dtype("int64"))]
     try:
         safe.append(np.core.multiarray.scalar)  # numpy < 2.3
@@ -188,9 +200,23 @@ def load_fairseq_checkpoint(path: str | Path) -> dict:
         safe.append(np._core.multiarray.scalar)
     with torch.serialization.safe_globals(safe):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - re-raised with the fix
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            text = str(e)
+            if "GLOBAL" not in text and "Unsupported global" not in text:
+                raise FairseqImportError(f"{path} is not a torch checkpoint ({one_line(text)[:120]})") from None
+            what = re.search(r"GLOBAL ([\w.]+)", text)
+            fix = (f"python -c \"import torch; from omegaconf import OmegaConf as O; c = torch.load('{path}', "
+                   "weights_only=False); m = c['cfg']['model']; torch.save({'model': c['model'], 'cfg': {'model': "
+                   "O.to_container(m, resolve=True, enum_to_str=True) if O.is_config(m) else m}}, "
+                   f"'{path}.weights.pt')\"")
             raise FairseqImportError(
-                f"{path} cannot be loaded with torch.load(weights_only=True): {e}\nIt holds Python objects "
-                "beyond tensors and plain containers. In an environment you trust, re-save just "
-                "{'model': ckpt['model'], 'cfg': {'model': dict(ckpt['cfg']['model'])}} and import that.") from None
+                f"{path} holds a Python object that torch.load(weights_only=True) refuses ("
+                f"{what[1] if what else 'beyond tensors'}); d2v_scale never unpickles others. Where fairseq is installed and you trust the file, keep only its weights and config: {fix}; "
+                f"then import {path}.weights.pt") from None
+        except Exception as e:  # noqa: BLE001 - any other failure to parse: not a checkpoint
+            raise FairseqImportError(f"{path} is not a torch checkpoint or is truncated "
+                                     f"({type(e).__name__}: {one_line(e)[:120]})") from None
+    if not isinstance(ckpt, dict):
+        raise FairseqImportError(f"{path} holds a {type(ckpt).__name__}, not a fairseq checkpoint dict")
+    return ckpt

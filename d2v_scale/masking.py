@@ -17,8 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import D2VError
 
-class MaskError(ValueError):
+
+class MaskError(D2VError, ValueError):
     """A masking configuration that cannot produce a valid mask."""
 
 

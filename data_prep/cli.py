@@ -10,8 +10,9 @@
 DST is a local pattern (`out/train-%06d.tar`), a local directory (-> `shard-%06d.tar`), or
 `s3://bucket/prefix/name-%06d.tar` (credentials and endpoint from the standard AWS environment).
 Common options: --maxcount (samples per shard), --maxsize (bytes per shard), --workers (processes),
---seed (input order shuffle; same input + seed -> identical shards). The index JSON (shard URLs,
-samples, bytes, sha256) is written last, beside the shards.
+--seed (input order shuffle; same input + seed -> identical shards), --overwrite (replace the shards
+of the same pattern and the index already at DST; without it such a DST is refused). The index JSON
+(shard URLs, samples, bytes, sha256) is written last, beside the shards.
 """
 from __future__ import annotations
 
@@ -40,13 +41,15 @@ def _summary(index: dict, what: str) -> None:
           + (f" (listed in {index['skipped_report']})" if index.get("skipped_report") else "") + extra)
 
 
-def _run(items, fn, dst, keys, what, meta, maxcount, maxsize, workers, seed, collector=None, extras=None):
+def _run(items, fn, dst, keys, what, meta, maxcount, maxsize, workers, seed, collector=None, extras=None,
+         overwrite=False):
     from .pipeline import shard
     from .sink import SinkError, normalize_pattern
     from d2v_scale.data.s3 import S3Error
     try:
         index = shard(items, fn, normalize_pattern(dst), keys=keys, maxcount=maxcount, maxsize=maxsize,
-                      workers=workers, seed=seed, desc=what, meta=meta, collector=collector, extras=extras)
+                      workers=workers, seed=seed, desc=what, meta=meta, collector=collector, extras=extras,
+                      overwrite=overwrite)
     except (SinkError, S3Error, ValueError) as e:
         _fail(str(e))
     _summary(index, what)
@@ -61,7 +64,7 @@ def _source(src: str) -> Path:
 
 
 def image(src: str, dst: str, maxcount: int = 10_000, maxsize: float = 1e9, workers: int = WORKERS,
-          max_size: int | None = None, seed: int = 0) -> None:
+          max_size: int | None = None, seed: int = 0, overwrite: bool = False) -> None:
     """An image folder, or an ImageNet train layout (class subfolders -> `cls` + classes.json)."""
     from .image import encode_image, find_images
     root = _source(src)
@@ -74,11 +77,12 @@ def image(src: str, dst: str, maxcount: int = 10_000, maxsize: float = 1e9, work
         if classes else None
     _run([(src, rel, label, max_size) for rel, label in files], encode_image, dst, [rel for rel, _ in files],
          "images", {"modality": "image", "classes": len(classes or [])}, maxcount, maxsize, workers, seed,
-         extras=extras)
+         extras=extras, overwrite=overwrite)
 
 
 def audio(src: str, dst: str, ext: str = "wav,flac,ogg", max_seconds: float = 30.0, min_seconds: float = 1.0,
-          maxcount: int = 2_000, maxsize: float = 1e9, workers: int = WORKERS, seed: int = 0) -> None:
+          maxcount: int = 2_000, maxsize: float = 1e9, workers: int = WORKERS, seed: int = 0,
+          overwrite: bool = False) -> None:
     """A folder of wav/flac/ogg (recursive) or a .tsv manifest -> mono 16 kHz flac chunks."""
     from .audio import encode_audio, find_audio
     from .pipeline import Chunks
@@ -91,7 +95,7 @@ def audio(src: str, dst: str, ext: str = "wav,flac,ogg", max_seconds: float = 30
         _fail(f"--max_seconds {max_seconds} < --min_seconds {min_seconds}")
     _run([(root, rel, max_seconds, min_seconds) for rel in files], encode_audio, dst, files, "audio chunks",
          {"modality": "audio", "sample_rate": 16000, "max_seconds": max_seconds}, maxcount, maxsize, workers,
-         seed, collector=Chunks())
+         seed, collector=Chunks(), overwrite=overwrite)
 
 
 def manifest(src: str, dest: str, valid_percent: float = 0.01, ext: str = "flac", seed: int = 42) -> None:
@@ -119,7 +123,7 @@ def spm_train(corpus: str, model_prefix: str, vocab_size: int = 8000, model_type
 
 
 def text(src: str, dst: str, spm: str, tokens_per_sample: int = 512, maxcount: int = 10_000,
-         maxsize: float = 1e9, workers: int = WORKERS, seed: int = 0) -> None:
+         maxsize: float = 1e9, workers: int = WORKERS, seed: int = 0, overwrite: bool = False) -> None:
     """Text files -> blocks of <s> + (tokens_per_sample - 1) sentencepiece ids (.npy, uint16 or int32)."""
     from .text import BlockPacker, encode_text_file, find_text
     _source(src)
@@ -147,7 +151,7 @@ def text(src: str, dst: str, spm: str, tokens_per_sample: int = 512, maxcount: i
 
     _run([(f, spm) for f in files], encode_text_file, dst, files, "text blocks",
          {"modality": "text", "spm": str(Path(spm).resolve()), "vocab_size": vocab}, maxcount, maxsize,
-         workers, seed, collector=Packer())
+         workers, seed, collector=Packer(), overwrite=overwrite)
 
 
 def verify(index: str, decode: bool = True) -> None:
@@ -172,7 +176,11 @@ COMMANDS = {"image": image, "audio": audio, "manifest": manifest, "spm-train": s
 
 
 def main(argv: list[str] | None = None) -> None:
-    fire.Fire(COMMANDS, command=argv if argv is not None else sys.argv[1:], name="d2v-shard")
+    try:
+        fire.Fire(COMMANDS, command=argv if argv is not None else sys.argv[1:], name="d2v-shard")
+    except OSError as e:
+        where = f" {e.filename}" if e.filename else ""
+        _fail(f"cannot use{where}: {e.strerror or e}; check the path and its permissions")
 
 
 if __name__ == "__main__":

@@ -37,12 +37,28 @@ def read_lines(path: str) -> list[str]:
     return [line.strip() for line in raw.decode("utf-8", errors="replace").splitlines()]
 
 
+def text_problem(path: str) -> str | None:
+    """Why `path` is not a text file (unreadable, binary), from its first 4 kB; None if it is."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as e:
+        return f"unreadable: {e.strerror}"
+    return "binary file, not text" if b"\x00" in head else None
+
+
 def train_spm(corpus: str, model_prefix: str, vocab_size: int, model_type: str = "unigram",
               max_sentences: int = 2_000_000, seed: int = 0) -> str:
+    import sys
     import sentencepiece as spm
-    files = find_text(corpus)
+    files = []
+    for f in find_text(corpus):
+        if problem := text_problem(f):
+            print(f"d2v-shard: skipping {f}: {problem}", file=sys.stderr, flush=True)
+        else:
+            files.append(f)
     if not files:
-        raise ValueError(f"{corpus}: no text files")
+        raise ValueError(f"{corpus}: no text files (after skipping unreadable and binary ones)")
     Path(model_prefix).parent.mkdir(parents=True, exist_ok=True)
 
     def sentences():
