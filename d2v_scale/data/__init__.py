@@ -1,7 +1,8 @@
 """build_loader: shards -> dict batches (`source`, optional `padding_mask`) for one rank."""
 from __future__ import annotations
 
-from .wds import DataError, Loader, shard_list
+from .shards import DataError, Shards, check_shards, find_shards, shard_list
+from .wds import Loader
 
 
 def sample_codec(cfg):
@@ -22,11 +23,14 @@ def sample_codec(cfg):
 def build_loader(cfg, rank: int, world: int, state: dict | None = None, urls: list[str] | None = None) -> Loader:
     """cfg: the root Config (data settings + the modality's input sizes)."""
     from .s3 import register
-    register()                      # s3:// through boto3, inherited by the forked DataLoader workers
+    from .shards import check_url
+    register(cfg.data.allow_pipe)   # s3:// through boto3, no shell schemes; inherited by the forked workers
     urls = urls if urls is not None else shard_list(cfg.data.path, cfg.data.allow_pipe)
+    urls = [check_url(u, cfg.data.allow_pipe, "the shard list") for u in urls]
     decode, collate = sample_codec(cfg)
     return Loader(urls, cfg.data, rank=rank, world=world, seed=cfg.run.seed, batch_size=cfg.data.batch_size,
                   decode=decode, collate=collate, state=state)
 
 
-__all__ = ["DataError", "Loader", "build_loader", "shard_list", "sample_codec"]
+__all__ = ["DataError", "Loader", "Shards", "build_loader", "check_shards", "find_shards", "shard_list",
+           "sample_codec"]

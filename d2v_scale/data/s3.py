@@ -19,13 +19,15 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+from ..errors import D2VError
+
 RETRIES = int(os.environ.get("D2V_S3_RETRIES", "8"))           # reconnect attempts per failure
 BACKOFF_S = float(os.environ.get("D2V_S3_BACKOFF", "0.5"))     # first wait; doubles, capped at 8 s
 
 _clients: dict[int, object] = {}
 
 
-class S3Error(RuntimeError):
+class S3Error(D2VError, RuntimeError):
     """Object storage unreachable or misconfigured; the message says what to set."""
 
 
@@ -195,12 +197,29 @@ def gopen_remote(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
     return io.BufferedReader(reader, buffer_size=max(bufsize, 1 << 20))
 
 
-def register() -> None:
-    """Add s3/http/https to webdataset's gopen scheme table (the module, not the re-exported function)."""
+def _refuse(url: str, *args, **kw):
+    raise S3Error(f"{url}: this URL scheme is not opened by d2v_scale (shards are local, s3:// or http(s)://; "
+                  "pipe: only with --data.allow_pipe=true)")
+
+
+_PIPE_OPENER = None
+
+
+def register(allow_pipe: bool = False) -> None:
+    """Make webdataset's gopen scheme table ours: s3/http/https through the Range-resuming readers,
+    `pipe:` only when allowed, every other scheme (gs, ais, sftp, scp, hf: shell commands or network
+    tools) refused. Forked DataLoader workers inherit the table."""
+    global _PIPE_OPENER
     import webdataset  # noqa: F401 - makes sure the module is loaded
     schemes = sys.modules["webdataset.gopen"].gopen_schemes
+    if _PIPE_OPENER is None:
+        _PIPE_OPENER = schemes.get("pipe")
+    for scheme in list(schemes):
+        schemes[scheme] = _refuse
     for scheme in ("s3", "http", "https"):
         schemes[scheme] = gopen_remote
+    if allow_pipe and _PIPE_OPENER is not None:
+        schemes["pipe"] = _PIPE_OPENER
 
 
 def read_bytes(url: str) -> bytes:
@@ -217,8 +236,8 @@ def read_bytes(url: str) -> bytes:
     raise S3Error(f"unsupported URL scheme in {url!r}")
 
 
-def list_shards(url: str) -> list[str]:
-    """s3://bucket/prefix/ -> the .tar objects under it, sorted."""
+def list_objects(url: str, suffix: str = ".tar") -> list[str]:
+    """Keys (not URLs) under s3://bucket/prefix/ that end with `suffix`, sorted."""
     bucket, prefix = split_url(url)
     keys, token = [], None
     try:
@@ -227,13 +246,33 @@ def list_shards(url: str) -> list[str]:
             if token:
                 kw["ContinuationToken"] = token
             resp = client().list_objects_v2(**kw)
-            keys += [o["Key"] for o in resp.get("Contents", []) if o["Key"].endswith(".tar")]
+            keys += [o["Key"] for o in resp.get("Contents", []) if o["Key"].endswith(suffix)]
             if not resp.get("IsTruncated"):
                 break
             token = resp["NextContinuationToken"]
     except Exception as e:  # noqa: BLE001
         raise S3Error(explain(e, url)) from None
-    return [f"s3://{bucket}/{k}" for k in sorted(keys)]
+    return sorted(keys)
+
+
+def list_shards(url: str) -> list[str]:
+    """s3://bucket/prefix/ -> the .tar objects under it, sorted."""
+    bucket, _ = split_url(url)
+    return [f"s3://{bucket}/{k}" for k in list_objects(url)]
+
+
+def read_head(url: str, n: int) -> bytes:
+    """The first `n` bytes of a remote object (one ranged request)."""
+    try:
+        if url.startswith("s3://"):
+            bucket, key = split_url(url)
+            return client().get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{n - 1}")["Body"].read()
+        import urllib.request
+        req = urllib.request.Request(url, headers={"Range": f"bytes=0-{n - 1}"})
+        with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310 - the user's own data URL
+            return resp.read(n)
+    except Exception as e:  # noqa: BLE001
+        raise S3Error(explain(e, url)) from None
 
 
 def head(url: str) -> int:

@@ -7,7 +7,8 @@ Stages inside each DataLoader worker (rank r of R, worker w of W):
   shuffle       -> a sample buffer driven by the same seeded Random
   skip          -> on resume, the samples this worker already delivered in this epoch (not decoded)
   decode        -> per-sample torch seed (seed, epoch, r, w, i) so augmentation replays exactly;
-                   a sample that fails to decode is skipped with a warning and counted
+                   a sample that fails to decode is skipped with a warning and counted; a whole pass
+                   over the worker's shards without one decodable sample stops the run with the reason
   batch         -> `batch_size` samples collated in the worker
 Every worker yields the same number of batches per epoch and every rank the same number of
 workers, so no rank runs short (the webdataset hang with uneven shards).
@@ -16,90 +17,14 @@ loop consumed fixes exactly what each worker has delivered: that count is the wh
 """
 from __future__ import annotations
 
-import json
-import logging
 import os
 import random
 import warnings
-from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 import webdataset as wds
-from webdataset.shardlists import expand_urls
 
-log = logging.getLogger("d2v_scale.data")
-
-
-class DataError(ValueError):
-    """Unusable data settings or shard lists, reported before training starts."""
-
-
-def _is_local(url: str) -> bool:
-    return urlparse(url).scheme in ("", "file")
-
-
-def shard_list(path: str, allow_pipe: bool = False) -> list[str]:
-    """Shard URLs from a brace pattern, a directory of .tar, an index JSON, or s3:// / https:// URLs."""
-    if not path:
-        raise DataError("no data given: pass --data with shards, e.g. --data 'DIR/shard-{000000..000009}.tar', "
-                        "a directory of .tar files, or an index JSON written by d2v-shard")
-    if path.startswith("pipe:") and not allow_pipe:
-        raise DataError(f"--data {path!r} runs a shell command; pass --data.allow_pipe=true if you mean it")
-    if path.endswith(".json"):
-        return _index_urls(path)
-    if path.startswith(("s3://", "http://", "https://")):
-        return _remote_urls(path)
-    if _is_local(path) and Path(path).is_dir():
-        urls = sorted(str(p) for p in Path(path).glob("*.tar"))
-        if not urls:
-            raise DataError(f"--data {path}: the directory has no .tar shards; make some with `d2v-shard`")
-        return urls
-    urls = expand_urls(path)
-    local = [u for u in urls if _is_local(u)]
-    missing = [u for u in local if not Path(urlparse(u).path or u).exists()]
-    if missing:
-        raise DataError(f"--data {path}: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]}); "
-                        "check the path and the {000000..000099} range")
-    return urls
-
-
-def _remote_urls(path: str) -> list[str]:
-    """s3://bucket/prefix/ (every .tar under it) or a brace pattern of s3/http(s) URLs; the first
-    shard must answer before training starts."""
-    from .s3 import HTTPReader, S3Error, head, list_shards
-    try:
-        if path.endswith("/") and path.startswith("s3://"):
-            urls = list_shards(path)
-        else:
-            urls = expand_urls(path)
-        if not urls:
-            raise DataError(f"--data {path}: no .tar objects under that prefix")
-        if urls[0].startswith("s3://"):
-            head(urls[0])
-        else:
-            HTTPReader(urls[0]).close()
-    except S3Error as e:
-        raise DataError(f"--data: {e}") from None
-    return urls
-
-
-def _index_urls(path: str) -> list[str]:
-    from .s3 import S3Error, read_bytes
-    try:
-        index = json.loads(read_bytes(path))
-    except FileNotFoundError:
-        raise DataError(f"--data {path}: index file not found") from None
-    except S3Error as e:
-        raise DataError(f"--data: {e}") from None
-    base = path.rsplit("/", 1)[0] if "/" in path else "."
-    urls = []
-    for shard in index.get("shards", []):
-        url = shard["url"]
-        urls.append(url if "://" in url or url.startswith("/") else f"{base}/{url}")
-    if not urls:
-        raise DataError(f"--data {path}: the index lists no shards")
-    return urls
+from .shards import DataError
 
 
 class ErrorCounter:
@@ -135,7 +60,12 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _shard_order(self, rng: random.Random, w: int, W: int, progress: dict):
         mine = self.urls if self.sampling == "resample" else self.urls[self.rank * W + w:: self.world * W]
         patience = max(2 * len(mine), 20)
+        first = True
+        progress.setdefault("read", 0)
         while True:
+            if not first:                                  # samples read in the pass that just ended
+                progress["last_pass"] = progress["read"] - progress["read_at_pass"]
+            progress["read_at_pass"], first = progress["read"], False
             order = [rng.choice(mine) for _ in mine] if self.sampling == "resample" else rng.sample(mine, len(mine))
             for url in order:
                 if progress["opened"] - progress["opened_at_sample"] > patience:
@@ -145,6 +75,14 @@ class ShardStream(torch.utils.data.IterableDataset):
                 yield {"url": url}
 
     def __iter__(self):
+        """Batches; a problem that stops the stream arrives as one {"error": message} item, so the
+        training process reports the message itself (not a worker's traceback)."""
+        try:
+            yield from self._batches()
+        except DataError as e:
+            yield {"error": str(e)}
+
+    def _batches(self):
         w, W = self._worker()
         w = (w + self.skip_batches) % W  # the DataLoader starts at its worker 0: rotate so that the
         torch.set_num_threads(1)         # worker owed the next batch (skip % W) is asked first
@@ -152,12 +90,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         n_batches = self.batches // W + (1 if w < self.batches % W else 0)        # round-robin share
         done = self.skip_batches // W + (1 if w < self.skip_batches % W else 0)   # already delivered
         read_errors, decode_errors = ErrorCounter("unreadable shard"), ErrorCounter("undecodable sample")
-        progress = {"opened": 0, "opened_at_sample": 0}
+        progress = {"opened": 0, "opened_at_sample": 0, "read": 0, "read_at_pass": 0, "last_pass": 0}
         samples = wds.tarfile_to_samples(handler=read_errors)(self._shard_order(rng, w, W, progress))
         samples = _mark_progress(samples, progress)
         if self.shuffle_buffer > 1:
             samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)
-        index, buf, skipped, reported = 0, [], 0, 0
+        index, buf, skipped, reported, failed_in_a_row = 0, [], 0, 0, 0
         for _ in range(done * self.batch_size):          # replay the consumed part without decoding
             next(samples)
             index += 1
@@ -168,10 +106,17 @@ class ShardStream(torch.utils.data.IterableDataset):
             index += 1
             try:
                 buf.append(self.decode(sample))
+                failed_in_a_row = 0
             except Exception as exn:  # noqa: BLE001 - a bad sample must not stop training
                 if type(exn).__name__ != "TooShort":      # left out by the recipe: counted, not warned
                     decode_errors(ValueError(f"{sample.get('__url__')}:{sample.get('__key__')}: {exn}"))
-                skipped += 1
+                skipped, failed_in_a_row = skipped + 1, failed_in_a_row + 1
+                if 0 < progress["last_pass"] <= failed_in_a_row:
+                    raise DataError(
+                        f"rank {self.rank} worker {w}: none of the last {failed_in_a_row} samples (a whole pass "
+                        f"over this worker's shards) could be used, e.g. {sample.get('__url__')}: {exn}; the "
+                        "shards do not fit this preset (another modality? see the index's 'modality' and "
+                        "`d2v-shard verify`)") from None
                 continue
             if len(buf) == self.batch_size:
                 batch = self.collate(buf)
@@ -186,10 +131,13 @@ def _ignore_stop_signals(worker_id: int) -> None:
     """Workers leave SIGTERM/SIGUSR1 to the training process, which checkpoints and then ends them
     (launchers and Slurm signal every process of a rank, workers included). A SIGTERM sent by the
     training process itself (torch's and multiprocessing's terminate() at shutdown) still ends the
-    worker, even one blocked in a read: a thread waits for the signal and checks who sent it."""
+    worker, even one blocked in a read: a thread waits for the signal and checks who sent it. A training
+    process that dies or exits without shutting its loader down takes its workers with it (Linux
+    PR_SET_PDEATHSIG), so none is left reading."""
     import signal
     import threading
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    _die_with_parent()
     parent = os.getppid()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})     # inherited by every thread after this
 
@@ -202,9 +150,18 @@ def _ignore_stop_signals(worker_id: int) -> None:
     threading.Thread(target=obey_parent_only, name="sigterm-from-parent", daemon=True).start()
 
 
+def _die_with_parent() -> None:
+    if not os.path.exists("/proc/self"):        # not Linux: no PR_SET_PDEATHSIG
+        return
+    import ctypes
+    import signal
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))   # PR_SET_PDEATHSIG
+
+
 def _mark_progress(samples, progress: dict):
     for sample in samples:
         progress["opened_at_sample"] = progress["opened"]
+        progress["read"] += 1
         yield sample
 
 
@@ -249,6 +206,8 @@ class Loader:
             batches = iter(self._epoch_loader(st["epoch"], st["batches"]))
             try:
                 for batch in batches:
+                    if "error" in batch:
+                        raise DataError(batch["error"])
                     got += 1
                     st["batches"] += 1
                     st["samples_seen"] += self.batch_size
