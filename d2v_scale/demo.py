@@ -32,7 +32,8 @@ def _make_shards(modality: str, work: Path, shards: str, samples: int) -> None:
         if not images.exists():
             print(f"[demo] drawing {samples} scenes into {images}", flush=True)
             demo_data.make_images(images, samples)
-        shard.image(str(images), shards + "/shard-%06d.tar", maxcount=max(1, samples // 16), workers=2)
+        shard.image(str(images), shards + "/shard-%06d.tar", maxcount=max(1, samples // 16), workers=2,
+                    overwrite=True)                     # the demo's own folder: an interrupted sharding is redone
         return
     corpus = work / "corpus"
     if not corpus.exists():
@@ -45,13 +46,13 @@ def _make_shards(modality: str, work: Path, shards: str, samples: int) -> None:
             print(f"[demo] speaking {samples} sentences with {how} into {speech}", flush=True)
             demo_data.make_speech(speech, samples, corpus)
         shard.audio(str(speech), shards + "/shard-%06d.tar", max_seconds=3.0, min_seconds=1.0,
-                    maxcount=max(1, samples // 8), workers=2)
+                    maxcount=max(1, samples // 8), workers=2, overwrite=True)
         return
     spm = work / "spm" / "demo"
     if not Path(str(spm) + ".model").exists():
         shard.spm_train(str(corpus), str(spm), vocab_size=2000)
     shard.text(str(corpus), shards + "/shard-%06d.tar", spm=str(spm) + ".model", tokens_per_sample=64,
-               maxcount=500, workers=2)
+               maxcount=500, workers=2, overwrite=True)
 
 
 def _index_exists(url: str) -> bool:

@@ -81,7 +81,7 @@ class _Progress:
 
 def shard(items: list[tuple], fn, dst: str, *, keys: list[str], maxcount: int, maxsize: float, workers: int,
           seed: int | None, desc: str, meta: dict | None = None, index: str | None = None, collector=None,
-          extras: dict[str, bytes] | None = None) -> dict:
+          extras: dict[str, bytes] | None = None, overwrite: bool = False) -> dict:
     """Write the samples of `fn(*item)` for every item to shards at `dst`; returns the index.
 
     Items are shuffled with `seed` (None keeps the given order) so that shards mix sources.
@@ -93,7 +93,7 @@ def shard(items: list[tuple], fn, dst: str, *, keys: list[str], maxcount: int, m
     jobs = [(fn, keys[i], items[i]) for i in order]
     errors, written = [], 0
     progress = _Progress(len(jobs), desc)
-    with ShardSink(dst, maxcount=maxcount, maxsize=maxsize, meta=meta, index=index) as sink:
+    with ShardSink(dst, maxcount=maxcount, maxsize=maxsize, meta=meta, index=index, overwrite=overwrite) as sink:
         pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
         try:
             results = pool.imap(_call, jobs, chunksize=4) if pool else map(_call, jobs)

@@ -60,6 +60,20 @@ class Uploader:
         except Exception as e:  # noqa: BLE001
             raise S3Error(explain(e, url)) from None
 
+    def list_names(self, folder_url: str) -> list[str]:
+        """Names of the objects directly under s3://bucket/prefix/ (not in sub-prefixes)."""
+        from d2v_scale.data.s3 import list_objects
+        bucket, prefix = split_url(folder_url)
+        return [k[len(prefix):] for k in list_objects(folder_url, suffix="") if "/" not in k[len(prefix):]]
+
+    def delete(self, urls: list[str]) -> None:
+        for i in range(0, len(urls), 1000):                # the S3 API's batch limit
+            keys = [{"Key": split_url(u)[1]} for u in urls[i:i + 1000]]
+            try:
+                client().delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+            except Exception as e:  # noqa: BLE001
+                raise S3Error(explain(e, urls[i])) from None
+
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
         try:

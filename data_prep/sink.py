@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import webdataset as wds
@@ -32,6 +33,16 @@ def normalize_pattern(dst: str) -> str:
     return dst
 
 
+def shard_regex(pattern: str) -> re.Pattern:
+    """The file names a printf shard pattern produces: `img-%06d.tar` -> img-<6 or more digits>.tar."""
+    name = pattern.rsplit("/", 1)[-1]
+    m = re.search(r"%(0?)(\d*)d", name)
+    if m is None:
+        raise SinkError(f"{pattern}: use one printf placeholder for the shard number, e.g. shard-%06d.tar")
+    digits = rf"\d{{{int(m[2])},}}" if m[1] and m[2] else r"\d+"
+    return re.compile(re.escape(name[:m.start()]) + digits + re.escape(name[m.end():]) + r"(\.partial)?")
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -40,30 +51,71 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _check_local_dir(folder: Path) -> None:
+    """Create the destination folder or say, in one line, why it cannot be."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise SinkError(f"{folder}: a file is in the way of the destination folder; choose another destination") from None
+    except OSError as e:
+        raise SinkError(f"cannot create {folder} ({e.strerror}); choose a writable destination") from None
+    if not os.access(folder, os.W_OK):
+        raise SinkError(f"{folder} is not writable; choose a writable destination")
+
+
 class ShardSink:
     """Context manager: `write(sample)`; on close, the index. `dst` is a local pattern or s3:// pattern."""
 
     def __init__(self, dst: str, maxcount: int = 10_000, maxsize: float = 1e9, index: str | None = None,
-                 meta: dict | None = None):
+                 meta: dict | None = None, overwrite: bool = False):
         self.pattern = normalize_pattern(dst)
         self.remote = self.pattern.startswith("s3://")
+        self.index_url = index or (self.pattern.rsplit("/", 1)[0] + "/index.json")
         if self.remote:
             from .s3_upload import Uploader
             self.uploader = Uploader(self.pattern)
             self.tmpdir = self.uploader.tmpdir
         else:
             parent = Path(self.pattern).parent
-            parent.mkdir(parents=True, exist_ok=True)
-            if not os.access(parent, os.W_OK):
-                raise SinkError(f"{parent} is not writable")
+            _check_local_dir(parent)
             self.uploader = None
-        self.index_url = index or (self.pattern.rsplit("/", 1)[0] + "/index.json")
+        self._clear_old_shards(overwrite)
         self.meta = meta or {}
         self.shards: list[dict] = []
         self._files: dict[str, object] = {}
         self._count = 0
         self.writer = wds.ShardWriter(self.pattern, maxcount=maxcount, maxsize=maxsize, post=self._finished,
                                       opener=self._open, verbose=0, mtime=0.0)
+
+    def _old_outputs(self) -> list[str]:
+        """Shards of this pattern (and leftovers of an interrupted run) and the index already there."""
+        folder, index_name = self.pattern.rsplit("/", 1)[0], self.index_url.rsplit("/", 1)[-1]
+        regex = shard_regex(self.pattern)
+        if self.remote:
+            names = self.uploader.list_names(folder + "/")
+        else:
+            names = [p.name for p in Path(folder).iterdir() if p.is_file()] if Path(folder).is_dir() else []
+        old = sorted(n for n in names if regex.fullmatch(n))
+        index = [index_name] if index_name in names and self.index_url.startswith(folder + "/") else []
+        return [f"{folder}/{n}" for n in index + old]
+
+    def _clear_old_shards(self, overwrite: bool) -> None:
+        """Refuse a destination that already holds shards of this pattern or an index (a directory or
+        prefix --data would train on the stale ones); with `overwrite` remove exactly those, index first."""
+        old = self._old_outputs()
+        if not old:
+            return
+        if not overwrite:
+            shards = sum(1 for u in old if not u.endswith(".json"))
+            raise SinkError(f"{self.pattern.rsplit('/', 1)[0]} already holds {shards} shards of "
+                            f"{self.pattern.rsplit('/', 1)[-1]}{' and an index' if len(old) > shards else ''}: pass "
+                            "--overwrite to replace them (exactly those files are removed), or choose another destination")
+        if self.remote:
+            self.uploader.delete(old)
+        else:
+            for path in old:
+                os.remove(path)
+        print(f"--overwrite: removed {len(old)} old files ({old[0].rsplit('/', 1)[-1]} ...)", flush=True)
 
     # ShardWriter hooks ----------------------------------------------------------------------
     def _local_path(self, fname: str) -> str:
