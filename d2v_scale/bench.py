@@ -78,7 +78,8 @@ def build_engine(cfg, dist, ds_overrides: dict | None = None, style: str = "d2v2
     import deepspeed
     from .d2v import Data2Vec
     from .optim import build_optimizer
-    from .train import build_teacher, compute_dtype, offloads_optimizer, resolve_ds_config
+    from .preflight import resolve_ds_config
+    from .train import build_teacher, compute_dtype, offloads_optimizer
     ds = resolve_ds_config(cfg, dist.world, ds_overrides)
     torch.manual_seed(cfg.run.seed)
     model = Data2Vec(cfg.model, cfg.mask.mask_noise_std)
@@ -230,7 +231,8 @@ def bench_ema(preset: str = "vit_base_patch16", reps: int = 5, ds_config: str = 
     import deepspeed
     from .d2v import Data2Vec
     from .optim import build_optimizer
-    from .train import compute_dtype, offloads_optimizer, resolve_ds_config
+    from .preflight import resolve_ds_config
+    from .train import compute_dtype, offloads_optimizer
     ds = resolve_ds_config(cfg, dist.world, ds_over)
     torch.manual_seed(cfg.run.seed)
     model = Data2Vec(cfg.model, cfg.mask.mask_noise_std)

@@ -1,21 +1,63 @@
 """Checkpoints: the DeepSpeed engine state + the EMA teacher + the data position, written atomically.
 
 Layout under RUN_DIR/checkpoints/:
-  step_00001000/           engine.save_checkpoint files, teacher*.pt, data_rank*.json, config.json
-  latest                   the newest complete tag (written last)
+  step_00001000/           engine.save_checkpoint files, teacher*.pt, data_rank*.json, meta.json
+  step_00001000_universal/ the same step converted by `d2v reshard` (loadable at any world size)
+  latest                   the newest complete tag (written last; informative: resume scans)
 A checkpoint is written to `<tag>.tmp` and renamed only after every rank finished writing, and the
 `latest` pointer is replaced after that, so an interrupted save never shadows a good checkpoint.
+
+Resuming scans the `step_*` directories instead of trusting `latest`, takes the newest one whose
+every file reads back (meta, engine states, teacher slices, data positions), names the file of
+any newer one that does not and falls back past it. Every file is read with torch.load
+(weights_only=True), DeepSpeed's own loaders included: a checkpoint cannot run code.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .errors import D2VError, one_line
+
 CKPT_DIR = "checkpoints"
+_TAG = re.compile(r"^step_(\d+)(_universal)?$")
+
+
+class CheckpointError(D2VError, ValueError):
+    """A checkpoint or run directory that cannot be used as asked; says which file and what to do."""
+
+
+def _deepspeed_globals() -> list:
+    """The non-tensor objects DeepSpeed's checkpoint files legitimately hold (checked against files
+    written by ZeRO-0/1/2/3, CPU offload and universal conversion)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextmanager
+def weights_only_loads():
+    """Every torch.load inside the block reads with weights_only=True, including DeepSpeed's loaders
+    that pass weights_only=False themselves (torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD), with DeepSpeed's
+    own checkpoint types allowed. Forked helper processes (universal conversion) inherit both."""
+    saved = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(_deepspeed_globals()):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
 
 
 def _barrier() -> None:
@@ -51,8 +93,10 @@ def save(engine, teacher, run_dir: Path, step: int, client_state: dict, data_sta
     _barrier()
     final = ckpt_dir / tag
     if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():                  # trained again after resuming from an earlier step: keep it
+            aside = _free_name(ckpt_dir / f"{tag}.superseded")
+            os.replace(final, aside)
+            print(f"checkpoint {tag} existed already: kept as {aside.name}", flush=True)
         os.replace(tmp, final)
         latest = ckpt_dir / "latest.tmp"
         latest.write_text(tag)
@@ -62,29 +106,24 @@ def save(engine, teacher, run_dir: Path, step: int, client_state: dict, data_sta
     return final
 
 
+def _free_name(path: Path) -> Path:
+    n, out = 1, path
+    while out.exists():
+        n, out = n + 1, path.with_name(f"{path.name}.{n}")
+    return out
+
+
 def _prune(ckpt_dir: Path, keep_last: int) -> None:
-    tags = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith((".tmp", "_universal")))
+    tags = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name))
     for old in tags[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def resolve_resume(run_dir: Path, resume: str) -> tuple[Path, str] | None:
-    """(checkpoint dir, tag) to resume from: `auto` = newest under run_dir (None if there is none)."""
-    if not resume:
-        return None
-    if resume == "auto":
-        ckpt_dir = run_dir / CKPT_DIR
-        tag = latest_tag(ckpt_dir)
-        return (ckpt_dir, tag) if tag else None
-    path = Path(resume)
-    if (path / "latest").exists():
-        tag = latest_tag(path)
-        if tag:
-            return path, tag
-    if path.is_dir() and any(path.glob("*model_states.pt")):
-        return path.parent, path.name
-    raise FileNotFoundError(f"--resume {resume}: no checkpoint there (expected a run's checkpoints/ dir "
-                            "with a `latest` file, or a step_* directory)")
+def list_tags(ckpt_dir: Path) -> list[str]:
+    """Names of the complete checkpoint directories (`step_N`, `step_N_universal`), newest step first."""
+    found = [(int(m[1]), bool(m[2]), p.name) for p in (ckpt_dir.iterdir() if ckpt_dir.is_dir() else [])
+             if (m := _TAG.match(p.name)) and p.is_dir()]
+    return [name for _, _, name in sorted(found, reverse=True)]
 
 
 def read_meta(ckpt_dir: Path, tag: str) -> dict:
@@ -92,19 +131,136 @@ def read_meta(ckpt_dir: Path, tag: str) -> dict:
     return json.loads(f.read_text()) if f.exists() else {}
 
 
-def check_world(ckpt_dir: Path, tag: str, world: int) -> bool:
-    """True when the checkpoint must be loaded as a DeepSpeed universal checkpoint; raises with the
-    fix when it was written by another number of ranks and has not been converted."""
-    meta = read_meta(ckpt_dir, tag)
-    if meta.get("universal"):
-        return True
-    saved = meta.get("world", world)
-    if saved != world and meta.get("zero_stage", 0) > 0:
-        raise ValueError(
-            f"checkpoint {ckpt_dir / tag} was written by {saved} ranks and this run has {world}: ZeRO "
-            f"partitions the optimizer state by rank. Convert it once with `d2v reshard {ckpt_dir.parent}` "
-            f"(a DeepSpeed universal checkpoint), then resume again")
-    return False
+def _pt_problem(f: Path) -> str | None:
+    if f.stat().st_size == 0:
+        return f"{f} is empty (0 bytes)"
+    try:
+        with weights_only_loads():
+            torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - classified into the message
+        text = str(e)
+        if "GLOBAL" in text or "Unsupported global" in text:
+            what = re.search(r"GLOBAL ([\w.]+)", text)
+            return (f"{f} holds Python objects beyond tensors and plain containers"
+                    f"{f' ({what[1]})' if what else ''}, which d2v_scale never unpickles")
+        return f"{f} cannot be read ({type(e).__name__}: {one_line(text)[:160]}): truncated or damaged"
+    return None
+
+
+def validate(tag_dir: Path) -> str | None:
+    """None if every file of the checkpoint reads back; otherwise the first problem, naming the file."""
+    meta_f = tag_dir / "meta.json"
+    try:
+        meta = json.loads(meta_f.read_text())
+        world, stage = int(meta["world"]), int(meta["zero_stage"])
+    except FileNotFoundError:
+        return f"{meta_f} is missing"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{meta_f} cannot be read ({type(e).__name__}: {one_line(e)[:120]})"
+    needed = []
+    if not meta.get("universal"):
+        if stage < 3:
+            needed.append("mp_rank_00_model_states.pt")
+        for r in range(world):
+            if stage == 3:
+                needed.append(f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
+            if stage >= 1:
+                needed.append(f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+    if not (tag_dir / "teacher.pt").exists():
+        needed += [f"teacher_rank{r}.pt" for r in range(world)]
+    needed += [f"data_rank{r}.json" for r in range(world)]
+    for name in needed:
+        if not any(tag_dir.glob(name)):
+            return f"{tag_dir / name} is missing"
+    for f in sorted(tag_dir.rglob("*.pt")):
+        if problem := _pt_problem(f):
+            return problem
+    for r in range(world):
+        f = tag_dir / f"data_rank{r}.json"
+        try:
+            state = json.loads(f.read_text())
+            if not isinstance(state, dict) or "batches" not in state:
+                raise ValueError("no data position")
+        except (OSError, ValueError) as e:
+            return f"{f} cannot be read ({type(e).__name__}: {one_line(e)[:120]}): truncated or damaged"
+    return None
+
+
+@dataclass
+class ResumePoint:
+    ckpt_dir: Path
+    tag: str
+    universal: bool                    # load as a DeepSpeed universal checkpoint (another world size)
+    broken: list[tuple[str, str]] = field(default_factory=list)   # newer tags passed over: (tag, problem)
+
+    @property
+    def path(self) -> Path:
+        return self.ckpt_dir / self.tag
+
+
+def _order(ckpt_dir: Path, tags: list[str], world: int) -> list[str]:
+    """Newest step first; of a step's plain and universal forms, the one that fits this world first."""
+    def key(tag: str):
+        m = _TAG.match(tag)
+        meta = read_meta(ckpt_dir, tag)
+        fits = bool(m[2]) != (meta.get("world", world) == world or meta.get("zero_stage", 0) == 0)
+        return -int(m[1]), not fits
+    return sorted(tags, key=key)
+
+
+def find_resume(run_dir: Path, resume: str, world: int) -> ResumePoint | None:
+    """The checkpoint to resume from (None: start from scratch), for `--resume ""|auto|PATH`.
+
+    Without --resume a run directory that holds checkpoints is refused (it would start over on top of
+    them). `auto` takes the newest checkpoint that reads back, passing over (and naming) newer broken
+    ones; PATH is a checkpoints/ directory (same as auto there) or one step_* directory."""
+    ckpt_dir = Path(run_dir) / CKPT_DIR
+    if not resume:
+        tags = list_tags(ckpt_dir)
+        if tags:
+            raise CheckpointError(f"{run_dir} already holds checkpoints (newest {tags[0]}): pass --resume auto to "
+                                  "continue that run, or a new --out to start another")
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if _TAG.match(path.name) and path.is_dir():
+            ckpt_dir, tags = path.parent, [path.name]
+        elif path.is_dir() and list_tags(path):
+            ckpt_dir, tags = path, list_tags(path)
+        else:
+            raise CheckpointError(f"--resume {resume}: no checkpoint there (expected a run's checkpoints/ directory "
+                                  "or one of its step_* directories)")
+    else:
+        tags = list_tags(ckpt_dir)
+    broken = []
+    for tag in _order(ckpt_dir, tags, world):
+        if problem := validate(ckpt_dir / tag):
+            broken.append((tag, problem))
+            continue
+        meta = read_meta(ckpt_dir, tag)
+        if not meta.get("universal") and meta["world"] != world and meta["zero_stage"] > 0:
+            raise CheckpointError(
+                f"checkpoint {ckpt_dir / tag} was written by {meta['world']} ranks and this run has {world}: ZeRO "
+                f"partitions the optimizer state by rank. Convert it once with `d2v reshard {ckpt_dir.parent}` "
+                f"(a DeepSpeed universal checkpoint), then resume again")
+        return ResumePoint(ckpt_dir, tag, bool(meta.get("universal")), broken)
+    if broken:
+        listed = "; ".join(f"{tag}: {problem}" for tag, problem in broken)
+        raise CheckpointError(f"no usable checkpoint in {ckpt_dir}: {listed}. Restore the named files, or move "
+                              f"{ckpt_dir} away to start the run over")
+    return None
+
+
+def set_aside(point: ResumePoint) -> list[str]:
+    """Rename the broken checkpoints passed over to `<tag>.broken` (kept, never scanned again)."""
+    moved = []
+    for tag, _ in point.broken:
+        src = point.ckpt_dir / tag
+        if src.is_dir():
+            dst = _free_name(point.ckpt_dir / f"{tag}.broken")
+            os.replace(src, dst)
+            moved.append(dst.name)
+    return moved
 
 
 def make_universal(run_dir: Path, tag: str | None = None, workers: int = 2) -> Path:
@@ -113,9 +269,7 @@ def make_universal(run_dir: Path, tag: str | None = None, workers: int = 2) -> P
     import argparse
     from deepspeed.checkpoint import ds_to_universal
     ckpt_dir = Path(run_dir) / CKPT_DIR
-    tag = tag or latest_tag(ckpt_dir)
-    if tag is None:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint to convert")
+    tag = pick_tag(ckpt_dir, tag)
     if tag.endswith("_universal"):
         return ckpt_dir / tag
     src, out = ckpt_dir / tag, ckpt_dir / f"{tag}_universal"
@@ -124,7 +278,8 @@ def make_universal(run_dir: Path, tag: str | None = None, workers: int = 2) -> P
     args = argparse.Namespace(input_folder=str(src), output_folder=str(tmp), num_extract_workers=workers,
                               num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
                               inject_missing_state=True)
-    ds_to_universal.main(args)
+    with weights_only_loads():
+        ds_to_universal.main(args)
     for f in list(src.glob("teacher*.pt")) + list(src.glob("data_rank*.json")):
         shutil.copy2(f, tmp / f.name)
     meta = read_meta(ckpt_dir, tag)
@@ -138,10 +293,11 @@ def make_universal(run_dir: Path, tag: str | None = None, workers: int = 2) -> P
 
 def load(engine, teacher, ckpt_dir: Path, tag: str, rank: int) -> tuple[dict, dict]:
     """Restore engine (weights, optimizer, step) and teacher; returns (client_state, data_state)."""
-    _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                             load_lr_scheduler_states=False)
+    with weights_only_loads():
+        _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=False)
     if client_state is None:
-        raise RuntimeError(f"could not load checkpoint {ckpt_dir / tag}")
+        raise CheckpointError(f"could not load checkpoint {ckpt_dir / tag}; check it with `d2v export` or move it away")
     teacher.load(ckpt_dir / tag, rank)
     data_file = ckpt_dir / tag / f"data_rank{rank}.json"
     if not data_file.exists():               # resumed at another world size: rank 0's epoch position
@@ -150,17 +306,33 @@ def load(engine, teacher, ckpt_dir: Path, tag: str, rank: int) -> tuple[dict, di
     return client_state, data_state
 
 
+def pick_tag(ckpt_dir: Path, tag: str | None = None) -> str:
+    """`tag` (checked), or the newest checkpoint; the message names the broken file or the tags there are."""
+    tags = list_tags(ckpt_dir)
+    if tag is None:
+        if not tags:
+            raise CheckpointError(f"{ckpt_dir.parent}: no checkpoint in {ckpt_dir}; train first or point at a run directory")
+        tag = tags[0]
+    elif tag not in tags:
+        have = ", ".join(reversed(tags)) or "none"
+        raise CheckpointError(f"--tag {tag}: no such checkpoint in {ckpt_dir} (there: {have})")
+    if problem := validate(ckpt_dir / tag):
+        raise CheckpointError(f"checkpoint {tag} is unusable: {problem}; pick another with --tag")
+    return tag
+
+
 def consolidated_state(run_dir: Path, tag: str | None = None) -> tuple[dict, str]:
     """fp32 student state_dict of a run's checkpoint (any ZeRO stage), offline, on CPU."""
     ckpt_dir = Path(run_dir) / CKPT_DIR if (Path(run_dir) / CKPT_DIR).is_dir() else Path(run_dir)
-    tag = tag or latest_tag(ckpt_dir)
-    if tag is None:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint found (looked for {ckpt_dir}/latest)")
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"{run_dir} is not a run directory (no {CKPT_DIR}/ in it)")
+    tag = pick_tag(ckpt_dir, tag)
     tag_dir = ckpt_dir / tag
-    if any(tag_dir.glob("*optim_states.pt")) and any(tag_dir.glob("zero_pp_rank_*")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    else:  # ZeRO-0: the engine saved the module itself
-        files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    with weights_only_loads():
+        if any(tag_dir.glob("*optim_states.pt")) and any(tag_dir.glob("zero_pp_rank_*")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        else:  # ZeRO-0: the engine saved the module itself
+            files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+            state = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
     return {k: v.float() for k, v in state.items()}, tag

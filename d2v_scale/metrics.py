@@ -38,6 +38,27 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float 
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
+def truncate_jsonl(path: Path, last_step: int) -> int:
+    """Keep the rows of steps <= last_step in `path`; append the others to metrics.superseded.jsonl
+    beside it (nothing is lost). Returns how many rows moved."""
+    if not path.exists():
+        return 0
+    keep, moved = [], []
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line).get("step", 0)
+        except ValueError:          # a row cut short by a killed run
+            step = last_step + 1
+        (keep if step <= last_step else moved).append(line)
+    if moved:
+        with open(path.with_name("metrics.superseded.jsonl"), "a") as f:
+            f.write("".join(line + "\n" for line in moved))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(path)
+    return len(moved)
+
+
 class Metrics:
     def __init__(self, out_dir: Path, is_main: bool, world: int, start_step: int, stop_step: int,
                  peak_flops: float, progress: bool = True):
@@ -46,8 +67,14 @@ class Metrics:
         self.writer, self.jsonl = None, None
         if is_main:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(out_dir / "tb"))
-            self.jsonl = open(out_dir / "metrics.jsonl", "a")   # one line per log step, appended on resume
+            # steps after the one resumed from are trained again: TensorBoard hides their old events,
+            # metrics.jsonl moves their old rows aside, so neither keeps two rows for one step
+            self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1)
+            moved = truncate_jsonl(out_dir / "metrics.jsonl", start_step)
+            if moved:
+                print(f"metrics.jsonl: {moved} rows of steps after {start_step} (trained again now) moved to "
+                      "metrics.superseded.jsonl", flush=True)
+            self.jsonl = open(out_dir / "metrics.jsonl", "a")   # one line per log step
         self.bar = None
         if is_main and progress and sys.stderr.isatty():
             from tqdm import tqdm

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import CheckpointError
 from .teacher import make_targets, teacher_copy
 
 
@@ -184,10 +185,10 @@ def consolidate_shards(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     """Full fp32 teacher tensors from the per-rank slices of a checkpoint (offline, on CPU)."""
     files = sorted(Path(ckpt_dir).glob("teacher_rank*.pt"), key=lambda f: int(f.stem.split("rank")[1]))
     if not files:
-        raise FileNotFoundError(f"{ckpt_dir}: no teacher.pt or teacher_rank*.pt")
+        raise CheckpointError(f"{ckpt_dir}: no teacher.pt or teacher_rank*.pt; the checkpoint is incomplete")
     shards = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
     world = shards[0]["world"]
     if len(shards) != world:
-        raise FileNotFoundError(f"{ckpt_dir}: {len(shards)} teacher slices for a world of {world}")
+        raise CheckpointError(f"{ckpt_dir}: {len(shards)} teacher slices for a world of {world}; the checkpoint is incomplete")
     return {n: torch.cat([s["slices"][n] for s in shards])[: math.prod(shape)].view(shape)
             for n, shape in shards[0]["shapes"].items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -17,97 +18,18 @@ from . import checkpoint
 from .config import Config, ConfigError
 from .d2v import Data2Vec
 from .dist import Dist, all_reduce_sum, print0
+from .errors import D2VError
 from .masking import sample_mask
 from .optim import build_optimizer, lr_at, set_lr
+from .preflight import preflight
 from .teacher import ReplicatedTeacher, decay_at
 
 
-class TrainingError(RuntimeError):
+class TrainingError(D2VError, RuntimeError):
     """Training stopped on purpose (collapse guard, non-finite loss) with the reason and the fix."""
 
 
 # -- set-up ----------------------------------------------------------------------------------------
-
-def resolve_ds_config(cfg: Config, world: int, overrides: dict | None = None, cuda: bool | None = None) -> dict:
-    """Load the DeepSpeed JSON, apply `ds.*` overrides, fill "auto" values from cfg, check consistency."""
-    path = Path(cfg.run.ds_config)
-    if not path.exists():
-        shipped = ", ".join(sorted(p.name for p in (Path(__file__).parent.parent / "ds_configs").glob("*.json")))
-        raise ConfigError(f"ds_config {path} not found (shipped in ds_configs/: {shipped})")
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"ds_config {path} is not valid JSON: {e}") from None
-    for key, value in (overrides or {}).items():
-        node = ds
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    for section in ("optimizer", "scheduler"):
-        if section in ds:
-            raise ConfigError(f"ds_config {path} has a {section!r} section: d2v_scale builds AdamW and the "
-                              f"warmup+cosine schedule itself (set --optim.* instead); remove it")
-    cuda = torch.cuda.is_available() if cuda is None else cuda
-    micro = cfg.data.batch_size
-    if cfg.data.global_batch:
-        if cfg.data.global_batch % (micro * world):
-            raise ConfigError(f"data.global_batch={cfg.data.global_batch} is not a multiple of data.batch_size="
-                              f"{micro} x {world} ranks; pick a batch size that divides it")
-        gas = cfg.data.global_batch // (micro * world)
-    else:
-        gas = 1
-    auto = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,
-            "train_batch_size": micro * gas * world, "gradient_clipping": cfg.optim.clip_grad}
-    for key, value in auto.items():
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
-    if ds["train_batch_size"] != ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world:
-        raise ConfigError(f"ds_config: train_batch_size {ds['train_batch_size']} != micro batch "
-                          f"{ds['train_micro_batch_size_per_gpu']} x accumulation {ds['gradient_accumulation_steps']} "
-                          f"x world {world}; set them to \"auto\" to derive them from --data.batch_size/global_batch")
-    bf16 = ds.setdefault("bf16", {"enabled": "auto"})
-    if bf16.get("enabled") == "auto":
-        bf16["enabled"] = bool(cuda and torch.cuda.is_bf16_supported())
-    if ds.get("fp16", {}).get("enabled") and not cuda:
-        raise ConfigError("fp16 is not supported by DeepSpeed on CPU; use bf16 or fp32 (set fp16.enabled false)")
-    ds.setdefault("steps_per_print", 10 ** 9)
-    ds.setdefault("wall_clock_breakdown", False)
-    return ds
-
-
-def resolve_from_data(cfg: Config) -> None:
-    """Settings that come from the shards: the text vocabulary size (the index records it)."""
-    m = cfg.model
-    if m.modality != "text" or m.text.vocab_size > 0:
-        return
-    if cfg.data.path.endswith(".json"):
-        from .data.s3 import read_bytes
-        vocab = json.loads(read_bytes(cfg.data.path)).get("vocab_size", 0)
-        if vocab:
-            m.text.vocab_size = int(vocab)
-            return
-    raise ConfigError("model.text.vocab_size is unknown: pass --data INDEX.json written by `d2v-shard text` "
-                      "(it records the sentencepiece vocabulary) or set --model.text.vocab_size")
-
-
-def check_mask(cfg: Config) -> None:
-    """Raise MaskError now if the mask settings cannot be met on the model's token grid."""
-    from .masking import block_mask, random_mask
-    m, gen = cfg.model, torch.Generator().manual_seed(0)
-    if m.modality == "image":
-        grid = (m.image.img_size // m.image.patch_size,) * 2
-    elif m.modality == "text":
-        grid = (cfg.data.tokens_per_sample,)
-    else:
-        from .models.audio import frames_for
-        grid = (frames_for(m.audio.feature_encoder_spec, cfg.data.min_sample_size),)
-    if cfg.mask.mask_length <= 1:
-        random_mask(1, math.prod(grid), cfg.mask.mask_prob, gen)
-    else:
-        block_mask(1, grid, cfg.mask.mask_prob, cfg.mask.mask_length, cfg.mask.mask_prob_adjust,
-                   cfg.mask.inverse_mask, gen)
-
 
 def compute_dtype(ds: dict) -> torch.dtype:
     if ds.get("bf16", {}).get("enabled"):
@@ -195,22 +117,26 @@ def train_step(engine, teacher, batch: dict, cfg: Config, step: int, micro: int,
 
 def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
     from . import dist as dist_mod
-    from .data import build_loader, shard_list
+    from .data import build_loader
     from .metrics import Metrics, measure_peak_flops
 
-    cfg.validate()
-    urls = shard_list(cfg.data.path, cfg.data.allow_pipe)
-    resolve_from_data(cfg)
-    check_mask(cfg)                                              # fail before any rank waits on another
+    # every check before the ranks wait on each other; nothing is written before it passed
+    plan = preflight(cfg, ds_overrides, int(os.environ.get("WORLD_SIZE", "1")), every_shard=False)
+    ds, resumed = plan.ds, plan.resume
     dist = dist_mod.init()
     import deepspeed
-    ds = resolve_ds_config(cfg, dist.world, ds_overrides)
     dtype = compute_dtype(ds)
     run_dir = Path(cfg.run.out)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.to_json(run_dir / "config.json")
-        (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
+        _write_json(run_dir / "config.json", cfg.to_dict())
+        _write_json(run_dir / "ds_config.json", ds)
+        for tag, problem in resumed.broken if resumed else []:
+            print0(f"d2v: checkpoint {tag} is unusable: {problem}")
+        for name in checkpoint.set_aside(resumed) if resumed else []:
+            print0(f"d2v: passed over it; kept as {name}")
+        if plan.changed:
+            print0("d2v: resuming with changed settings: " + "; ".join(plan.changed))
 
     # model, teacher, engine (identical init on every rank)
     torch.manual_seed(cfg.run.seed)
@@ -222,23 +148,18 @@ def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
         for blk in list(model.encoder.blocks) + list(teacher.encoder.blocks):
             blk.compile()
     n_params = sum(p.numel() for p in model.parameters())
-    data_state, resumed = None, checkpoint.resolve_resume(run_dir, cfg.run.resume)
-    if resumed:
-        try:
-            if checkpoint.check_world(*resumed, dist.world):
-                ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
     optimizer = build_optimizer(model, cfg.optim, offload=offloads_optimizer(ds))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
 
     # resume
+    data_state = None
     if resumed:
-        client, data_state = checkpoint.load(engine, teacher, *resumed, dist.rank)
+        client, data_state = checkpoint.load(engine, teacher, resumed.ckpt_dir, resumed.tag, dist.rank)
         teacher.updates = client.get("ema_updates", 0)
-        print0(f"resumed from {resumed[0] / resumed[1]} at step {engine.global_steps}")
+        print0(f"resumed from {resumed.path} at step {engine.global_steps}")
     elif cfg.run.resume == "auto":
         print0("no checkpoint to resume from: starting from scratch")
+    urls = plan.shards.urls
     loader = build_loader(cfg, dist.rank, dist.world, data_state, urls=urls)
 
     stop = min(cfg.optim.max_steps, cfg.run.stop_after or cfg.optim.max_steps)
@@ -252,7 +173,8 @@ def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
            f"{len(urls)} shards | steps {engine.global_steps} -> {stop}")
 
     from .preempt import StopSignals, restart_banner
-    signals = StopSignals(dist.rank)
+    signals = StopSignals(dist.rank, cfg.run.stop_timeout_s,
+                          lambda: checkpoint.latest_tag(run_dir / checkpoint.CKPT_DIR))
     if restart_banner():
         print0(restart_banner())
     try:
@@ -274,6 +196,12 @@ def _is_comm_failure(e: Exception) -> bool:
     text = str(e)
     return isinstance(e, torch.distributed.DistBackendError) or any(
         s in text for s in ("Connection reset", "Connection closed", "Broken pipe", "gloo", "NCCL", "ProcessGroup"))
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def _loop(engine, teacher, loader, cfg, dist, dtype, metrics, signals, run_dir, stop, encoder):
@@ -300,6 +228,8 @@ def _loop(engine, teacher, loader, cfg, dist, dtype, metrics, signals, run_dir, 
                              "data/unreadable_shards": loader.state["read_errors"]})
             _check_health(m, step, cfg)
         stop_now = bool(out["stop"].sum() > 0)
+        if stop_now:
+            signals.acknowledge()
         if step % cfg.run.save_every == 0 or step == stop or stop_now:
             last_saved = checkpoint.save(engine, teacher, run_dir, step, {"step": step, "preset": cfg.preset,
                                          "ema_updates": teacher.updates}, loader.state_dict(), dist.rank,
