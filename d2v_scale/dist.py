@@ -15,11 +15,28 @@ from dataclasses import dataclass
 import torch
 
 
-def setup_env() -> None:
-    """Environment for DeepSpeed; call before `import deepspeed`."""
+def select_accelerator() -> None:
+    """DeepSpeed picks its accelerator when first imported: the CPU one (gloo) without a CUDA device.
+    Its ops are JIT-built with the `ninja` beside this Python (see _one_ninja)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     _extensions_dir()
+    _one_ninja()
+
+
+def _one_ninja() -> None:
+    """torch builds DeepSpeed's ops with the first `ninja` on PATH. Two different ones (the venv's and
+    the system's, depending on how a command was started) disagree on the build log's format and
+    each rebuild every op from scratch (30-40 s for the CPU all-reduce). Put the venv's first."""
+    bindir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.path.exists(os.path.join(bindir, "ninja")) and path.split(os.pathsep)[0] != bindir:
+        os.environ["PATH"] = bindir + os.pathsep + path
+
+
+def setup_env() -> None:
+    """Environment for DeepSpeed and the process group; call before `import deepspeed`."""
+    select_accelerator()
     env = os.environ
     if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]

@@ -6,7 +6,9 @@ resumes from that checkpoint by itself (`--resume auto`). SIGTERM (scancel, pree
 the time limit, the deepspeed launcher stopping its ranks) means "checkpoint and stop".
 A handler only records the signal; the flags travel with the all-reduce every micro-step already
 does (the masked-token count), so all ranks see the same decision at the same step and no rank
-blocks in a collective the others never enter.
+blocks in a collective the others never enter. A signal always ends the process: if no step
+completes within `run.stop_timeout_s` of it (a stuck data source, a hung peer), or a second signal
+arrives, the process exits at once (143) without a checkpoint, naming the last complete one.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import torch
 
@@ -25,18 +28,43 @@ class StopRequested(SystemExit):
 
 
 class StopSignals:
-    def __init__(self, rank: int):
-        self.rank = rank
+    def __init__(self, rank: int, timeout_s: float = 120.0, last_checkpoint=lambda: None):
+        self.rank, self.timeout_s, self.last_checkpoint = rank, timeout_s, last_checkpoint
         self.flags = torch.zeros(2)                    # [USR1 seen, TERM seen] on this rank
+        self._timer: threading.Timer | None = None
+        self._stopping = False                         # every rank agreed: the checkpoint is being written
         for sig, slot in ((signal.SIGUSR1, REQUEUE), (signal.SIGTERM, TERMINATE)):
             signal.signal(sig, self._handler(slot))
 
     def _handler(self, slot: int):
         def handle(signum, frame):
+            name = signal.Signals(signum).name
+            if self._stopping:                        # srun's TERM after a requeue, etc.: already on the way out
+                print(f"d2v: rank {self.rank} got {name} while stopping: finishing the checkpoint",
+                      file=sys.stderr, flush=True)
+                return
+            if self._timer is not None:               # a second signal before any step agreed: do not wait
+                self._give_up(f"a second signal ({name})")
             self.flags[slot] = 1.0
-            print(f"d2v: rank {self.rank} got {signal.Signals(signum).name}: checkpointing at the next step",
-                  file=sys.stderr, flush=True)
+            print(f"d2v: rank {self.rank} got {name}: checkpointing at the next step (exit without a checkpoint "
+                  f"if no step completes within {self.timeout_s:.0f} s)", file=sys.stderr, flush=True)
+            self._timer = threading.Timer(self.timeout_s, self._give_up, (f"no step completed within "
+                                                                          f"{self.timeout_s:.0f} s of {name}",))
+            self._timer.daemon = True
+            self._timer.start()
         return handle
+
+    def acknowledge(self) -> None:
+        """Every rank agreed to stop at this step: the checkpoint follows, no deadline any more, and
+        further signals are let pass (the checkpoint is atomic; a SIGKILL leaves the previous one)."""
+        self._stopping = True
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _give_up(self, why: str) -> None:
+        print(f"d2v: rank {self.rank}: {why}: exiting now without a checkpoint; the last complete one is "
+              f"{self.last_checkpoint() or 'none'} (rerun with --resume auto)", file=sys.stderr, flush=True)
+        os._exit(143)
 
 
 def requeue_slurm_job() -> str:

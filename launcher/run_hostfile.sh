@@ -34,10 +34,10 @@ for v in OMP_NUM_THREADS AWS_PROFILE AWS_ENDPOINT_URL AWS_DEFAULT_REGION $(compg
   if [ -n "${!v:-}" ]; then echo "$v=${!v}" >> .deepspeed_env; fi
 done
 
-ARGS=(--preset "$PRESET" --data "$DATA" --ds_config "$DS_CONFIG" --out "$OUT" "$@")
+ARGS=(--preset "$PRESET" --data "$DATA" --ds_config "$DS_CONFIG" --out "$OUT" --resume auto "$@")
 "$BIN/d2v" check "${ARGS[@]}" --world "$WORLD"
 LAUNCH=("$BIN/deepspeed" --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --no_local_rank)
 if [ "${NO_SSH:-0}" = 1 ]; then
   LAUNCH+=(--no_ssh --node_rank "${NODE_RANK:?set NODE_RANK for NO_SSH=1}")
 fi
-exec "${LAUNCH[@]}" --module d2v_scale.cli train "${ARGS[@]}" --resume auto
+exec "${LAUNCH[@]}" --module d2v_scale.cli train "${ARGS[@]}"

@@ -19,7 +19,7 @@ else
   NPROC=${NPROC:-2}
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one core per CPU rank
 fi
-ARGS=(--preset "$PRESET" --data "$DATA" --ds_config "$DS_CONFIG" --out "$OUT" "$@")
+ARGS=(--preset "$PRESET" --data "$DATA" --ds_config "$DS_CONFIG" --out "$OUT" --resume auto "$@")
 "$BIN/d2v" check "${ARGS[@]}" --world "$NPROC"
 exec "$BIN/deepspeed" --num_accelerators "$NPROC" --no_local_rank --master_port "${MASTER_PORT:-29500}" \
-  --module d2v_scale.cli train "${ARGS[@]}" --resume auto
+  --module d2v_scale.cli train "${ARGS[@]}"
