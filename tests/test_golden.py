@@ -90,16 +90,20 @@ def test_backward_step_and_ema_match_fairseq(golden):
     out = model(g["inputs"], mask_of(g["mask_info"]), **batch_kwargs(g))
     (out["loss"] / out["sample_size"]).backward()   # fairseq: grads x 1/sample_size
     named = dict(student.named_parameters())
-    norms = []
+    norms, grad_err = [], {}
     for fk, ref in g["grads"].items():
-        grad = named[student_key(model, fk)].grad
+        key = student_key(model, fk)
+        grad = named[key].grad
         assert rel(grad, ref) < 1e-4, fk
         norms.append(grad.norm())
+        grad_err[key.removeprefix("encoder.")] = float((grad.double() - ref.double()).norm())
     assert rel(torch.stack(norms).norm(), g["grad_norm"]) < 1e-5
 
     # one optimizer step with fairseq's clipping; weight decay on every param as fairseq released
+    clip = 1.0
     if opt_cfg["clip_norm"] > 0:
-        torch.nn.utils.clip_grad_norm_(student.parameters(), opt_cfg["clip_norm"])
+        total = torch.nn.utils.clip_grad_norm_(student.parameters(), opt_cfg["clip_norm"])
+        clip = min(1.0, opt_cfg["clip_norm"] / float(total))
     fairseq_first_adam_step(param_groups(student, opt_cfg["weight_decay"], decay_all=True),
                             opt_cfg["lr"], opt_cfg["betas"], opt_cfg["eps"])
     for fk, (s, ss) in g["student_after_step_checksums"].items():
@@ -111,13 +115,19 @@ def test_backward_step_and_ema_match_fairseq(golden):
         assert abs(float((p * p).sum()) - ss) <= 1e-5 * abs(ss), fk
 
     # one EMA step at tau = 0.9, then the teacher equals fairseq's accumulators. Elements whose
-    # gradient is ~0 are ill-conditioned in Adam (update ~ g / eps), so compare whole tensors by norm.
-    model.teacher.update(student.encoder, g["ema_decay_used"])
+    # gradient is ~0 are ill-conditioned in Adam: the first update is lr * g / (|g| + eps'), with
+    # eps' = eps / sqrt(1 - b2) here, so a gradient error dg moves it by at most lr * |dg| / eps'. Compare
+    # whole tensors by norm, allowing 1e-5 plus what the measured gradient differences propagate to
+    # (they differ by CPU kernel; zero-initialised biases are the whole update, so they show it most).
+    tau = g["ema_decay_used"]
+    eps_eff = opt_cfg["eps"] / (1 - opt_cfg["betas"][1]) ** 0.5
+    model.teacher.update(student.encoder, tau)
     ema = model.teacher.state_dict()
     for fk, ref in g["teacher_state_dict_after_ema"].items():
         key = map_key(fk, model.cfg.model.prenet_depth, teacher=True)
         if key is not None:
-            assert float((ema[key] - ref).norm() / ref.norm()) < 1e-5, fk
+            propagated = (1 - tau) * opt_cfg["lr"] * clip * grad_err.get(key, 0.0) / eps_eff
+            assert float((ema[key] - ref).norm()) <= 1e-5 * float(ref.norm()) + propagated, fk
 
     fa = g["forward_after_step"]
     out2 = model(g["inputs"], mask_of(fa), **batch_kwargs(g))

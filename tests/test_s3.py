@@ -176,3 +176,36 @@ def test_stream_over_https_style_urls(image_shards, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_resharding_into_a_prefix_needs_overwrite_and_removes_exactly_the_old(s3, image_dir):
+    from d2v_scale.data.s3 import client, list_shards, read_bytes
+    env = _env(**s3.env())
+    shard_cli("image", image_dir, "s3://d2v-test/re/img-%06d.tar", "--maxcount", 12, "--workers", 1, env=env)
+    client().put_object(Bucket="d2v-test", Key="re/notes.txt", Body=b"mine")   # not a shard: untouched
+    res = shard_cli("image", image_dir, "s3://d2v-test/re/img-%06d.tar", "--maxcount", 48, env=env, check=False)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "already holds 8 shards of img-%06d.tar and an index: pass --overwrite" in res.stderr
+    assert len(list_shards("s3://d2v-test/re/")) == 8
+    shard_cli("image", image_dir, "s3://d2v-test/re/img-%06d.tar", "--maxcount", 48, "--overwrite", env=env)
+    assert list_shards("s3://d2v-test/re/") == ["s3://d2v-test/re/img-000000.tar", "s3://d2v-test/re/img-000001.tar"]
+    assert json.loads(read_bytes("s3://d2v-test/re/index.json"))["samples"] == 96
+    assert read_bytes("s3://d2v-test/re/notes.txt") == b"mine"
+
+
+def test_check_finds_missing_objects_of_a_brace_pattern_and_pipes_in_an_index(s3, s3_images, tmp_path):
+    from d2v_scale.data.s3 import client, read_bytes
+    env = _env(**s3.env())
+    args = ["--preset", "vit_base_patch16_debug", "--out", str(tmp_path / "r"), "--data.num_workers=1"]
+    res = run_d2v(["check", *args, "--data", "s3://d2v-test/img/train-{000000..000009}.tar"], env=env,
+                  check=False, timeout=120)
+    assert res.returncode != 0 and "Traceback" not in res.stdout
+    assert "2 of 10 shards are not in the bucket (first: s3://d2v-test/img/train-000008.tar)" in res.stdout
+    marker = tmp_path / "ran"
+    index = json.loads(read_bytes(s3_images))
+    index["shards"][1]["url"] = f"pipe:touch {marker}; cat /dev/null"
+    client().put_object(Bucket="d2v-test", Key="evil/index.json", Body=json.dumps(index).encode())
+    res = run_d2v(["check", *args, "--data", "s3://d2v-test/evil/index.json"], env=env, check=False, timeout=120)
+    assert res.returncode != 0 and "pipe: URL runs a shell command" in res.stdout and not marker.exists()
+    ok = run_d2v(["check", *args, "--data", "s3://d2v-test/img/train-{000000..000007}.tar"], env=env, timeout=120)
+    assert "ok: vit_base_patch16_debug | 8 shards" in ok.stdout
