@@ -1,7 +1,8 @@
 """Checkpoints: the DeepSpeed engine state + the EMA teacher + the data position, written atomically.
 
-Layout under RUN_DIR/checkpoints/:
-  step_00001000/           engine.save_checkpoint files, teacher*.pt, data_rank*.json, meta.json
+This module owns every file under RUN_DIR/checkpoints/:
+  step_00001000/           engine.save_checkpoint files, the teacher (teacher.pt: full fp32, or
+                           teacher_rank{r}.pt: each rank's fp32 slices), data_rank*.json, meta.json
   step_00001000_universal/ the same step converted by `d2v reshard` (loadable at any world size)
   latest                   the newest complete tag (written last; informative: resume scans)
 A checkpoint is written to `<tag>.tmp` and renamed only after every rank finished writing, and the
@@ -14,7 +15,9 @@ any newer one that does not and falls back past it. Every file is read with torc
 """
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -83,7 +86,7 @@ def save(engine, teacher, run_dir: Path, step: int, client_state: dict, data_sta
         shutil.rmtree(tmp, ignore_errors=True)          # leftovers of an interrupted save
     _barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state=client_state, save_latest=False)
-    teacher.save(tmp, rank)
+    save_teacher(teacher, tmp, rank)
     (tmp / f"data_rank{rank}.json").write_text(json.dumps(data_state))
     if rank == 0:
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -263,10 +266,52 @@ def set_aside(point: ResumePoint) -> list[str]:
     return moved
 
 
+# -- the teacher's files ------------------------------------------------------------------------
+
+def save_teacher(teacher, tag_dir: Path, rank: int) -> None:
+    """A sharded teacher: every rank its slices; a replicated one: rank 0 the full fp32 state."""
+    if teacher.sharded:
+        torch.save(teacher.state_dict(), Path(tag_dir) / f"teacher_rank{rank}.pt")
+    elif rank == 0:
+        torch.save(teacher.state_dict(), Path(tag_dir) / "teacher.pt")
+
+
+def load_teacher(teacher, tag_dir: Path, rank: int) -> None:
+    """Restore either teacher from either layout: a sharded teacher of the same world size takes its
+    own slices; everything else goes through the full state (slices re-split by the teacher)."""
+    tag_dir = Path(tag_dir)
+    own = tag_dir / f"teacher_rank{rank}.pt"
+    if teacher.sharded and own.exists() and len(_slice_files(tag_dir)) == teacher.world:
+        teacher.load_slices(torch.load(own, map_location="cpu", weights_only=True)["slices"])
+    else:
+        teacher.load_state_dict(read_teacher_state(tag_dir))
+
+
+def read_teacher_state(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 teacher of a checkpoint, on CPU: teacher.pt, or the per-rank slices joined."""
+    tag_dir = Path(tag_dir)
+    if (tag_dir / "teacher.pt").exists():
+        return torch.load(tag_dir / "teacher.pt", map_location="cpu", weights_only=True)
+    files = _slice_files(tag_dir)
+    if not files:
+        raise CheckpointError(f"{tag_dir}: no teacher.pt or teacher_rank*.pt; the checkpoint is incomplete")
+    shards = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    world = shards[0]["world"]
+    if len(shards) != world:
+        raise CheckpointError(f"{tag_dir}: {len(shards)} teacher slices for a world of {world}; the checkpoint is incomplete")
+    return {n: torch.cat([s["slices"][n] for s in shards])[: math.prod(shape)].view(shape)
+            for n, shape in shards[0]["shapes"].items()}
+
+
+def _slice_files(tag_dir: Path) -> list[Path]:
+    return sorted(tag_dir.glob("teacher_rank*.pt"), key=lambda f: int(f.stem.split("rank")[1]))
+
+
+# -- world-size changes and export -------------------------------------------------------------
+
 def make_universal(run_dir: Path, tag: str | None = None, workers: int = 2) -> Path:
     """Convert a checkpoint to DeepSpeed's universal format (loadable at any world size) beside it,
     carry over the teacher, data position and metadata, and point `latest` at it."""
-    import argparse
     from deepspeed.checkpoint import ds_to_universal
     ckpt_dir = Path(run_dir) / CKPT_DIR
     tag = pick_tag(ckpt_dir, tag)
@@ -298,7 +343,7 @@ def load(engine, teacher, ckpt_dir: Path, tag: str, rank: int) -> tuple[dict, di
                                                  load_lr_scheduler_states=False)
     if client_state is None:
         raise CheckpointError(f"could not load checkpoint {ckpt_dir / tag}; check it with `d2v export` or move it away")
-    teacher.load(ckpt_dir / tag, rank)
+    load_teacher(teacher, ckpt_dir / tag, rank)
     data_file = ckpt_dir / tag / f"data_rank{rank}.json"
     if not data_file.exists():               # resumed at another world size: rank 0's epoch position
         data_file = ckpt_dir / tag / "data_rank0.json"

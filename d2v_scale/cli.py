@@ -19,24 +19,18 @@ import sys
 
 import fire
 
-from .config import ConfigError, apply_overrides, from_json
+from .checkpoint import make_universal
+from .config import ConfigError
 from .errors import D2VError, one_line
-from .presets import PRESETS, get_preset
-
-
-def build_config(preset: str | None = None, from_json_path: str | None = None, **overrides):
-    """Config from a preset or a run's config.json, then `--section.key=value` overrides.
-    Returns (cfg, ds_overrides)."""
-    if not preset and not from_json_path:
-        raise ConfigError(f"pass --preset (one of {', '.join(PRESETS)}) or --from_json RUN_DIR/config.json")
-    cfg = from_json(from_json_path) if from_json_path else get_preset(preset)
-    if preset and from_json_path:
-        cfg.preset = preset
-    ds_overrides = {k[3:]: v for k, v in overrides.items() if k.startswith("ds.")}
-    shortcuts = {"data": "data.path", "out": "run.out", "resume": "run.resume", "ds_config": "run.ds_config"}
-    rest = {shortcuts.get(k, k): v for k, v in overrides.items() if not k.startswith("ds.") and v is not None}
-    apply_overrides(cfg, rest)
-    return cfg.validate(), ds_overrides
+from .export import export_run
+from .fairseq import import_fairseq as run_import_fairseq
+from .preflight import preflight
+from .presets import build_config
+from .tools import bench as benches
+from .tools import plan as planner
+from .tools.demo import run_demo
+from .train import TrainingError
+from .train import train as run_train
 
 
 def _no_positional(command: str, words: tuple) -> None:
@@ -52,8 +46,7 @@ def train(*words, preset: str | None = None, data: str | None = None, ds_config:
     _no_positional("train", words)
     cfg, ds_overrides = build_config(preset, from_json, data=data, ds_config=ds_config, out=out,
                                      resume=resume, **overrides)
-    from .train import train as run
-    run(cfg, ds_overrides)
+    run_train(cfg, ds_overrides)
 
 
 def check(*words, preset: str | None = None, data: str | None = None, ds_config: str | None = None,
@@ -64,7 +57,6 @@ def check(*words, preset: str | None = None, data: str | None = None, ds_config:
     _no_positional("check", words)
     cfg, ds_overrides = build_config(preset, from_json, data=data, ds_config=ds_config, out=out,
                                      resume=resume, **overrides)
-    from .preflight import preflight
     world = world or int(os.environ.get("WORLD_SIZE", "1"))
     plan = preflight(cfg, ds_overrides, world)
     ds = plan.ds
@@ -85,30 +77,26 @@ def show_config(preset: str | None = None, from_json: str | None = None, **overr
 
 def export(run_dir: str, out: str, teacher: bool = False, tag: str | None = None) -> None:
     """Consolidated fp32 student encoder (and, with --teacher, the EMA teacher) as safetensors."""
-    from .export import export_run
     print(json.dumps(export_run(run_dir, out, teacher=teacher, tag=tag), indent=1))
 
 
 def reshard(run_dir: str, tag: str | None = None) -> None:
     """Make a run's newest checkpoint loadable at another world size (DeepSpeed universal checkpoint)."""
-    from .checkpoint import make_universal
     out = make_universal(run_dir, tag)
     print(f"wrote {out}; `--resume auto` now resumes from it at any number of ranks")
 
 
 def import_fairseq(ckpt: str, out: str) -> None:
     """A fairseq data2vec 2.0 checkpoint -> a d2v_scale weights file (for --run.init_from)."""
-    from .export import import_fairseq as run
-    print(json.dumps(run(ckpt, out), indent=1))
+    print(json.dumps(run_import_fairseq(ckpt, out), indent=1))
 
 
 def bench(kind: str = "step", local_rank: int = -1, **kwargs) -> None:
     """Benchmarks that print ratios measured side by side in one run: step | data | ema."""
-    from . import bench as b
-    benches = {"step": b.bench_step, "data": b.bench_data, "ema": b.bench_ema}
-    fn = benches.get(kind)
+    kinds = {"step": benches.bench_step, "data": benches.bench_data, "ema": benches.bench_ema}
+    fn = kinds.get(kind)
     if fn is None:
-        raise ConfigError(f"unknown benchmark {kind!r}: {', '.join(benches)}")
+        raise ConfigError(f"unknown benchmark {kind!r}: {', '.join(kinds)}")
     fn(**kwargs)
 
 
@@ -117,7 +105,6 @@ def plan(preset: str, nodes: int = 1, gpus_per_node: int = 8, zero: int = 3, mic
          mfu: float = 0.4, peak_tflops: float = 989.0, measure: bool = False,
          ds_config: str = "ds_configs/zero3.json", local_rank: int = -1, **overrides) -> None:
     """Memory and step-time plan for a cluster run (`--measure`: compare with this machine's real engines)."""
-    from . import plan as planner
     cfg, ds_over = build_config(preset, None, ds_config=ds_config, **overrides)
     micro = micro_batch or cfg.data.batch_size
     if not measure:
@@ -131,7 +118,6 @@ def plan(preset: str, nodes: int = 1, gpus_per_node: int = 8, zero: int = 3, mic
 
 def demo(**kwargs) -> None:
     """The README's first command: make a small dataset, shard it, pretrain on it."""
-    from .demo import run_demo
     run_demo(**kwargs)
 
 
@@ -145,7 +131,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         fire.Fire(COMMANDS, command=argv if argv is not None else sys.argv[1:], name="d2v")
     except D2VError as e:
-        from .train import TrainingError
         what = "training stopped" if isinstance(e, TrainingError) else "error"
         sys.exit(f"d2v: {what}: {one_line(e)}")
     except OSError as e:

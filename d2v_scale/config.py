@@ -218,6 +218,19 @@ class ConfigError(D2VError, ValueError):
     """A configuration problem, reported before any rank starts work."""
 
 
+# The text vocabulary comes from the shards' index (`d2v-shard text` records it). Where there are no
+# shards (benchmarks on synthetic ids, the planner) a text model gets the size of the GPT-2 BPE
+# dictionary that fairseq's data2vec text runs use.
+SYNTHETIC_VOCAB = 50265
+
+
+def with_vocab(cfg: "Config") -> "Config":
+    """`cfg` with model.text.vocab_size set for a run without shards (unchanged when already set)."""
+    if cfg.model.text is not None and not cfg.model.text.vocab_size:
+        cfg.model.text.vocab_size = SYNTHETIC_VOCAB
+    return cfg
+
+
 def _finite(lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False):
     def ok(v) -> bool:
         return (isinstance(v, (int, float)) and math.isfinite(v) and (v > lo if lo_open else v >= lo)

@@ -6,11 +6,15 @@ Without a CUDA device DeepSpeed's CPU accelerator (gloo) is selected before Deep
 """
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -53,8 +57,6 @@ def setup_env() -> None:
 def _extensions_dir(stale_after_s: float = 900.0) -> None:
     """JIT-built DeepSpeed ops go to a folder of this Python environment; a `lock` left by a build
     that was killed midway would make every later run wait forever, so stale ones are removed."""
-    import time
-    from pathlib import Path
     root = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions")))
     for lock in root.glob("*/*/lock") if root.exists() else []:
         try:
@@ -82,7 +84,6 @@ def _check_shm_room(deepspeed, ranks: int) -> None:
     """Each of those ranks needs a workspace in /dev/shm; too little room (a container's 64 MB default)
     makes them crash or wait on each other forever. Fall back to gloo's all-reduce then, and say how
     to get the fast path back."""
-    import shutil
     free, need = shutil.disk_usage("/dev/shm").free, ranks * SHM_SEGMENT_BYTES
     if free < 2 * need:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -98,8 +99,7 @@ def _unlink_shm_allreduce_buffer(rank: int) -> None:
     leave RAM behind. Once every rank has mapped its peers' segments (they wait for each other inside
     init_distributed; the barrier makes it certain) the names can go: the mappings stay valid until
     the processes exit, and a killed run leaves nothing either."""
-    import torch.distributed as tdist
-    tdist.barrier()
+    torch.distributed.barrier()
     name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
             f"{os.environ.get('MASTER_PORT')}_{rank}")
     try:
@@ -139,7 +139,6 @@ class Dist:
 def init() -> Dist:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU)."""
     setup_env()
-    import logging
     import deepspeed
     from deepspeed.accelerator import get_accelerator
     from deepspeed.utils import logger as ds_logger

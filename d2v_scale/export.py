@@ -1,11 +1,12 @@
-"""Weights files (safetensors): exported encoders and imported fairseq models.
+"""Weights files (safetensors): the format encoders leave d2v_scale in, and come back in.
 
-* `d2v export RUN_DIR OUT.safetensors`: the consolidated fp32 student encoder of a run's newest
-  checkpoint (any ZeRO stage), keys as in `models/` (`patch_embed.proj.weight`, `blocks.0.attn.qkv.weight`,
-  ...); `--teacher` also writes OUT.teacher.safetensors with the EMA teacher.
-* `d2v import-fairseq CKPT OUT.safetensors`: student (`encoder.*`, `decoder.*`) and teacher
-  (`teacher.*`) of a fairseq data2vec 2.0 checkpoint; `--run.init_from=OUT.safetensors` continues
-  pretraining from it.
+* `d2v export RUN_DIR OUT.safetensors` (`export_run`): the consolidated fp32 student encoder of a
+  run's newest checkpoint (any ZeRO stage, read through checkpoint.py), keys as in `models/`
+  (`patch_embed.proj.weight`, `blocks.0.attn.qkv.weight`, ...); `--teacher` also writes
+  OUT.teacher.safetensors with the EMA teacher.
+* `d2v import-fairseq` (fairseq.py) writes the student (`encoder.*`, `decoder.*`) and teacher
+  (`teacher.*`) of a fairseq checkpoint through `write_weights`; `--run.init_from=OUT.safetensors`
+  continues pretraining from it (`read_weights`).
 The config travels in the file's metadata as JSON.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .checkpoint import CKPT_DIR, consolidated_state, read_teacher_state
 from .errors import D2VError, one_line
 
 
@@ -72,7 +74,7 @@ def read_weights(path: str | Path) -> tuple[dict, dict, dict]:
 
 
 def export_run(run_dir: str | Path, out: str | Path, teacher: bool = False, tag: str | None = None) -> dict:
-    from .checkpoint import consolidated_state
+    """`d2v export`: a run's checkpoint (read through checkpoint.py) -> encoder weights files."""
     check_writable(out)
     state, tag = consolidated_state(Path(run_dir), tag)
     cfg_path = Path(run_dir) / "config.json"
@@ -82,20 +84,7 @@ def export_run(run_dir: str | Path, out: str | Path, teacher: bool = False, tag:
     written = {"encoder": str(out), "tag": tag, "tensors": len(encoder),
                "params": sum(v.numel() for v in encoder.values())}
     if teacher:
-        from .teacher import load_teacher_state
         t_out = Path(out).with_suffix(".teacher.safetensors")
-        ckpt_dir = Path(run_dir) / "checkpoints" / tag
-        write_weights(t_out, load_teacher_state(ckpt_dir), cfg, "encoder")
+        write_weights(t_out, read_teacher_state(Path(run_dir) / CKPT_DIR / tag), cfg, "encoder")
         written["teacher"] = str(t_out)
     return written
-
-
-def import_fairseq(ckpt: str | Path, out: str | Path) -> dict:
-    from .fairseq import from_fairseq, load_fairseq_checkpoint
-    check_writable(out)
-    model = from_fairseq(load_fairseq_checkpoint(ckpt))
-    tensors = dict(model.student.state_dict())
-    tensors.update({f"teacher.{k}": v for k, v in model.teacher.state_dict().items()})
-    write_weights(out, tensors, model.cfg.to_dict(), "model")
-    return {"out": str(out), "modality": model.cfg.model.modality, "tensors": len(tensors),
-            "student_params": sum(p.numel() for p in model.student.parameters())}

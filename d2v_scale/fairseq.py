@@ -9,9 +9,11 @@ source batch and a precomputed (B*M, T) mask and returns fairseq's summed `loss`
 """
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,6 +21,7 @@ from .config import (AudioConfig, Config, DecoderConfig, ImageConfig, MaskConfig
                      TeacherConfig, TextConfig)
 from .d2v import Data2Vec
 from .errors import D2VError, one_line
+from .export import check_writable, write_weights
 from .teacher import ReplicatedTeacher
 
 # fairseq options that are off in every released config and not implemented here
@@ -189,8 +192,6 @@ def from_fairseq(ckpt: dict, strict: bool = True) -> StudentTeacher:
 def load_fairseq_checkpoint(path: str | Path) -> dict:
     """torch.load with weights_only=True (numpy scalars in fairseq's extra_state allowed); every
     refusal is one line with the fix."""
-    import pickle
-    import numpy as np
     if not Path(path).is_file():
         raise FairseqImportError(f"{path} not found; give the path of a fairseq checkpoint (checkpoint_best.pt)")
     safe = [np.dtype, type(np.dtype("float64")), type(np.dtype("int64"))]
@@ -220,3 +221,14 @@ def load_fairseq_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict):
         raise FairseqImportError(f"{path} holds a {type(ckpt).__name__}, not a fairseq checkpoint dict")
     return ckpt
+
+
+def import_fairseq(ckpt: str | Path, out: str | Path) -> dict:
+    """`d2v import-fairseq`: a fairseq checkpoint -> a d2v_scale weights file (student + teacher)."""
+    check_writable(out)
+    model = from_fairseq(load_fairseq_checkpoint(ckpt))
+    tensors = dict(model.student.state_dict())
+    tensors.update({f"teacher.{k}": v for k, v in model.teacher.state_dict().items()})
+    write_weights(out, tensors, model.cfg.to_dict(), "model")
+    return {"out": str(out), "modality": model.cfg.model.modality, "tensors": len(tensors),
+            "student_params": sum(p.numel() for p in model.student.parameters())}

@@ -12,6 +12,7 @@ Recomputation under activation checkpointing is not counted (model FLOPs, not ha
 from __future__ import annotations
 
 from .masking import check_counts
+from .models.audio import conv_layers_out
 
 
 def block_flops(n: int, D: int, mlp_ratio: float = 4.0) -> float:
@@ -39,7 +40,6 @@ def local_flops(cfg, T: int, source_len: int) -> float:
     if m.modality == "image":
         return 2 * T * m.image.in_chans * m.image.patch_size ** 2 * m.embed_dim
     if m.modality == "audio":
-        from .models.audio import conv_layers_out
         layers = conv_layers_out(m.audio.feature_encoder_spec, source_len)
         return sum(2 * k * cin * cout * n for cin, cout, k, n in layers) + 2 * T * layers[-1][1] * m.embed_dim
     return 0.0

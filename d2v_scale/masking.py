@@ -100,3 +100,8 @@ def sample_mask(cfg, rows: int, grid: tuple[int, ...], generator: torch.Generato
         return random_mask(rows, math.prod(grid), cfg.mask_prob, generator)
     return block_mask(rows, grid, cfg.mask_prob, cfg.mask_length, cfg.mask_prob_adjust,
                       cfg.inverse_mask, generator)
+
+
+def check_mask(cfg, grid: tuple[int, ...]) -> None:
+    """Raise MaskError now (with the fix) if `cfg` (a MaskConfig) cannot be met on `grid`."""
+    sample_mask(cfg, 1, grid, torch.Generator().manual_seed(0))

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 from .d2v import mean_std
 from .dist import all_reduce_sum
@@ -66,7 +68,6 @@ class Metrics:
         self.peak_flops = peak_flops
         self.writer, self.jsonl = None, None
         if is_main:
-            from torch.utils.tensorboard import SummaryWriter
             # steps after the one resumed from are trained again: TensorBoard hides their old events,
             # metrics.jsonl moves their old rows aside, so neither keeps two rows for one step
             self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1)
@@ -77,7 +78,6 @@ class Metrics:
             self.jsonl = open(out_dir / "metrics.jsonl", "a")   # one line per log step
         self.bar = None
         if is_main and progress and sys.stderr.isatty():
-            from tqdm import tqdm
             self.bar = tqdm(total=stop_step, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
         self._reset()
         self.start_step, self.t_start = start_step, time.perf_counter()

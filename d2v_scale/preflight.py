@@ -9,23 +9,18 @@ the ranks wait on each other. Nothing here writes to the run directory.
 """
 from __future__ import annotations
 
-import difflib
-import json
-import math
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .checkpoint import ResumePoint, find_resume
 from .config import Config, ConfigError, from_json
-from .data import Shards, check_shards, find_shards
-from .data.shards import DataError
+from .data import DataError, Shards, check_shards, find_shards
+from .dsconfig import resolve_ds_config, validate_ds_config
 from .errors import one_line
-
-SHIPPED_DS_CONFIGS = Path(__file__).parent.parent / "ds_configs"
+from .masking import check_mask
+from .models import token_grid
 
 
 @dataclass
@@ -43,7 +38,7 @@ def preflight(cfg: Config, ds_overrides: dict | None, world: int, every_shard: b
     shards = find_shards(cfg.data.path, cfg.data.allow_pipe)
     check_shards(shards, cfg.model.modality, cfg.data.path, every_local=every_shard)
     resolve_from_data(cfg, shards)
-    check_mask(cfg)
+    check_mask(cfg.mask, token_grid(cfg, cfg.data.min_sample_size))
     W = max(1, cfg.data.num_workers)
     if cfg.data.sampling == "split" and len(shards.urls) < world * W:
         raise DataError(f"{len(shards.urls)} shards cannot be split over {world} ranks x {W} workers: make more "
@@ -59,116 +54,7 @@ def preflight(cfg: Config, ds_overrides: dict | None, world: int, every_shard: b
     return Preflight(shards, ds, resume, changed)
 
 
-# -- DeepSpeed config ------------------------------------------------------------------------------
-
-def resolve_ds_config(cfg: Config, world: int, overrides: dict | None = None, cuda: bool | None = None) -> dict:
-    """Load the DeepSpeed JSON, apply `ds.*` overrides, fill "auto" values from cfg, check consistency."""
-    path = Path(cfg.run.ds_config)
-    if not path.is_file():
-        shipped = ", ".join(sorted(p.name for p in SHIPPED_DS_CONFIGS.glob("*.json")))
-        raise ConfigError(f"ds_config {path} not found (shipped in ds_configs/: {shipped})")
-    try:
-        ds = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"ds_config {path} is not valid JSON: {e}") from None
-    if not isinstance(ds, dict):
-        raise ConfigError(f"ds_config {path} must hold a JSON object (DeepSpeed's config), not {type(ds).__name__}")
-    for key, value in (overrides or {}).items():
-        node = ds
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--ds.{key}: {p} is not a section of the ds_config")
-        node[leaf] = value
-    for section in ("optimizer", "scheduler"):
-        if section in ds:
-            raise ConfigError(f"ds_config {path} has a {section!r} section: d2v_scale builds AdamW and the "
-                              f"warmup+cosine schedule itself (set --optim.* instead); remove it")
-    cuda = torch.cuda.is_available() if cuda is None else cuda
-    micro = cfg.data.batch_size
-    if cfg.data.global_batch:
-        if cfg.data.global_batch % (micro * world):
-            raise ConfigError(f"data.global_batch={cfg.data.global_batch} is not a multiple of data.batch_size="
-                              f"{micro} x {world} ranks; pick a batch size that divides it")
-        gas = cfg.data.global_batch // (micro * world)
-    else:
-        gas = 1
-    auto = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,
-            "train_batch_size": micro * gas * world, "gradient_clipping": cfg.optim.clip_grad}
-    for key, value in auto.items():
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
-    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
-        if not isinstance(ds[key], int) or isinstance(ds[key], bool) or ds[key] < 1:
-            raise ConfigError(f"ds_config {key}={ds[key]!r}: must be an integer >= 1, or \"auto\"")
-    clip = ds["gradient_clipping"]
-    if not isinstance(clip, (int, float)) or isinstance(clip, bool) or not math.isfinite(clip) or clip < 0:
-        raise ConfigError(f"ds_config gradient_clipping={clip!r}: must be a number >= 0, or \"auto\"")
-    if ds["train_batch_size"] != ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world:
-        raise ConfigError(f"ds_config: train_batch_size {ds['train_batch_size']} != micro batch "
-                          f"{ds['train_micro_batch_size_per_gpu']} x accumulation {ds['gradient_accumulation_steps']} "
-                          f"x world {world}; set them to \"auto\" to derive them from --data.batch_size/global_batch")
-    bf16 = ds.setdefault("bf16", {"enabled": "auto"})
-    if bf16.get("enabled") == "auto":
-        bf16["enabled"] = bool(cuda and torch.cuda.is_bf16_supported())
-    if ds.get("fp16", {}).get("enabled") and not cuda:
-        raise ConfigError("fp16 is not supported by DeepSpeed on CPU; use bf16 or fp32 (set fp16.enabled false)")
-    ds.setdefault("steps_per_print", 10 ** 9)
-    ds.setdefault("wall_clock_breakdown", False)
-    return ds
-
-
-class _ReadKeys(dict):
-    """A dict that records which keys are asked for (copies share the record)."""
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.read = set()
-
-    def get(self, key, default=None):
-        self.read.add(key)
-        return super().get(key, default)
-
-    def __getitem__(self, key):
-        self.read.add(key)
-        return super().__getitem__(key)
-
-    def __contains__(self, key):
-        self.read.add(key)
-        return super().__contains__(key)
-
-
-_SECTIONS = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedBF16Config": "bf16", "DeepSpeedFP16Config": "fp16",
-             "DeepSpeedZeroOffloadParamConfig": "zero_optimization.offload_param",
-             "DeepSpeedZeroOffloadOptimizerConfig": "zero_optimization.offload_optimizer"}
-
-
-def validate_ds_config(ds: dict, path: str) -> None:
-    """DeepSpeed's own validation of the resolved config (typed sections, batch sizes), and top-level
-    keys DeepSpeed never reads (a typo there is silently ignored by DeepSpeed)."""
-    from .dist import select_accelerator
-    select_accelerator()
-    from deepspeed.runtime.config import DeepSpeedConfig
-    from pydantic import ValidationError
-    probe = _ReadKeys(ds)                  # DeepSpeedConfig sees a world of 1 without a process group
-    probe["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
-    try:
-        DeepSpeedConfig(probe)
-    except ValidationError as e:
-        where = _SECTIONS.get(e.title, e.title)
-        errs = "; ".join(f"{where}.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"ds_config {path}: {errs} (fix the JSON or the --ds.* override)") from None
-    except (AssertionError, ValueError, TypeError, KeyError, AttributeError) as e:
-        raise ConfigError(f"ds_config {path}: DeepSpeed rejects it: {one_line(e) or type(e).__name__}") from None
-    unknown = sorted(set(ds) - probe.read)
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], sorted(probe.read), n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]!r}?" if close else "; DeepSpeed would ignore it"
-        raise ConfigError(f"ds_config {path}: unknown key {unknown[0]!r}{hint}")
-
-
-# -- data-derived settings and masks ----------------------------------------------------------------
+# -- data-derived settings ----------------------------------------------------------------
 
 def resolve_from_data(cfg: Config, shards: Shards) -> None:
     """Settings that come from the shards: the text vocabulary size (the index records it)."""
@@ -181,24 +67,6 @@ def resolve_from_data(cfg: Config, shards: Shards) -> None:
         return
     raise ConfigError("model.text.vocab_size is unknown: pass --data INDEX.json written by `d2v-shard text` "
                       "(it records the sentencepiece vocabulary) or set --model.text.vocab_size")
-
-
-def check_mask(cfg: Config) -> None:
-    """Raise MaskError now if the mask settings cannot be met on the model's token grid."""
-    from .masking import block_mask, random_mask
-    m, gen = cfg.model, torch.Generator().manual_seed(0)
-    if m.modality == "image":
-        grid = (m.image.img_size // m.image.patch_size,) * 2
-    elif m.modality == "text":
-        grid = (cfg.data.tokens_per_sample,)
-    else:
-        from .models.audio import frames_for
-        grid = (frames_for(m.audio.feature_encoder_spec, cfg.data.min_sample_size),)
-    if cfg.mask.mask_length <= 1:
-        random_mask(1, math.prod(grid), cfg.mask.mask_prob, gen)
-    else:
-        block_mask(1, grid, cfg.mask.mask_prob, cfg.mask.mask_length, cfg.mask.mask_prob_adjust,
-                   cfg.mask.inverse_mask, gen)
 
 
 # -- the run directory --------------------------------------------------------------------------------

@@ -9,9 +9,11 @@ the demo and CPU smoke runs.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 
 from .config import (AudioConfig, Config, ConfigError, DataConfig, DecoderConfig, ImageConfig,
-                     MaskConfig, ModelConfig, OptimConfig, RunConfig, TeacherConfig, TextConfig)
+                     MaskConfig, ModelConfig, OptimConfig, RunConfig, TeacherConfig, TextConfig,
+                     apply_overrides, from_json)
 
 NO_COLLAPSE_GUARD = dict(min_target_var=0.0, min_pred_var=0.0)   # all vision yamls set both to 0
 
@@ -163,10 +165,27 @@ PRESETS = {
 
 def get_preset(name: str) -> Config:
     if name not in PRESETS:
-        import difflib
         close = difflib.get_close_matches(name, PRESETS, n=1)
         raise ConfigError(f"unknown preset {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
                           + f" (presets: {', '.join(PRESETS)})")
     cfg = PRESETS[name]()
     cfg.preset = name
     return cfg
+
+
+# `--data`, `--out`, ... on the command line are these config keys
+SHORTCUTS = {"data": "data.path", "out": "run.out", "resume": "run.resume", "ds_config": "run.ds_config"}
+
+
+def build_config(preset: str | None = None, from_json_path: str | None = None, **overrides) -> tuple[Config, dict]:
+    """Config from a preset or a run's config.json, then `--section.key=value` overrides (and the
+    SHORTCUTS); `ds.*` keys are returned apart, for the DeepSpeed JSON. Returns (cfg, ds_overrides)."""
+    if not preset and not from_json_path:
+        raise ConfigError(f"pass --preset (one of {', '.join(PRESETS)}) or --from_json RUN_DIR/config.json")
+    cfg = from_json(from_json_path) if from_json_path else get_preset(preset)
+    if preset and from_json_path:
+        cfg.preset = preset
+    ds_overrides = {k[3:]: v for k, v in overrides.items() if k.startswith("ds.")}
+    rest = {SHORTCUTS.get(k, k): v for k, v in overrides.items() if not k.startswith("ds.") and v is not None}
+    apply_overrides(cfg, rest)
+    return cfg.validate(), ds_overrides

@@ -11,18 +11,17 @@ fp32 teacher slice on CPU and refreshes the teacher's compute-precision slice (`
 applied optimizer step. No collective runs. The student slice comes from
   * ZeRO-3: `deepspeed.utils.safe_get_local_fp32_param` (the optimizer's fp32 master partition);
   * ZeRO-0/1/2: the matching slice of the (replicated) student parameter, in its stored precision.
-Checkpoints hold each rank's fp32 slices (`teacher_rank{r}.pt`); slices of a flat chunking
-re-partition to any world size, so the teacher itself never blocks a resume at another size.
+Checkpoints hold each rank's fp32 slices (`teacher_rank{r}.pt`, written and read by checkpoint.py);
+slices of a flat chunking re-partition to any world size, so the teacher itself never blocks a resume
+at another size.
 """
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError
 from .teacher import make_targets, teacher_copy
 
 
@@ -71,6 +70,8 @@ def teacher_ds_config(student_ds: dict) -> dict:
 
 
 class ShardedTeacher:
+    sharded = True       # checkpoints hold one file of fp32 slices per rank
+
     def __init__(self, model: nn.Module, cfg, student_ds: dict, dist):
         import deepspeed
         self.cfg, self.rank, self.world = cfg.model, dist.rank, dist.world
@@ -135,29 +136,18 @@ class ShardedTeacher:
             if p.ds_tensor.data.data_ptr() != a.data_ptr():
                 p.ds_tensor.data.copy_(a)                                   # compute-precision slice
 
-    # -- checkpoint ----------------------------------------------------------------------------
+    # -- state (checkpoint.py writes and reads the files) -----------------------------------------
     def state_dict(self) -> dict:
+        """This rank's fp32 slices, with what re-splitting them needs."""
         return {"world": self.world, "rank": self.rank, "shapes": self.shapes,
                 "slices": {n: a.clone() for n, a in zip(self.names, self.fp32)}}
 
-    def save(self, ckpt_dir, rank: int) -> None:
-        torch.save(self.state_dict(), Path(ckpt_dir) / f"teacher_rank{rank}.pt")
-
-    def load(self, ckpt_dir, rank: int) -> None:
-        ckpt_dir = Path(ckpt_dir)
-        files = sorted(ckpt_dir.glob("teacher_rank*.pt"))
-        if not files and (ckpt_dir / "teacher.pt").exists():              # a replicated teacher's checkpoint
-            full = torch.load(ckpt_dir / "teacher.pt", map_location="cpu", weights_only=True)
-        elif len(files) == self.world:
-            own = torch.load(ckpt_dir / f"teacher_rank{rank}.pt", map_location="cpu", weights_only=True)
-            self._set({n: own["slices"][n] for n in self.names})
-            return
-        else:
-            full = consolidate_shards(ckpt_dir)                             # another world size: re-split
-        self._set({n: local_slice(full[n].float().flatten(), self.rank, self.world) for n in self.names})
+    def load_slices(self, slices: dict[str, torch.Tensor]) -> None:
+        """This rank's own slices, as `state_dict()["slices"]` of the same world size held them."""
+        self._set({n: slices[n] for n in self.names})
 
     def load_state_dict(self, full: dict[str, torch.Tensor]) -> None:
-        """From full (unpartitioned) fp32 tensors, e.g. an imported fairseq teacher."""
+        """From full (unpartitioned) fp32 tensors: an imported teacher, or another world size's."""
         self._set({n: local_slice(full[n].float().flatten(), self.rank, self.world) for n in self.names})
 
     @torch.no_grad()
@@ -179,16 +169,3 @@ class ShardedTeacher:
                 flat = a
             out[n] = flat[: math.prod(self.shapes[n])].view(self.shapes[n]).clone()
         return out
-
-
-def consolidate_shards(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 teacher tensors from the per-rank slices of a checkpoint (offline, on CPU)."""
-    files = sorted(Path(ckpt_dir).glob("teacher_rank*.pt"), key=lambda f: int(f.stem.split("rank")[1]))
-    if not files:
-        raise CheckpointError(f"{ckpt_dir}: no teacher.pt or teacher_rank*.pt; the checkpoint is incomplete")
-    shards = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
-    world = shards[0]["world"]
-    if len(shards) != world:
-        raise CheckpointError(f"{ckpt_dir}: {len(shards)} teacher slices for a world of {world}; the checkpoint is incomplete")
-    return {n: torch.cat([s["slices"][n] for s in shards])[: math.prod(shape)].view(shape)
-            for n, shape in shards[0]["shapes"].items()}

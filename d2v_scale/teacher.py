@@ -76,6 +76,8 @@ def teacher_copy(encoder: nn.Module) -> nn.Module:
 class ReplicatedTeacher:
     """A full teacher on every rank: compute copy (model dtype) + fp32 accumulators."""
 
+    sharded = False      # checkpoints hold one full fp32 state (rank 0 writes it)
+
     def __init__(self, student_encoder: nn.Module, model_cfg, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None):
         self.cfg = model_cfg
@@ -125,15 +127,9 @@ class ReplicatedTeacher:
             for p, a in zip(self.module.parameters(), self.fp32):
                 p.data.copy_(a)
 
-    # -- checkpoint ----------------------------------------------------------------------------
-    def save(self, ckpt_dir, rank: int) -> None:
-        if rank == 0:
-            torch.save(self.state_dict(), f"{ckpt_dir}/teacher.pt")
-
-    def load(self, ckpt_dir, rank: int) -> None:
-        self.load_state_dict(load_teacher_state(ckpt_dir))    # teacher.pt, or a sharded teacher's slices
-
+    # -- state (checkpoint.py writes and reads the files) -----------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The full fp32 teacher (names as the student encoder's)."""
         return {n: a.detach().cpu().clone() for n, a in zip(self.names, self.fp32)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -177,13 +173,3 @@ class _gathered:
     def __exit__(self, *exc):
         if self.ctx is not None:
             self.ctx.__exit__(*exc)
-
-
-def load_teacher_state(ckpt_dir) -> dict[str, torch.Tensor]:
-    """The fp32 teacher of a checkpoint directory, consolidated on CPU (for export)."""
-    from pathlib import Path
-    path = Path(ckpt_dir) / "teacher.pt"
-    if path.exists():
-        return torch.load(path, map_location="cpu", weights_only=True)
-    from .sharded_teacher import consolidate_shards
-    return consolidate_shards(Path(ckpt_dir))

@@ -15,55 +15,24 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from .config import Config, ConfigError
-from .d2v import Data2Vec
+from . import dist as dist_mod
+from .config import Config
+from .data import build_loader
 from .dist import Dist, all_reduce_sum, print0
+from .dsconfig import zero_stage
+from .engine import build_engine
 from .errors import D2VError
+from .flops import step_flops_per_sample
 from .masking import sample_mask
-from .optim import build_optimizer, lr_at, set_lr
+from .metrics import Metrics, measure_peak_flops
+from .optim import lr_at, set_lr
+from .preempt import REQUEUE, StopRequested, StopSignals, requeue_slurm_job, restart_banner
 from .preflight import preflight
-from .teacher import ReplicatedTeacher, decay_at
+from .teacher import decay_at
 
 
 class TrainingError(D2VError, RuntimeError):
     """Training stopped on purpose (collapse guard, non-finite loss) with the reason and the fix."""
-
-
-# -- set-up ----------------------------------------------------------------------------------------
-
-def compute_dtype(ds: dict) -> torch.dtype:
-    if ds.get("bf16", {}).get("enabled"):
-        return torch.bfloat16
-    if ds.get("fp16", {}).get("enabled"):
-        return torch.float16
-    return torch.float32
-
-
-def offloads_optimizer(ds: dict) -> bool:
-    return ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in ("none", None)
-
-
-def build_teacher(model: Data2Vec, cfg: Config, ds: dict, dist: Dist):
-    """The EMA teacher, copied from the student before DeepSpeed partitions it."""
-    placement = cfg.teacher.placement
-    if placement == "auto":
-        placement = "sharded" if ds.get("zero_optimization", {}).get("stage", 0) == 3 else "replicated"
-    if placement == "sharded":
-        from .sharded_teacher import ShardedTeacher
-        return ShardedTeacher(model, cfg, ds, dist)
-    return ReplicatedTeacher(model.encoder, cfg.model, dtype=compute_dtype(ds), device=dist.device)
-
-
-def load_init_weights(model: Data2Vec, teacher, path: str) -> None:
-    """Start from an imported or exported weights file (student, and teacher when present)."""
-    from .export import read_weights
-    student, teacher_state, _ = read_weights(path)
-    missing, unexpected = model.load_state_dict(student, strict=False)
-    if unexpected or [k for k in missing if k.startswith("encoder.")]:
-        raise ConfigError(f"run.init_from={path}: weights do not fit the model (missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]}); check --preset")
-    if teacher_state:
-        teacher.load_state_dict(teacher_state)
 
 
 # -- one step ----------------------------------------------------------------------------------------
@@ -116,16 +85,10 @@ def train_step(engine, teacher, batch: dict, cfg: Config, step: int, micro: int,
 # -- the loop ------------------------------------------------------------------------------------------
 
 def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
-    from . import dist as dist_mod
-    from .data import build_loader
-    from .metrics import Metrics, measure_peak_flops
-
     # every check before the ranks wait on each other; nothing is written before it passed
     plan = preflight(cfg, ds_overrides, int(os.environ.get("WORLD_SIZE", "1")), every_shard=False)
     ds, resumed = plan.ds, plan.resume
     dist = dist_mod.init()
-    import deepspeed
-    dtype = compute_dtype(ds)
     run_dir = Path(cfg.run.out)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -138,18 +101,9 @@ def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
         if plan.changed:
             print0("d2v: resuming with changed settings: " + "; ".join(plan.changed))
 
-    # model, teacher, engine (identical init on every rank)
-    torch.manual_seed(cfg.run.seed)
-    model = Data2Vec(cfg.model, cfg.mask.mask_noise_std)
-    teacher = build_teacher(model, cfg, ds, dist)
-    if cfg.run.init_from:
-        load_init_weights(model, teacher, cfg.run.init_from)
-    if cfg.run.compile:                      # per block: compiled graphs stay small and ZeRO hooks stay outside
-        for blk in list(model.encoder.blocks) + list(teacher.encoder.blocks):
-            blk.compile()
-    n_params = sum(p.numel() for p in model.parameters())
-    optimizer = build_optimizer(model, cfg.optim, offload=offloads_optimizer(ds))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    # student engine and EMA teacher (identical init on every rank)
+    built = build_engine(cfg, dist, ds)
+    engine, teacher, dtype = built.engine, built.teacher, built.dtype
 
     # resume
     data_state = None
@@ -167,12 +121,11 @@ def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
     metrics = Metrics(run_dir, dist.is_main, dist.world, engine.global_steps, stop, peak, cfg.run.progress)
     encoder = engine.module.encoder
     gas = engine.gradient_accumulation_steps()
-    print0(f"d2v_scale: {cfg.preset or 'custom'} | {n_params / 1e6:.2f}M student "
+    print0(f"d2v_scale: {cfg.preset or 'custom'} | {built.n_params / 1e6:.2f}M student "
            f"params | world {dist.world} x micro {cfg.data.batch_size} x accum {gas} | ZeRO-"
-           f"{ds.get('zero_optimization', {}).get('stage', 0)} | {str(dtype).replace('torch.', '')} | "
+           f"{zero_stage(ds)} | {str(dtype).replace('torch.', '')} | "
            f"{len(urls)} shards | steps {engine.global_steps} -> {stop}")
 
-    from .preempt import StopSignals, restart_banner
     signals = StopSignals(dist.rank, cfg.run.stop_timeout_s,
                           lambda: checkpoint.latest_tag(run_dir / checkpoint.CKPT_DIR))
     if restart_banner():
@@ -205,8 +158,6 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def _loop(engine, teacher, loader, cfg, dist, dtype, metrics, signals, run_dir, stop, encoder):
-    from .flops import step_flops_per_sample
-    from .preempt import REQUEUE, StopRequested, requeue_slurm_job
     last_saved, micro, out = None, 0, None
     for batch in loader:
         step = engine.global_steps

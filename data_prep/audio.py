@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import torch
+import torchaudio.functional as AF
 
 from d2v_scale.data.format import AUDIO_EXT, SAMPLE_RATE, SOURCE_EXT
 
@@ -39,8 +41,6 @@ def load_mono_16k(path: str | Path) -> np.ndarray:
         raise ValueError(f"not readable audio: {e}") from None
     wav = wav.mean(axis=1)                                               # (n,) mono
     if sr != SAMPLE_RATE:
-        import torch
-        import torchaudio.functional as AF
         wav = AF.resample(torch.from_numpy(wav), sr, SAMPLE_RATE).numpy()
     return wav
 

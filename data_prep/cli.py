@@ -22,6 +22,16 @@ import sys
 from pathlib import Path
 
 import fire
+import sentencepiece as spmlib
+
+from d2v_scale.errors import D2VError
+
+from .audio import encode_audio, find_audio, write_manifest
+from .image import encode_image, find_images
+from .pipeline import Chunks, shard
+from .sink import normalize_pattern
+from .text import BlockPacker, encode_text_file, find_text, train_spm
+from .verify import verify as run_verify
 
 WORKERS = os.cpu_count() or 1
 
@@ -43,14 +53,11 @@ def _summary(index: dict, what: str) -> None:
 
 def _run(items, fn, dst, keys, what, meta, maxcount, maxsize, workers, seed, collector=None, extras=None,
          overwrite=False):
-    from .pipeline import shard
-    from .sink import SinkError, normalize_pattern
-    from d2v_scale.data.s3 import S3Error
     try:
         index = shard(items, fn, normalize_pattern(dst), keys=keys, maxcount=maxcount, maxsize=maxsize,
                       workers=workers, seed=seed, desc=what, meta=meta, collector=collector, extras=extras,
                       overwrite=overwrite)
-    except (SinkError, S3Error, ValueError) as e:
+    except (D2VError, ValueError) as e:
         _fail(str(e))
     _summary(index, what)
     return index
@@ -66,7 +73,6 @@ def _source(src: str) -> Path:
 def image(src: str, dst: str, maxcount: int = 10_000, maxsize: float = 1e9, workers: int = WORKERS,
           max_size: int | None = None, seed: int = 0, overwrite: bool = False) -> None:
     """An image folder, or an ImageNet train layout (class subfolders -> `cls` + classes.json)."""
-    from .image import encode_image, find_images
     root = _source(src)
     if not root.is_dir():
         _fail(f"{src} is not a directory of images")
@@ -84,8 +90,6 @@ def audio(src: str, dst: str, ext: str = "wav,flac,ogg", max_seconds: float = 30
           maxcount: int = 2_000, maxsize: float = 1e9, workers: int = WORKERS, seed: int = 0,
           overwrite: bool = False) -> None:
     """A folder of wav/flac/ogg (recursive) or a .tsv manifest -> mono 16 kHz flac chunks."""
-    from .audio import encode_audio, find_audio
-    from .pipeline import Chunks
     _source(src)
     exts = tuple(ext.split(",")) if isinstance(ext, str) else tuple(ext)
     root, files = find_audio(src, exts)
@@ -100,7 +104,6 @@ def audio(src: str, dst: str, ext: str = "wav,flac,ogg", max_seconds: float = 30
 
 def manifest(src: str, dest: str, valid_percent: float = 0.01, ext: str = "flac", seed: int = 42) -> None:
     """train.tsv / valid.tsv (root line, then path<TAB>frames) as fairseq's wav2vec_manifest writes them."""
-    from .audio import write_manifest
     _source(src)
     try:
         counts = write_manifest(src, dest, valid_percent, tuple(ext.split(",")), seed)
@@ -113,7 +116,6 @@ def manifest(src: str, dest: str, valid_percent: float = 0.01, ext: str = "flac"
 def spm_train(corpus: str, model_prefix: str, vocab_size: int = 8000, model_type: str = "unigram",
               seed: int = 0) -> None:
     """A sentencepiece model with fairseq's special-token layout (bos 0, pad 1, eos 2, unk 3)."""
-    from .text import train_spm
     _source(corpus)
     try:
         path = train_spm(corpus, model_prefix, vocab_size, model_type, seed=seed)
@@ -125,7 +127,6 @@ def spm_train(corpus: str, model_prefix: str, vocab_size: int = 8000, model_type
 def text(src: str, dst: str, spm: str, tokens_per_sample: int = 512, maxcount: int = 10_000,
          maxsize: float = 1e9, workers: int = WORKERS, seed: int = 0, overwrite: bool = False) -> None:
     """Text files -> blocks of <s> + (tokens_per_sample - 1) sentencepiece ids (.npy, uint16 or int32)."""
-    from .text import BlockPacker, encode_text_file, find_text
     _source(src)
     if not Path(spm).exists():
         _fail(f"--spm {spm} not found; train one with `d2v-shard spm-train CORPUS PREFIX --vocab_size N`")
@@ -133,7 +134,6 @@ def text(src: str, dst: str, spm: str, tokens_per_sample: int = 512, maxcount: i
     if not files:
         _fail(f"{src} has no text files")
 
-    import sentencepiece as spmlib
     vocab = spmlib.SentencePieceProcessor(model_file=spm).get_piece_size()
 
     class Packer:
@@ -156,11 +156,9 @@ def text(src: str, dst: str, spm: str, tokens_per_sample: int = 512, maxcount: i
 
 def verify(index: str, decode: bool = True) -> None:
     """Re-read every shard of INDEX: existence, size, sha256, sample count, decodability."""
-    from .verify import verify as run
-    from d2v_scale.data.s3 import S3Error
     try:
-        report = run(index, decode)
-    except (OSError, S3Error, ValueError, KeyError) as e:
+        report = run_verify(index, decode)
+    except (OSError, D2VError, ValueError, KeyError) as e:
         _fail(f"{index}: {e}")
     for url, problems in report["problems"].items():
         for p in problems:

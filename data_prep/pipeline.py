@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .sink import ShardSink
 
 
@@ -61,7 +63,6 @@ class _Progress:
         self.total, self.desc, self.n, self.next_pct, self.t0 = total, desc, 0, 10, time.time()
         self.bar = None
         if sys.stderr.isatty():
-            from tqdm import tqdm
             self.bar = tqdm(total=total, desc=desc, unit="file", mininterval=0.5)
 
     def update(self, samples: int, skipped: int) -> None:

@@ -11,9 +11,11 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from d2v_scale.data.s3 import S3Error, client, explain, split_url
+from d2v_scale.data.s3 import S3Error, client, explain, list_objects, split_url
 
-from .sink import SinkError
+
+class UploadError(S3Error):
+    """The bucket cannot be written (missing, no credentials, refused); the message says what to set."""
 
 
 class Uploader:
@@ -22,7 +24,7 @@ class Uploader:
         try:
             client().head_bucket(Bucket=self.bucket)
         except Exception as e:  # noqa: BLE001 - turned into the fix
-            raise SinkError(explain(e, f"s3://{self.bucket}/")) from None
+            raise UploadError(explain(e, f"s3://{self.bucket}/")) from None
         self.tmpdir = tempfile.mkdtemp(prefix="d2v-shard-")
         self.pool = ThreadPoolExecutor(threads)
         self.futures = []
@@ -39,7 +41,7 @@ class Uploader:
                 break
             except Exception as e:  # noqa: BLE001
                 if attempt == 3:
-                    raise S3Error(explain(e, url)) from None
+                    raise UploadError(explain(e, url)) from None
                 time.sleep(2 ** attempt)
         os.remove(local)
         self.bytes += size
@@ -58,11 +60,10 @@ class Uploader:
         try:
             client().put_object(Bucket=bucket, Key=key, Body=data)
         except Exception as e:  # noqa: BLE001
-            raise S3Error(explain(e, url)) from None
+            raise UploadError(explain(e, url)) from None
 
     def list_names(self, folder_url: str) -> list[str]:
         """Names of the objects directly under s3://bucket/prefix/ (not in sub-prefixes)."""
-        from d2v_scale.data.s3 import list_objects
         bucket, prefix = split_url(folder_url)
         return [k[len(prefix):] for k in list_objects(folder_url, suffix="") if "/" not in k[len(prefix):]]
 
@@ -72,7 +73,7 @@ class Uploader:
             try:
                 client().delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
             except Exception as e:  # noqa: BLE001
-                raise S3Error(explain(e, urls[i])) from None
+                raise UploadError(explain(e, urls[i])) from None
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

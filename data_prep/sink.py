@@ -15,8 +15,12 @@ from pathlib import Path
 
 import webdataset as wds
 
+from d2v_scale.errors import D2VError
 
-class SinkError(ValueError):
+from .s3_upload import Uploader, UploadError
+
+
+class SinkError(D2VError, ValueError):
     """A destination that cannot be written; raised before any sample is processed."""
 
 
@@ -72,8 +76,10 @@ class ShardSink:
         self.remote = self.pattern.startswith("s3://")
         self.index_url = index or (self.pattern.rsplit("/", 1)[0] + "/index.json")
         if self.remote:
-            from .s3_upload import Uploader
-            self.uploader = Uploader(self.pattern)
+            try:
+                self.uploader = Uploader(self.pattern)
+            except UploadError as e:
+                raise SinkError(str(e)) from None
             self.tmpdir = self.uploader.tmpdir
         else:
             parent = Path(self.pattern).parent

@@ -11,7 +11,10 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import sys
+
 import numpy as np
+import sentencepiece as spm
 
 from d2v_scale.data.format import SOURCE_EXT, TEXT_EXT
 
@@ -49,8 +52,6 @@ def text_problem(path: str) -> str | None:
 
 def train_spm(corpus: str, model_prefix: str, vocab_size: int, model_type: str = "unigram",
               max_sentences: int = 2_000_000, seed: int = 0) -> str:
-    import sys
-    import sentencepiece as spm
     files = []
     for f in find_text(corpus):
         if problem := text_problem(f):
@@ -80,7 +81,6 @@ _processors: dict[str, object] = {}
 
 def encode_text_file(path: str, spm_model: str) -> np.ndarray:
     """All lines of one file as ids, each line followed by </s> (blank lines: document breaks, dropped)."""
-    import sentencepiece as spm
     sp = _processors.get(spm_model)
     if sp is None:
         sp = _processors[spm_model] = spm.SentencePieceProcessor(model_file=spm_model)

@@ -11,6 +11,8 @@ import json
 import tarfile
 
 import numpy as np
+import soundfile as sf
+from PIL import Image
 
 from d2v_scale.data.format import AUDIO_EXT, TEXT_EXT, image_ext
 from d2v_scale.data.s3 import S3Error, read_bytes
@@ -18,11 +20,9 @@ from d2v_scale.data.s3 import S3Error, read_bytes
 
 def _decode(sample: dict) -> None:
     if image_ext(sample):
-        from PIL import Image
         with Image.open(io.BytesIO(sample[image_ext(sample)])) as im:
             im.load()
     elif AUDIO_EXT in sample:
-        import soundfile as sf
         wav, sr = sf.read(io.BytesIO(sample[AUDIO_EXT]), dtype="float32")
         if sr != 16000 or wav.ndim != 1 or len(wav) == 0:
             raise ValueError(f"audio is {sr} Hz, shape {wav.shape}; expected mono 16 kHz")

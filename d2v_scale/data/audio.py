@@ -20,11 +20,16 @@ class TooShort(Exception):
     """A sample the recipe leaves out on purpose (not a decoding error)."""
 
 
-class AudioDecoder:
-    def __init__(self, cfg):
-        self.normalize, self.min_size = cfg.normalize, cfg.min_sample_size
+class AudioCodec:
+    """decode: a sample -> normalised (S,) waveform; collate: waveforms -> {"source": (B, S)} cropped
+    to the shortest, or padded to the longest with {"padding_mask": (B, S)} (True = pad)."""
 
-    def __call__(self, sample: dict) -> torch.Tensor:
+    def __init__(self, cfg):
+        """cfg: DataConfig."""
+        self.normalize, self.min_size = cfg.normalize, cfg.min_sample_size
+        self.pad, self.max_size = cfg.pad_audio, cfg.max_sample_size
+
+    def decode(self, sample: dict) -> torch.Tensor:
         if AUDIO_EXT not in sample:
             raise ValueError(f"sample {sample.get('__key__')} has no .{AUDIO_EXT}")
         wav, sr = sf.read(io.BytesIO(sample[AUDIO_EXT]), dtype="float32", always_2d=True)
@@ -35,18 +40,13 @@ class AudioDecoder:
             raise TooShort(f"{len(x)} samples < data.min_sample_size {self.min_size}")
         return F.layer_norm(x, x.shape) if self.normalize else x
 
-
-class Collater:
-    def __init__(self, cfg, audio_cfg=None):
-        self.pad, self.max_size = cfg.pad_audio, cfg.max_sample_size
-
     def _crop(self, x: torch.Tensor, size: int) -> torch.Tensor:
         if len(x) <= size:
             return x
         start = int(torch.randint(0, len(x) - size + 1, ()))
         return x[start:start + size]
 
-    def __call__(self, items: list[torch.Tensor]) -> dict:
+    def collate(self, items: list[torch.Tensor]) -> dict:
         sizes = [len(x) for x in items]
         if not self.pad:
             target = min(min(sizes), self.max_size)
@@ -59,3 +59,7 @@ class Collater:
             source[i, : len(x)] = x
             padding[i, : len(x)] = False
         return {"source": source, "padding_mask": padding}                            # (B, S), True = pad
+
+    def synthetic(self, batch_size: int) -> dict:
+        """A batch of the longest utterances training crops to, for benchmarks and the planner."""
+        return {"source": torch.randn(batch_size, self.max_size)}                     # (B, S)

@@ -17,8 +17,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ImageTransform:
-    def __init__(self, img_size: int, crop_scale: tuple[float, float]):
+class ImageCodec:
+    """decode: a sample -> augmented (3, H, W) image; collate: images -> {"source": (B, 3, H, W)}."""
+
+    def __init__(self, img_size: int, crop_scale: tuple[float, float], in_chans: int = 3):
+        self.img_size, self.in_chans = img_size, in_chans
         self.tf = T.Compose([
             T.RandomResizedCrop(img_size, scale=crop_scale, interpolation=T.InterpolationMode.BICUBIC,
                                 antialias=True),
@@ -27,7 +30,7 @@ class ImageTransform:
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ])
 
-    def __call__(self, sample: dict) -> torch.Tensor:
+    def decode(self, sample: dict) -> torch.Tensor:
         ext = image_ext(sample)
         if ext is None:
             raise ValueError(f"sample {sample.get('__key__')} has no image ({', '.join(k for k in sample if not k.startswith('__'))})")
@@ -35,5 +38,9 @@ class ImageTransform:
             return self.tf(im.convert("RGB"))                        # (3, H, W)
 
 
-def collate(items: list[torch.Tensor]) -> dict:
-    return {"source": torch.stack(items)}                            # (B, 3, H, W)
+    def collate(self, items: list[torch.Tensor]) -> dict:
+        return {"source": torch.stack(items)}                        # (B, 3, H, W)
+
+    def synthetic(self, batch_size: int) -> dict:
+        """A batch of the shape training sees, for benchmarks and the planner."""
+        return {"source": torch.randn(batch_size, self.in_chans, self.img_size, self.img_size)}

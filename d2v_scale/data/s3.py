@@ -16,8 +16,17 @@ import io
 import os
 import sys
 import time
+import urllib.request
 from pathlib import Path
+from urllib.error import HTTPError
 from urllib.parse import urlparse
+
+import boto3
+import webdataset  # noqa: F401 - its gopen module holds the scheme table
+from botocore.config import Config
+from botocore.exceptions import (ClientError, ConnectionError as BotoConnectionError, EndpointConnectionError,
+                                 IncompleteReadError, NoCredentialsError, ReadTimeoutError, ResponseStreamingError)
+from urllib3.exceptions import HTTPError as Urllib3Error
 
 from ..errors import D2VError
 
@@ -35,8 +44,6 @@ def client():
     """One boto3 client per process (boto3 clients must not cross a fork)."""
     pid = os.getpid()
     if pid not in _clients:
-        import boto3
-        from botocore.config import Config
         session = boto3.session.Session()
         region = session.region_name or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         _clients[pid] = session.client(
@@ -55,8 +62,6 @@ def split_url(url: str) -> tuple[str, str]:
 
 def explain(e: Exception, url: str) -> str:
     """A message naming the problem and the fix, with no credential material."""
-    from urllib.error import HTTPError
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
     if isinstance(e, HTTPError):
         return f"{url}: HTTP {e.code} {e.reason}" + ("; no such object" if e.code == 404 else "")
     if isinstance(e, S3Error):
@@ -81,10 +86,6 @@ def explain(e: Exception, url: str) -> str:
 
 
 def _transient(e: Exception) -> bool:
-    from botocore.exceptions import (ClientError, ConnectionError as BotoConnectionError, IncompleteReadError,
-                                     ReadTimeoutError, ResponseStreamingError)
-    from urllib.error import HTTPError
-    from urllib3.exceptions import HTTPError as Urllib3Error
     if isinstance(e, HTTPError):
         return e.code >= 500
     if isinstance(e, S3Error):
@@ -179,7 +180,6 @@ class S3Reader(RangeReader):
 
 class HTTPReader(RangeReader):
     def _open(self) -> None:
-        import urllib.request
         req = urllib.request.Request(self.url, headers={"Range": f"bytes={self.pos}-"} if self.pos else {})
         resp = urllib.request.urlopen(req, timeout=60)  # noqa: S310 - the user's own data URL
         if self.pos and resp.status != 206:
@@ -210,7 +210,6 @@ def register(allow_pipe: bool = False) -> None:
     `pipe:` only when allowed, every other scheme (gs, ais, sftp, scp, hf: shell commands or network
     tools) refused. Forked DataLoader workers inherit the table."""
     global _PIPE_OPENER
-    import webdataset  # noqa: F401 - makes sure the module is loaded
     schemes = sys.modules["webdataset.gopen"].gopen_schemes
     if _PIPE_OPENER is None:
         _PIPE_OPENER = schemes.get("pipe")
@@ -267,7 +266,6 @@ def read_head(url: str, n: int) -> bytes:
         if url.startswith("s3://"):
             bucket, key = split_url(url)
             return client().get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{n - 1}")["Body"].read()
-        import urllib.request
         req = urllib.request.Request(url, headers={"Range": f"bytes=0-{n - 1}"})
         with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310 - the user's own data URL
             return resp.read(n)

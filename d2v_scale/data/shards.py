@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 from webdataset.shardlists import expand_urls
 
 from ..errors import D2VError
+from .s3 import HTTPReader, S3Error, list_objects, list_shards, read_bytes, read_head, split_url
 
 SCHEMES = ("", "file", "s3", "http", "https")
 REMOTE = ("s3://", "http://", "https://")
@@ -94,7 +95,6 @@ def _resolve(url: str, base: str) -> str:
 
 
 def read_index(path: str) -> dict:
-    from .s3 import S3Error, read_bytes
     try:
         index = json.loads(read_bytes(path))
     except FileNotFoundError:
@@ -121,7 +121,6 @@ def _check_local(urls: list[str], source: str) -> None:
 
 def _check_s3(urls: list[str], source: str) -> None:
     """Every object exists: one listing per prefix instead of a request per shard."""
-    from .s3 import S3Error, list_objects, split_url
     by_prefix: dict[tuple[str, str], set[str]] = {}
     for u in urls:
         bucket, key = split_url(u)
@@ -140,7 +139,6 @@ def _check_s3(urls: list[str], source: str) -> None:
 def _remote_urls(path: str, allow_pipe: bool) -> list[str]:
     """s3://bucket/prefix/ (every .tar under it) or a brace pattern of s3/http(s) URLs; S3 objects must
     all exist and the first http shard must answer before training starts."""
-    from .s3 import HTTPReader, S3Error, list_shards
     try:
         if path.endswith("/") and path.startswith("s3://"):
             urls = list_shards(path)
@@ -171,7 +169,6 @@ _EXAMPLE = {"image": "vit_base_patch16", "audio": "audio_base", "text": "text_ba
 
 def check_tar(url: str) -> None:
     """Raise DataError unless the shard starts like a tar archive (plain or gzip/bzip2/xz-compressed)."""
-    from .s3 import S3Error, read_head
     try:
         head = local_path(url).open("rb").read(512) if is_local(url) else read_head(url, 512)
     except (OSError, S3Error) as e:

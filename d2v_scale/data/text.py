@@ -9,11 +9,16 @@ import torch
 from .format import TEXT_EXT
 
 
-class TextDecoder:
-    def __init__(self, tokens_per_sample: int):
-        self.length = tokens_per_sample
+FIRST_WORD_ID = 4          # after fairseq's <s> 0, <pad> 1, </s> 2, <unk> 3
 
-    def __call__(self, sample: dict) -> torch.Tensor:
+
+class TextCodec:
+    """decode: a sample -> (T,) int64 ids; collate: blocks -> {"source": (B, T)}."""
+
+    def __init__(self, tokens_per_sample: int, vocab_size: int = 0):
+        self.length, self.vocab_size = tokens_per_sample, vocab_size
+
+    def decode(self, sample: dict) -> torch.Tensor:
         if TEXT_EXT not in sample:
             raise ValueError(f"sample {sample.get('__key__')} has no .{TEXT_EXT}")
         ids = np.load(io.BytesIO(sample[TEXT_EXT]), allow_pickle=False)
@@ -23,5 +28,9 @@ class TextDecoder:
         return torch.from_numpy(ids.astype(np.int64))
 
 
-def collate(items: list[torch.Tensor]) -> dict:
-    return {"source": torch.stack(items)}                                   # (B, T) token ids
+    def collate(self, items: list[torch.Tensor]) -> dict:
+        return {"source": torch.stack(items)}                               # (B, T) token ids
+
+    def synthetic(self, batch_size: int) -> dict:
+        """Random word ids of a full block, for benchmarks and the planner (needs vocab_size)."""
+        return {"source": torch.randint(FIRST_WORD_ID, self.vocab_size, (batch_size, self.length))}

@@ -17,8 +17,11 @@ loop consumed fixes exactly what each worker has delivered: that count is the wh
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import random
+import signal
+import threading
 import warnings
 
 import torch
@@ -127,15 +130,13 @@ class ShardStream(torch.utils.data.IterableDataset):
                 buf, skipped, done = [], 0, done + 1
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+def init_worker(worker_id: int) -> None:
     """Workers leave SIGTERM/SIGUSR1 to the training process, which checkpoints and then ends them
     (launchers and Slurm signal every process of a rank, workers included). A SIGTERM sent by the
     training process itself (torch's and multiprocessing's terminate() at shutdown) still ends the
     worker, even one blocked in a read: a thread waits for the signal and checks who sent it. A training
     process that dies or exits without shutting its loader down takes its workers with it (Linux
     PR_SET_PDEATHSIG), so none is left reading."""
-    import signal
-    import threading
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     _die_with_parent()
     parent = os.getppid()
@@ -153,8 +154,6 @@ def _ignore_stop_signals(worker_id: int) -> None:
 def _die_with_parent() -> None:
     if not os.path.exists("/proc/self"):        # not Linux: no PR_SET_PDEATHSIG
         return
-    import ctypes
-    import signal
     ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))   # PR_SET_PDEATHSIG
 
 
@@ -193,7 +192,7 @@ class Loader:
                          shuffle_buffer=self.cfg.shuffle_buffer, skip_batches=skip,
                          num_workers=self.cfg.num_workers)
         return torch.utils.data.DataLoader(
-            ds, batch_size=None, num_workers=self.cfg.num_workers, worker_init_fn=_ignore_stop_signals,
+            ds, batch_size=None, num_workers=self.cfg.num_workers, worker_init_fn=init_worker,
             persistent_workers=False, prefetch_factor=4 if self.cfg.num_workers > 0 else None,
             multiprocessing_context="fork" if self.cfg.num_workers > 0 and os.name == "posix" else None)
 

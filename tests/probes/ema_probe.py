@@ -11,7 +11,7 @@ import sys
 import torch
 
 from d2v_scale import dist as dist_mod
-from d2v_scale.bench import build_engine
+from d2v_scale.engine import build_engine
 from d2v_scale.masking import sample_mask
 from d2v_scale.presets import get_preset
 from d2v_scale.teacher import decay_at
@@ -26,7 +26,8 @@ def main(prefix: str, placement: str, ds_config: str, steps: int = 6, global_bat
     cfg.optim.warmup_steps, cfg.teacher.ema_decay = 1, 0.9  # visible teacher motion
     dist = dist_mod.init()
     cfg.data.batch_size = global_batch // dist.world
-    engine, teacher, dtype, ds = build_engine(cfg, dist)
+    built = build_engine(cfg, dist)
+    engine, teacher, dtype, ds = built.engine, built.teacher, built.dtype, built.ds
     M, B = cfg.mask.clone_batch, cfg.data.batch_size
     import deepspeed
     stage3 = ds["zero_optimization"]["stage"] == 3

@@ -15,7 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from data_prep import cli as shard
+
+from ..data.s3 import S3Error, head
+from ..dist import free_port
 from . import demo_data
+from .objectstore import SeaweedFS, weed_binary
 
 RECIPES = {  # modality -> (preset, default steps, extra train flags)
     "image": ("vit_base_patch16_debug", 1000, ["--data.batch_size=16", "--optim.warmup_steps=50"]),
@@ -26,7 +31,6 @@ RECIPES = {  # modality -> (preset, default steps, extra train flags)
 
 
 def _make_shards(modality: str, work: Path, shards: str, samples: int) -> None:
-    from data_prep import cli as shard
     if modality == "image":
         images = work / "images"
         if not images.exists():
@@ -57,7 +61,6 @@ def _make_shards(modality: str, work: Path, shards: str, samples: int) -> None:
 
 def _index_exists(url: str) -> bool:
     if url.startswith("s3://"):
-        from .data.s3 import S3Error, head
         try:
             head(url)
             return True
@@ -71,7 +74,6 @@ def run_demo(modality: str = "image", steps: int | None = None, ranks: int = 2, 
              s3: str | bool = "auto", **overrides) -> None:
     if modality not in RECIPES:
         raise SystemExit(f"d2v demo: --modality is one of {', '.join(RECIPES)}")
-    from .objectstore import SeaweedFS, weed_binary
     preset, default_steps, flags = RECIPES[modality]
     samples = samples or {"image": 2000, "audio": 300, "text": 0}[modality]
     work = Path(workdir)
@@ -98,7 +100,6 @@ def run_demo(modality: str = "image", steps: int | None = None, ranks: int = 2, 
 
 def _train(preset: str, modality: str, data: str, steps: int, ranks: int, out: str, ds_config: str, env: dict,
            flags: list[str]) -> None:
-    from .dist import free_port
     out_dir = Path(out) / modality
     args = ["train", "--preset", preset, "--data", data, "--ds_config", ds_config, "--out", str(out_dir),
             "--resume", "auto", f"--optim.max_steps={steps}", "--data.num_workers=1", "--run.log_every=10",

@@ -21,18 +21,24 @@ import math
 
 import torch
 
-from .flops import step_flops_per_sample
-from .masking import check_counts
+from .. import dist as dist_mod
+from ..config import with_vocab
+from ..d2v import Data2Vec
+from ..data import synthetic_batch
+from ..dist import print0
+from ..dsconfig import offloads_optimizer, zero_stage
+from ..engine import build_engine
+from ..flops import step_flops_per_sample
+from ..masking import check_counts
+from ..models import ENCODERS, token_grid
+from ..teacher import teacher_copy
+from ..train import train_step
 
 GB = 1024 ** 3
 
 
 def _meta_model(cfg):
-    from .d2v import Data2Vec
-    from .teacher import teacher_copy
-    m = cfg.model
-    if m.text is not None and not m.text.vocab_size:
-        m.text.vocab_size = 50265                      # the RoBERTa/GPT-2 dictionary fairseq's text runs use
+    m = with_vocab(cfg).model
     with torch.device("meta"):
         model = Data2Vec(m, cfg.mask.mask_noise_std)
         teacher = teacher_copy(model.encoder)
@@ -73,13 +79,7 @@ def model_states(student_numels: list[int], teacher_numels: list[int], world: in
 def activation_bytes(cfg, micro: int, checkpointing: bool, flash: bool = True) -> dict:
     m, M = cfg.model, cfg.mask.clone_batch
     D, L, H = m.embed_dim, m.prenet_depth + m.depth, m.num_heads
-    if m.modality == "image":
-        T, E = (m.image.img_size // m.image.patch_size) ** 2, 1
-    elif m.modality == "audio":
-        from .models.audio import frames_for
-        T, E = frames_for(m.audio.feature_encoder_spec, cfg.data.max_sample_size), 0
-    else:
-        T, E = cfg.data.tokens_per_sample, 0
+    T, E = math.prod(token_grid(cfg)), ENCODERS[m.modality].num_extra_tokens
     keep = check_counts(T, cfg.mask.mask_prob, cfg.mask.inverse_mask or cfg.mask.mask_length <= 1)
     n = keep + E
     tokens = micro * M * n
@@ -119,13 +119,8 @@ def plan(cfg, nodes: int, gpus_per_node: int, zero: int, micro_batch: int, offlo
     if cfg.data.global_batch and micro_batch * gas * world != cfg.data.global_batch:
         note = (f"the preset's global batch is {cfg.data.global_batch}; micro batch {micro_batch} x {world} GPUs "
                 f"gives {micro_batch * gas * world} (choose micro x world x accumulation = {cfg.data.global_batch})")
-    if cfg.model.modality == "image":
-        T, E, src = (cfg.model.image.img_size // cfg.model.image.patch_size) ** 2, 1, 0
-    elif cfg.model.modality == "audio":
-        from .models.audio import frames_for
-        T, E, src = frames_for(cfg.model.audio.feature_encoder_spec, cfg.data.max_sample_size), 0, cfg.data.max_sample_size
-    else:
-        T, E, src = cfg.data.tokens_per_sample, 0, 0
+    T, E = math.prod(token_grid(cfg)), ENCODERS[cfg.model.modality].num_extra_tokens
+    src = cfg.data.max_sample_size if cfg.model.modality == "audio" else 0     # waveform samples (audio CNN)
     flops = step_flops_per_sample(cfg, T, E, src)["total"]
     step_s = flops * micro_batch * gas / (mfu * peak_tflops * 1e12)
     # fairseq: DDP, fp16 params/grads + fp32 master + Adam on every GPU, fp16 + fp32 teacher on every GPU
@@ -213,7 +208,7 @@ def measure(engine, teacher) -> dict:
     else:                                                                     # ZeRO-0/1: full grads
         grads_list = [p.grad for p in engine.module.parameters()]
     g_bytes, _ = nbytes(grads_list)
-    if hasattr(teacher, "params"):
+    if teacher.sharded:
         t_bytes, t_ptrs = nbytes([p.ds_tensor for p in teacher.params])
     else:
         t_bytes, t_ptrs = nbytes(list(teacher.module.parameters()))
@@ -226,31 +221,25 @@ def measure_and_compare(cfg, ds_over: dict, micro: int) -> dict:
     """Build the real student and teacher on this world (launch under `deepspeed`), run one training
     step, and print each state's bytes per rank (taken just before the optimizer step, when the
     gradients are alive) next to the planner's prediction."""
-    from . import dist as dist_mod
-    from .bench import _synthetic_batch, build_engine
-    from .dist import print0
-    from .train import train_step
     cfg.data.batch_size, cfg.data.global_batch = micro, 0
-    if cfg.model.text is not None and not cfg.model.text.vocab_size:
-        cfg.model.text.vocab_size = 8000
+    with_vocab(cfg)
     dist = dist_mod.init()
-    engine, teacher, dtype, ds = build_engine(cfg, dist, ds_over)
+    built = build_engine(cfg, dist, ds_overrides=ds_over)
+    engine, teacher, dtype, ds = built.engine, built.teacher, built.dtype, built.ds
     step, taken = engine.step, {}
 
     def measured_step(*a, **kw):                 # gradients exist between backward and the step
         taken.update(measure(engine, teacher))
         return step(*a, **kw)
 
-    batch = _synthetic_batch(cfg, dist.device)
+    batch = synthetic_batch(cfg)
     train_step(engine, teacher, batch, cfg, 0, 0, dist, dtype)      # the first step allocates Adam's moments
     engine.step = measured_step
     train_step(engine, teacher, batch, cfg, 1, 0, dist, dtype)
     engine.step = step
     measured = taken
-    zs = ds.get("zero_optimization", {})
-    zero = zs.get("stage", 0)
-    offload_opt = zs.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
-    kind = "sharded" if hasattr(teacher, "params") else "replicated"
+    zero, offload_opt = zero_stage(ds), offloads_optimizer(ds)
+    kind = "sharded" if teacher.sharded else "replicated"
     model, t = _meta_model(cfg)
     pred = model_states([p.numel() for p in model.parameters() if p.requires_grad],
                         [p.numel() for p in t.parameters()], dist.world, zero, dtype == torch.bfloat16,

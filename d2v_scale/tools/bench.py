@@ -10,28 +10,35 @@
 """
 from __future__ import annotations
 
+import copy
 import math
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from .dist import print0
+from data_prep.s3_upload import Uploader
 
-
-def _synthetic_batch(cfg, device) -> dict:
-    m, B = cfg.model, cfg.data.batch_size
-    if m.modality == "image":
-        return {"source": torch.randn(B, m.image.in_chans, m.image.img_size, m.image.img_size)}
-    if m.modality == "audio":
-        return {"source": torch.randn(B, cfg.data.max_sample_size)}
-    vocab = m.text.vocab_size or 1000
-    return {"source": torch.randint(4, vocab, (B, cfg.data.tokens_per_sample))}
+from .. import dist as dist_mod
+from ..config import with_vocab
+from ..d2v import Data2Vec, var_stats
+from ..data import build_loader, register, shard_list, synthetic_batch
+from ..dist import print0
+from ..dsconfig import zero_stage
+from ..engine import build_engine
+from ..flops import step_flops_per_sample
+from ..metrics import measure_peak_flops
+from ..presets import build_config
+from ..teacher import ReplicatedTeacher
+from ..train import train_step
+from .objectstore import SeaweedFS
 
 
 def _time_steps(engine, teacher, cfg, dist, dtype, steps: int, warmup: int) -> float:
-    from .train import train_step
-    batch = _synthetic_batch(cfg, dist.device)
+    batch = synthetic_batch(cfg)
     sync = torch.cuda.synchronize if dist.device.type == "cuda" else (lambda: None)
     gas = engine.gradient_accumulation_steps()
     for i in range(warmup * gas):
@@ -59,7 +66,6 @@ class Data2Vec1Style(torch.nn.Module):
         return self.model.encoder
 
     def forward(self, source, mask, teacher, padding_mask=None, layer_keep=None):
-        from .d2v import var_stats
         enc = self.model.encoder
         feats, pad = enc.local_features(source, padding_mask)                       # (B, T, D)
         with torch.no_grad():
@@ -74,39 +80,18 @@ class Data2Vec1Style(torch.nn.Module):
                 "target_stats": var_stats(y_m)}
 
 
-def build_engine(cfg, dist, ds_overrides: dict | None = None, style: str = "d2v2"):
-    import deepspeed
-    from .d2v import Data2Vec
-    from .optim import build_optimizer
-    from .preflight import resolve_ds_config
-    from .train import build_teacher, compute_dtype, offloads_optimizer
-    ds = resolve_ds_config(cfg, dist.world, ds_overrides)
-    torch.manual_seed(cfg.run.seed)
-    model = Data2Vec(cfg.model, cfg.mask.mask_noise_std)
-    teacher = build_teacher(model, cfg, ds, dist)
-    if style == "d2v1":
-        model = Data2Vec1Style(model)
-    optimizer = build_optimizer(model, cfg.optim, offload=offloads_optimizer(ds))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
-    return engine, teacher, compute_dtype(ds), ds
-
-
 def bench_step(preset: str = "vit_base_patch16_debug", steps: int = 10, warmup: int = 2,
                ds_config: str = "ds_configs/zero0.json", compare: str | None = None, **overrides) -> dict:
     """`--compare d2v1` also times the data2vec-1 pattern (one mask, whole sequence) on the same model
     and batch in the same process and prints the ratios."""
-    from . import dist as dist_mod
-    from .cli import build_config
-    from .flops import step_flops_per_sample
-    from .metrics import measure_peak_flops
     cfg, ds_over = build_config(preset, None, ds_config=ds_config, **overrides)
     cfg.optim.warmup_steps = 0                      # time real updates, not lr = 0 ones
-    if cfg.model.text is not None and not cfg.model.text.vocab_size:
-        cfg.model.text.vocab_size = 8000            # synthetic ids; the real size comes from the shards
+    with_vocab(cfg)                                 # synthetic ids; the real size comes from the shards
     dist = dist_mod.init()
-    engine, teacher, dtype, ds = build_engine(cfg, dist, ds_over)
+    built = build_engine(cfg, dist, ds_overrides=ds_over)
+    engine, teacher, dtype = built.engine, built.teacher, built.dtype
     enc = engine.module.encoder
-    src = _synthetic_batch(cfg, dist.device)["source"]
+    src = synthetic_batch(cfg)["source"]
     flops = step_flops_per_sample(cfg, math.prod(enc.token_shape(src)), enc.num_extra_tokens, src.shape[-1])
     peak = measure_peak_flops(dist.device, dtype if dtype != torch.float32 else torch.float32)
     dt = _time_steps(engine, teacher, cfg, dist, dtype, steps, warmup)
@@ -126,11 +111,10 @@ def bench_step(preset: str = "vit_base_patch16_debug", steps: int = 10, warmup: 
     print0(f"  GEMM peak TFLOP/s    {peak / 1e12:10.4f}  (measured now, same process)")
     print0(f"  MFU = achieved/peak  {achieved / peak:10.1%}")
     if compare == "d2v1":
-        import copy
         cfg1 = copy.deepcopy(cfg)
         cfg1.mask.clone_batch = 1
-        engine1, teacher1, _, _ = build_engine(cfg1, dist, ds_over, style="d2v1")
-        dt1 = _time_steps(engine1, teacher1, cfg1, dist, dtype, steps, warmup)
+        d2v1 = build_engine(cfg1, dist, ds_overrides=ds_over, wrap=Data2Vec1Style)
+        dt1 = _time_steps(d2v1.engine, d2v1.teacher, cfg1, dist, dtype, steps, warmup)
         M = cfg.mask.clone_batch
         result.update(d2v1_step_s=dt1, step_time_ratio_d2v2_over_d2v1=dt / dt1,
                       masked_views_per_s_ratio=(samples * M / dt) / (samples / dt1))
@@ -143,7 +127,6 @@ def bench_step(preset: str = "vit_base_patch16_debug", steps: int = 10, warmup: 
 
 
 def _loader_rate(cfg, urls: list[str], workers: int, batches: int) -> float:
-    from .data import build_loader
     cfg.data.num_workers = workers
     it = iter(build_loader(cfg, 0, 1, urls=urls))
     for _ in range(max(2, workers)):                        # start-up: worker spawn, first shards
@@ -160,9 +143,6 @@ def bench_data(data: str, s3: str | None = None, preset: str = "vit_base_patch16
 
     Without --s3 a local SeaweedFS is started and the shards are uploaded to it with d2v-shard's
     uploader (its throughput is reported too)."""
-    import tempfile
-    from .cli import build_config
-    from .data import shard_list
     cfg, _ = build_config(preset, None, **overrides)
     cfg.data.batch_size, cfg.data.shuffle_buffer = batch_size, 100
     cfg.data.sampling = "resample"                          # any worker count on any shard count
@@ -171,17 +151,13 @@ def bench_data(data: str, s3: str | None = None, preset: str = "vit_base_patch16
     store, upload = None, None
     try:
         if s3 is None:
-            from .objectstore import SeaweedFS
             store = SeaweedFS(tempfile.mkdtemp(prefix="d2v-bench-s3-"), buckets=("bench",)).start()
-            import os
             os.environ.update(store.env())
-            from data_prep.s3_upload import Uploader
             up = Uploader("s3://bench/shards/x-%06d.tar")
             t0 = time.perf_counter()
             remote = []
             for i, path in enumerate(local):
                 url = f"s3://bench/shards/{Path(path).name}"
-                import shutil
                 tmp = Path(up.tmpdir) / Path(path).name
                 shutil.copy(path, tmp)
                 up.submit(str(tmp), url)
@@ -191,7 +167,6 @@ def bench_data(data: str, s3: str | None = None, preset: str = "vit_base_patch16
             up.close()
         else:
             remote = shard_list(s3)
-        from .data.s3 import register
         register()
         rows = []
         counts = workers if isinstance(workers, (list, tuple)) else str(workers).split(",")
@@ -218,28 +193,16 @@ def bench_ema(preset: str = "vit_base_patch16", reps: int = 5, ds_config: str = 
     Launch with the deepspeed launcher for N ranks:
       deepspeed --num_accelerators 2 --no_local_rank --module d2v_scale.cli bench ema --preset vit_base_patch16
     """
-    from . import dist as dist_mod
-    from .cli import build_config
-    from .sharded_teacher import ShardedTeacher
-    from .teacher import ReplicatedTeacher
     cfg, ds_over = build_config(preset, None, ds_config=ds_config, **overrides)
-    ds_over = {"zero_optimization.stage3_param_persistence_threshold": 0, **ds_over}   # every param partitioned
-    cfg.data.global_batch = 0
-    if cfg.model.text is not None and not cfg.model.text.vocab_size:
-        cfg.model.text.vocab_size = 8000
+    cfg.teacher.placement, cfg.data.global_batch = "sharded", 0
+    with_vocab(cfg)
     dist = dist_mod.init()
-    import deepspeed
-    from .d2v import Data2Vec
-    from .optim import build_optimizer
-    from .preflight import resolve_ds_config
-    from .train import compute_dtype, offloads_optimizer
-    ds = resolve_ds_config(cfg, dist.world, ds_over)
-    torch.manual_seed(cfg.run.seed)
-    model = Data2Vec(cfg.model, cfg.mask.mask_noise_std)
-    sharded = ShardedTeacher(model, cfg, ds, dist)
-    replicated = ReplicatedTeacher(model.encoder, cfg.model, dtype=compute_dtype(ds), device=dist.device)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim, offloads_optimizer(ds)),
-                                      config=ds)
+    built = build_engine(cfg, dist, ds_overrides={"zero_optimization.stage3_param_persistence_threshold": 0,
+                                                  **ds_over})           # every param partitioned
+    engine, sharded, ds = built.engine, built.teacher, built.ds
+    torch.manual_seed(cfg.run.seed)                                     # the student's initial weights again
+    replicated = ReplicatedTeacher(Data2Vec(cfg.model, cfg.mask.mask_noise_std).encoder, cfg.model,
+                                   dtype=built.dtype, device=dist.device)
     results = {}
     for name, teacher in (("shard-local", sharded), ("gathered", replicated)):
         teacher.update(engine.module.encoder, 0.999)                     # warm-up
@@ -251,7 +214,7 @@ def bench_ema(preset: str = "vit_base_patch16", reps: int = 5, ds_config: str = 
         results[name] = {"s_per_update": dt, "collectives": c.calls / reps, "bytes": c.bytes / reps}
     n_params = sum(math.prod(s) for s in sharded.shapes.values())
     ratio = results["shard-local"]["s_per_update"] / results["gathered"]["s_per_update"]
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    stage = zero_stage(ds)
     print0(f"\nbench ema: {cfg.preset} teacher ({n_params / 1e6:.1f}M params), {dist.world} ranks, ZeRO-{stage} student")
     print0(f"  {'':>12} {'ms/update':>10} {'collectives':>12} {'MB sent':>9}")
     for name, r in results.items():

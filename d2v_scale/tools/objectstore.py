@@ -15,6 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+import boto3
+from botocore.config import Config
+
 COMPONENTS = ("master", "volume", "filer", "s3", "admin")   # each also uses port + 10000 for gRPC
 
 
@@ -78,8 +81,6 @@ class SeaweedFS:
         return self
 
     def _wait_ready(self, timeout: float) -> None:
-        import boto3
-        from botocore.config import Config
         s3 = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
                           aws_secret_access_key=self.secret_key, region_name="us-east-1",
                           config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5))

@@ -18,7 +18,10 @@ import sysconfig
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
+import torch
 from PIL import Image, ImageDraw, ImageFilter
+from torchaudio.functional import lfilter
 
 SHAPES = ("circle", "square", "triangle", "star")
 
@@ -127,8 +130,6 @@ def espeak() -> str | None:
 
 def _synthetic_utterance(rng: random.Random, sr: int = 16000) -> np.ndarray:
     """A voiced, speech-like signal: pulse train at a moving pitch through moving formant filters."""
-    import torch
-    from torchaudio.functional import lfilter
     dur = rng.uniform(2.0, 5.0)
     n = int(dur * sr)
     f0 = rng.uniform(90, 220) * (1 + 0.15 * np.sin(np.linspace(0, rng.uniform(2, 8), n)))
@@ -150,7 +151,6 @@ def _synthetic_utterance(rng: random.Random, sr: int = 16000) -> np.ndarray:
 
 def make_speech(out: Path, n: int, corpus: Path | None = None, seed: int = 0) -> Path:
     """`n` utterances as wav under speaker folders: espeak-ng speech when available, else synthetic."""
-    import soundfile as sf
     out = Path(out)
     rng = random.Random(seed)
     tts = espeak()

@@ -1,0 +1,85 @@
+"""The one place a student engine is built: (cfg, dist, ds_config) -> student engine + EMA teacher.
+
+Resolves the DeepSpeed JSON (unless given resolved), checks the masks on the token grid, builds the
+student (`Data2Vec`, or another wrapper of it such as the data2vec-1 pattern of `d2v bench`) with the
+same seed on every rank, copies the teacher from it before DeepSpeed partitions anything (sharded under
+ZeRO-3, replicated otherwise, or as `teacher.placement` says), loads `run.init_from`, compiles the
+blocks with `run.compile`, and calls `deepspeed.initialize` with d2v_scale's AdamW (DeepSpeed's CPU
+Adam when the optimizer is offloaded). Training, every benchmark, the planner's `--measure` and the
+test probes go through `build_engine`; the models themselves never import DeepSpeed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import Config, ConfigError
+from .d2v import Data2Vec
+from .dist import Dist
+from .dsconfig import compute_dtype, offloads_optimizer, resolve_ds_config, zero_stage
+from .export import read_weights
+from .masking import check_mask
+from .models import token_grid
+from .optim import build_optimizer
+from .sharded_teacher import ShardedTeacher
+from .teacher import ReplicatedTeacher
+
+
+@dataclass
+class Built:
+    engine: object                 # deepspeed.DeepSpeedEngine around the student
+    teacher: object                # ReplicatedTeacher | ShardedTeacher
+    dtype: torch.dtype             # compute dtype (bf16 on GPU, fp32 on CPU)
+    ds: dict                       # the resolved DeepSpeed config
+    n_params: int                  # student parameters (before any partitioning)
+
+
+def teacher_placement(cfg: Config, ds: dict) -> str:
+    """`teacher.placement`, with auto = sharded under a ZeRO-3 student, replicated otherwise."""
+    placement = cfg.teacher.placement
+    if placement == "auto":
+        return "sharded" if zero_stage(ds) == 3 else "replicated"
+    return placement
+
+
+def build_teacher(model: Data2Vec, cfg: Config, ds: dict, dist: Dist):
+    """The EMA teacher, copied from the student before DeepSpeed partitions it."""
+    if teacher_placement(cfg, ds) == "sharded":
+        return ShardedTeacher(model, cfg, ds, dist)
+    return ReplicatedTeacher(model.encoder, cfg.model, dtype=compute_dtype(ds), device=dist.device)
+
+
+def load_init_weights(model: Data2Vec, teacher, path: str) -> None:
+    """Start from an imported or exported weights file (student, and teacher when present)."""
+    student, teacher_state, _ = read_weights(path)
+    missing, unexpected = model.load_state_dict(student, strict=False)
+    if unexpected or [k for k in missing if k.startswith("encoder.")]:
+        raise ConfigError(f"run.init_from={path}: weights do not fit the model (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}); check --preset")
+    if teacher_state:
+        teacher.load_state_dict(teacher_state)
+
+
+def build_engine(cfg: Config, dist: Dist, ds: dict | None = None, ds_overrides: dict | None = None,
+                 wrap=None) -> Built:
+    """`ds`: the resolved DeepSpeed config (training resolves it in its pre-flight), else it is
+    resolved here from `cfg.run.ds_config` and `ds_overrides`. `wrap(model) -> nn.Module` replaces
+    the module DeepSpeed trains (it must expose `.encoder`); the teacher is always the data2vec one."""
+    import deepspeed                                        # after dist.init(): the accelerator is chosen
+    ds = ds if ds is not None else resolve_ds_config(cfg, dist.world, ds_overrides)
+    check_mask(cfg.mask, token_grid(cfg, cfg.data.min_sample_size))
+    torch.manual_seed(cfg.run.seed)                         # identical init on every rank
+    model = Data2Vec(cfg.model, cfg.mask.mask_noise_std)
+    teacher = build_teacher(model, cfg, ds, dist)
+    if cfg.run.init_from:
+        load_init_weights(model, teacher, cfg.run.init_from)
+    if cfg.run.compile:                      # per block: compiled graphs stay small and ZeRO hooks stay outside
+        for blk in list(model.encoder.blocks) + list(teacher.encoder.blocks):
+            blk.compile()
+    student: nn.Module = wrap(model) if wrap is not None else model
+    n_params = sum(p.numel() for p in student.parameters())
+    optimizer = build_optimizer(student, cfg.optim, offload=offloads_optimizer(ds))
+    engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds)
+    return Built(engine, teacher, compute_dtype(ds), ds, n_params)
