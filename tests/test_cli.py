@@ -5,7 +5,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import BIN, ROOT, _env, losses, run_d2v, run_group
+from helpers import BIN, ROOT, child_env, losses, run_d2v, run_group
 
 
 def test_import_fairseq_round_trip(tmp_path):
@@ -80,7 +80,7 @@ def test_demo_runs_end_to_end(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_run_local_launcher_checks_then_trains(image_shards, tmp_path):
-    env = _env(DATA=str(image_shards), OUT=str(tmp_path / "run"), NPROC="2", BIN=str(BIN),
+    env = child_env(DATA=str(image_shards), OUT=str(tmp_path / "run"), NPROC="2", BIN=str(BIN),
                MASTER_PORT=str(__import__("d2v_scale.dist", fromlist=["x"]).free_port()))
     res = run_group([ROOT / "launcher/run_local.sh", "--optim.max_steps=3", "--data.num_workers=1",
                      "--data.batch_size=4", "--run.log_every=1"], timeout=280, env=env)

@@ -4,7 +4,7 @@ import pytest
 
 from d2v_scale.config import ConfigError, apply_overrides, from_json
 from d2v_scale.presets import PRESETS, get_preset
-from d2v_scale.preflight import resolve_ds_config
+from d2v_scale.dsconfig import resolve_ds_config
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

@@ -156,8 +156,8 @@ def _alive(pid: int) -> bool:
 def test_workers_ignore_others_sigterm_but_obey_their_training_process():
     """Slurm and launchers send SIGTERM to every process of a rank: workers must survive it so the
     training process can checkpoint. torch's own shutdown terminate() must still end a blocked one."""
-    from d2v_scale.data.wds import _ignore_stop_signals
-    loader = torch.utils.data.DataLoader(_Stuck(), batch_size=None, num_workers=1, worker_init_fn=_ignore_stop_signals,
+    from d2v_scale.data.wds import init_worker
+    loader = torch.utils.data.DataLoader(_Stuck(), batch_size=None, num_workers=1, worker_init_fn=init_worker,
                                          multiprocessing_context="fork")
     it = iter(loader)
     pid = it._workers[0].pid

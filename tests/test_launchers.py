@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import BIN, ROOT, _env, run_d2v
+from helpers import BIN, ROOT, child_env, run_d2v
 
 STEPS = 40
 ARGS = ["--optim.max_steps=%d" % STEPS, "--run.log_every=1", "--data.batch_size=4", "--data.num_workers=1",
@@ -111,7 +111,7 @@ def test_hostfile_two_nodes_without_ssh(image_shards, reference, tmp_path):
     from d2v_scale.dist import free_port
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
-    env = _env(HOSTFILE=str(hostfile), DATA=str(image_shards), PRESET="vit_base_patch16_debug",
+    env = child_env(HOSTFILE=str(hostfile), DATA=str(image_shards), PRESET="vit_base_patch16_debug",
                DS_CONFIG="ds_configs/zero3.json", OUT=str(tmp_path / "run"), BIN=str(BIN), NO_SSH="1",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     procs = [subprocess.Popen([str(ROOT / "launcher/run_hostfile.sh"), *ARGS], cwd=ROOT,
@@ -135,7 +135,7 @@ def test_killed_rank_ends_the_job_and_resume_continues(image_shards, reference, 
     args = ["train", "--preset", "vit_base_patch16_debug", "--data", str(image_shards), "--ds_config",
             "ds_configs/zero3.json", "--out", str(out), *ARGS, "--run.save_every=5"]
     launcher = subprocess.Popen([str(BIN / "deepspeed"), "--num_accelerators", "2", "--no_local_rank", "--master_port",
-                                 str(free_port()), "--module", "d2v_scale.cli", *args], cwd=ROOT, env=_env(),
+                                 str(free_port()), "--module", "d2v_scale.cli", *args], cwd=ROOT, env=child_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         wait_for_steps(out, 12)

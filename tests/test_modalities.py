@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import BIN, _env, losses, run_d2v
+from helpers import BIN, child_env, losses, run_d2v
 
 RECIPES = {
     "audio": (["--max_seconds", 3, "--min_seconds", 1, "--maxcount", 5],
@@ -24,16 +24,16 @@ def test_two_rank_zero3_from_s3_with_resume(modality, s3, speech_dir, corpus_dir
     extra = ["--spm", spm_model] if modality == "text" else []
     prefix = f"s3://d2v-test/{modality}"
     res = subprocess.run([str(BIN / "d2v-shard"), modality, str(src), f"{prefix}/train-%06d.tar", *map(str, shard_args),
-                          *map(str, extra), "--workers", "2"], env=_env(**s3.env()), capture_output=True, text=True,
+                          *map(str, extra), "--workers", "2"], env=child_env(**s3.env()), capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr
-    res = subprocess.run([str(BIN / "d2v-shard"), "verify", f"{prefix}/index.json"], env=_env(**s3.env()),
+    res = subprocess.run([str(BIN / "d2v-shard"), "verify", f"{prefix}/index.json"], env=child_env(**s3.env()),
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip().startswith("ok:"), res.stdout + res.stderr
 
     args = ["train", "--data", f"{prefix}/index.json", "--ds_config", "ds_configs/zero3.json", "--optim.max_steps=8",
             "--optim.warmup_steps=2", "--run.log_every=1", "--run.save_every=4", "--data.num_workers=1", *train_extra]
-    env = _env(**s3.env())
+    env = child_env(**s3.env())
     out = run_d2v(args + ["--out", str(tmp_path / "full")], nproc=2, env=env).stdout
     assert "world 2" in out and "ZeRO-3" in out
     run_d2v(args + ["--out", str(tmp_path / "split"), "--run.stop_after=4"], nproc=2, env=env)
@@ -57,13 +57,13 @@ def test_padded_audio_batches(speech_dir, tmp_path):
     the loss and of the targets' normalisation, and the padding mask reaches the model."""
     import torch
     from d2v_scale.d2v import Data2Vec
-    from d2v_scale.data.audio import Collater
+    from d2v_scale.data import AudioCodec
     from d2v_scale.masking import sample_mask
     from d2v_scale.presets import get_preset
     from d2v_scale.teacher import ReplicatedTeacher, make_targets
     cfg = get_preset("audio_base_debug")
     cfg.data.pad_audio = True
-    batch = Collater(cfg.data)([torch.randn(32000), torch.randn(20000)])
+    batch = AudioCodec(cfg.data).collate([torch.randn(32000), torch.randn(20000)])
     assert batch["source"].shape == (2, 32000) and batch["padding_mask"][1, 20000:].all()
     torch.manual_seed(0)
     model = Data2Vec(cfg.model, 0.0).eval()
@@ -87,7 +87,7 @@ def test_padded_audio_batches(speech_dir, tmp_path):
 @pytest.mark.timeout(300)
 def test_pad_audio_trains(speech_dir, tmp_path):
     res = subprocess.run([str(BIN / "d2v-shard"), "audio", str(speech_dir), str(tmp_path / "a"), "--max_seconds", "3",
-                          "--maxcount", "10"], env=_env(), capture_output=True, text=True, timeout=300)
+                          "--maxcount", "10"], env=child_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     run_d2v(["train", "--preset", "audio_base_debug", "--data", str(tmp_path / "a"), "--ds_config", "ds_configs/zero2.json",
              "--out", str(tmp_path / "r"), "--optim.max_steps=4", "--run.log_every=1", "--data.batch_size=3",

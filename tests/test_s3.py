@@ -6,11 +6,11 @@ import subprocess
 import pytest
 import torch
 
-from conftest import BIN, TRAIN_ARGS, _env, losses, run_d2v
+from helpers import BIN, TRAIN_ARGS, child_env, losses, run_d2v
 
 
 def shard_cli(*args, env=None, check=True):
-    res = subprocess.run([str(BIN / "d2v-shard"), *map(str, args)], env=env or _env(), capture_output=True,
+    res = subprocess.run([str(BIN / "d2v-shard"), *map(str, args)], env=env or child_env(), capture_output=True,
                          text=True, timeout=300)
     if check:
         assert res.returncode == 0, res.stdout + res.stderr
@@ -21,7 +21,7 @@ def shard_cli(*args, env=None, check=True):
 def s3_images(s3, image_dir):
     """The test images sharded straight into the bucket by `d2v-shard image`."""
     res = shard_cli("image", image_dir, "s3://d2v-test/img/train-%06d.tar", "--maxcount", 12, "--workers", 2,
-                    env=_env(**s3.env()))
+                    env=child_env(**s3.env()))
     assert "wrote 96 images in 8 shards" in res.stdout
     return "s3://d2v-test/img/index.json"
 
@@ -32,7 +32,7 @@ def test_shard_into_s3_and_verify(s3, s3_images):
     assert index["samples"] == 96 and all(s["url"].startswith("s3://d2v-test/img/") for s in index["shards"])
     assert len(list_shards("s3://d2v-test/img/")) == 8
     assert json.loads(read_bytes("s3://d2v-test/img/classes.json"))["circle"] == 0
-    res = shard_cli("verify", s3_images, env=_env(**s3.env()))
+    res = shard_cli("verify", s3_images, env=child_env(**s3.env()))
     assert res.stdout.strip().endswith("ok: 8 shards, 96 samples")
 
 
@@ -46,7 +46,7 @@ def test_verify_reports_a_damaged_shard(s3, s3_images):
     broken["shards"][2]["url"] = "s3://d2v-test/img-bad/s2.tar"
     broken["shards"][5]["url"] = "s3://d2v-test/img-bad/missing.tar"
     c.put_object(Bucket="d2v-test", Key="img-bad/index.json", Body=json.dumps(broken).encode())
-    res = shard_cli("verify", "s3://d2v-test/img-bad/index.json", env=_env(**s3.env()), check=False)
+    res = shard_cli("verify", "s3://d2v-test/img-bad/index.json", env=child_env(**s3.env()), check=False)
     assert res.returncode == 1
     assert "img-bad/s2.tar: size" in res.stdout and "sha256 differs" in res.stdout
     assert "img-bad/missing.tar: cannot read" in res.stdout and "no such object" in res.stdout
@@ -121,7 +121,7 @@ def test_two_ranks_train_from_s3_through_a_server_restart(s3, s3_images, image_s
     t = threading.Thread(target=restart_when_running)
     t.start()
     res = run_d2v(args + ["--data", s3_images, "--out", str(tmp_path / "s3run")], nproc=2,
-                  env=_env(**s3.env()), timeout=600)
+                  env=child_env(**s3.env()), timeout=600)
     t.join()
     assert restarted.get("at_step", steps) < steps, "the restart came too late to hit the stream"
     assert "retry 1/" in res.stdout                              # the opener reconnected
@@ -132,14 +132,14 @@ def test_two_ranks_train_from_s3_through_a_server_restart(s3, s3_images, image_s
 
 
 def test_clear_errors_for_missing_bucket_and_credentials(s3, image_dir, tmp_path):
-    res = shard_cli("image", image_dir, "s3://no-such-bucket/x/s-%06d.tar", env=_env(**s3.env()), check=False)
+    res = shard_cli("image", image_dir, "s3://no-such-bucket/x/s-%06d.tar", env=child_env(**s3.env()), check=False)
     assert res.returncode != 0 and "bucket 'no-such-bucket' does not exist" in res.stderr
-    no_creds = {k: v for k, v in _env(**s3.env()).items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    no_creds = {k: v for k, v in child_env(**s3.env()).items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     no_creds.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"))
     res = shard_cli("image", image_dir, "s3://d2v-test/x/s-%06d.tar", env=no_creds, check=False)
     assert res.returncode != 0 and "no AWS credentials found" in res.stderr
     res = run_d2v(["train", "--preset", "vit_base_patch16_debug", "--data", "s3://no-such-bucket/s-{000000..000003}.tar",
-                   "--out", str(tmp_path / "r")], env=_env(**s3.env()), check=False, timeout=120)
+                   "--out", str(tmp_path / "r")], env=child_env(**s3.env()), check=False, timeout=120)
     assert res.returncode != 0 and "does not exist" in res.stdout
     assert s3.secret_key not in res.stdout
 
@@ -180,7 +180,7 @@ def test_stream_over_https_style_urls(image_shards, tmp_path):
 
 def test_resharding_into_a_prefix_needs_overwrite_and_removes_exactly_the_old(s3, image_dir):
     from d2v_scale.data.s3 import client, list_shards, read_bytes
-    env = _env(**s3.env())
+    env = child_env(**s3.env())
     shard_cli("image", image_dir, "s3://d2v-test/re/img-%06d.tar", "--maxcount", 12, "--workers", 1, env=env)
     client().put_object(Bucket="d2v-test", Key="re/notes.txt", Body=b"mine")   # not a shard: untouched
     res = shard_cli("image", image_dir, "s3://d2v-test/re/img-%06d.tar", "--maxcount", 48, env=env, check=False)
@@ -195,7 +195,7 @@ def test_resharding_into_a_prefix_needs_overwrite_and_removes_exactly_the_old(s3
 
 def test_check_finds_missing_objects_of_a_brace_pattern_and_pipes_in_an_index(s3, s3_images, tmp_path):
     from d2v_scale.data.s3 import client, read_bytes
-    env = _env(**s3.env())
+    env = child_env(**s3.env())
     args = ["--preset", "vit_base_patch16_debug", "--out", str(tmp_path / "r"), "--data.num_workers=1"]
     res = run_d2v(["check", *args, "--data", "s3://d2v-test/img/train-{000000..000009}.tar"], env=env,
                   check=False, timeout=120)

@@ -19,7 +19,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import BIN, ROOT, TRAIN_ARGS, _env, run_d2v
+from d2v_scale.checkpoint import weights_only_loads
+
+from helpers import BIN, ROOT, TRAIN_ARGS, child_env, run_d2v
 
 RUN_ARGS = ["--ds_config", "ds_configs/zero2.json", "--run.save_every=2", *TRAIN_ARGS]
 
@@ -104,7 +106,8 @@ def test_checkpoint_with_a_code_payload_never_runs(run_copy, image_shards, tmp_p
     marker = tmp_path / "ran"
     for step in (2, 4):                                     # every checkpoint of the run is crafted
         f = step_dir(run_copy, step) / "mp_rank_00_model_states.pt"
-        state = torch.load(f, map_location="cpu", weights_only=False)
+        with weights_only_loads():
+            state = torch.load(f, map_location="cpu", weights_only=True)
         state["note"] = Payload(marker)
         torch.save(state, f)
     res = run_d2v(["export", str(run_copy), str(tmp_path / "enc.safetensors")], check=False, timeout=120)
@@ -209,7 +212,7 @@ def audio_shards(tmp_path_factory):
         sf.write(src / f"tone{i}.wav", (0.3 * np.sin(2 * np.pi * (200 + 50 * i) * t)).astype(np.float32), 16_000)
     out = tmp_path_factory.mktemp("audio_shards")
     subprocess.run([str(BIN / "d2v-shard"), "audio", str(src), str(out / "a-%06d.tar"), "--maxcount", "2",
-                    "--workers", "1"], check=True, capture_output=True, env=_env())
+                    "--workers", "1"], check=True, capture_output=True, env=child_env())
     return out
 
 
@@ -243,7 +246,7 @@ def test_a_stop_signal_ends_a_run_whose_data_never_arrives(image_shards, tmp_pat
     os.mkfifo(data / "a-000001.tar")
     cmd = [sys.executable, "-m", "d2v_scale.cli", "train", "--data", str(data), "--out", str(tmp_path / "run"),
            "--optim.max_steps=50", "--run.stop_timeout_s=5", "--data.shuffle_buffer=0", *RUN_ARGS]
-    proc = subprocess.Popen(cmd, cwd=str(ROOT), env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=str(ROOT), env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.time() + 200
@@ -271,7 +274,7 @@ def test_a_stop_signal_ends_a_run_whose_data_never_arrives(image_shards, tmp_pat
     (["--optim.learning_rate=1e-3"], "unknown config key --optim.learning_rate; did you mean --optim.lr?"),
 ])
 def test_preflight_catches_what_would_crash_the_ranks(image_shards, tmp_path, args, msg):
-    from d2v_scale.cli import build_config
+    from d2v_scale.presets import build_config
     from d2v_scale.errors import D2VError
     from d2v_scale.preflight import preflight
     overrides = dict(a.lstrip("-").split("=", 1) for a in args)
@@ -304,7 +307,7 @@ def test_check_refuses_bad_out_dirs_and_non_tar_shards(image_shards, tmp_path):
 def test_resharding_into_a_destination_needs_overwrite_and_removes_exactly_the_old(image_dir, tmp_path):
     def shard(*extra, check=True):
         return subprocess.run([str(BIN / "d2v-shard"), "image", str(image_dir), str(tmp_path / "img-%06d.tar"),
-                               "--workers", "1", *map(str, extra)], capture_output=True, text=True, env=_env(),
+                               "--workers", "1", *map(str, extra)], capture_output=True, text=True, env=child_env(),
                               timeout=300, check=check)
     shard("--maxcount", 12)
     (tmp_path / "notes.txt").write_text("mine")              # not a shard of this pattern: untouched
@@ -355,7 +358,7 @@ def test_spm_train_skips_a_binary_file_and_names_it(corpus_dir, tmp_path):
     shutil.copytree(corpus_dir, corpus)
     (corpus / "data.txt").write_bytes(os.urandom(2000) + b"\x00" * 100)
     res = subprocess.run([str(BIN / "d2v-shard"), "spm-train", str(corpus), str(tmp_path / "spm" / "m"),
-                          "--vocab_size", "300"], capture_output=True, text=True, env=_env(), timeout=300)
+                          "--vocab_size", "300"], capture_output=True, text=True, env=child_env(), timeout=300)
     assert res.returncode == 0, res.stderr
     assert f"skipping {corpus / 'data.txt'}: binary file, not text" in res.stderr
     assert (tmp_path / "spm" / "m.model").exists()
@@ -366,7 +369,7 @@ def test_unwritable_destinations_are_one_line(image_dir, image_shards, tmp_path)
     for dst, msg in [("/proc/d2v/img-%06d.tar", "cannot create /proc/d2v"),
                      (str(tmp_path / "a_file" / "img-%06d.tar"), "a file is in the way")]:
         res = subprocess.run([str(BIN / "d2v-shard"), "image", str(image_dir), dst], capture_output=True,
-                             text=True, env=_env(), timeout=120)
+                             text=True, env=child_env(), timeout=120)
         assert res.returncode != 0 and "Traceback" not in res.stderr and msg in res.stderr, res.stderr[-2000:]
     res = run_d2v(["train", "--data", str(image_shards), "--out", str(tmp_path / "a_file" / "run"), *RUN_ARGS],
                   check=False, timeout=120)

@@ -9,11 +9,11 @@ import time
 import numpy as np
 import soundfile as sf
 
-from conftest import BIN, _env
+from helpers import BIN, child_env
 
 
 def shard(*args, check=True):
-    res = subprocess.run([str(BIN / "d2v-shard"), *map(str, args)], env=_env(), capture_output=True, text=True,
+    res = subprocess.run([str(BIN / "d2v-shard"), *map(str, args)], env=child_env(), capture_output=True, text=True,
                          timeout=300)
     if check:
         assert res.returncode == 0, res.stdout + res.stderr
@@ -101,13 +101,13 @@ def test_clear_errors_for_bad_sources(tmp_path, spm_model):
 def test_interrupted_run_leaves_no_index(image_dir, tmp_path):
     """Ctrl-C mid-run: finished shards stay, the open one is removed, no index points anywhere."""
     big = tmp_path / "many"
-    from d2v_scale.demo_data import make_images
+    from d2v_scale.tools.demo_data import make_images
     make_images(big, 300, size=32, seed=3)
     for png in list(big.glob("*/*.png")):              # 12,000 inputs (hard links): ~10 s of work, so the
         for k in range(39):                            # interrupt lands mid-run however slow this machine is
             (png.parent / f"{png.stem}_{k}.png").hardlink_to(png)
     proc = subprocess.Popen([str(BIN / "d2v-shard"), "image", str(big), str(tmp_path / "out"), "--maxcount", "50",
-                             "--workers", "1"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "--workers", "1"], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             # a suite started in the background (`make test &`) inherits SIGINT ignored
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120

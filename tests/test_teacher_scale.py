@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from conftest import BIN, ROOT, TRAIN_ARGS, losses, run_d2v, run_group
+from helpers import BIN, ROOT, TRAIN_ARGS, losses, run_d2v, run_group
 
 PROBE = ROOT / "tests" / "probes" / "ema_probe.py"
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import BIN, TRAIN_ARGS, losses, run_d2v, run_group, shm_segments
+from d2v_scale.checkpoint import weights_only_loads
+from helpers import BIN, TRAIN_ARGS, losses, run_d2v, run_group, shm_segments
 
 
 def train_args(data, out, ds="zero3", steps=8, *extra):
@@ -78,7 +79,8 @@ def test_gradient_accumulation_steps_the_ema_once_per_update(image_shards, tmp_p
     """global batch = 2 x micro batch: 4 optimizer steps consume 8 micro-batches and do 4 EMA steps."""
     run_d2v(train_args(image_shards, tmp_path / "acc", "zero2", 4, "--data.global_batch=8"))
     ckpt = tmp_path / "acc" / "checkpoints" / "step_00000004"
-    state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    with weights_only_loads():
+        state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     assert state["ema_updates"] == 4 and state["global_steps"] == 4
     assert json.loads((ckpt / "data_rank0.json").read_text())["samples_seen"] == 8 * 4
     assert json.loads((tmp_path / "acc" / "ds_config.json").read_text())["gradient_accumulation_steps"] == 2

@@ -1,0 +1,66 @@
+"""Helpers the tests share: paths, the child-process environment, and runners for `d2v` and the
+deepspeed launcher that put a wall-clock timeout on the whole process group."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from d2v_scale.dist import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def child_env(**extra) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def run_group(cmd: list[str], timeout: float, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Like subprocess.run(capture_output=True, text=True), but a timeout kills the whole process group
+    (launcher, ranks, data-loader workers, object store), so nothing is left to slow later tests."""
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env or child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout}s: {' '.join(map(str, cmd))}\n{out[-4000:]}\n{err[-4000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_d2v(args: list[str], nproc: int = 1, timeout: float = 240, cwd: Path = ROOT, env: dict | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """`d2v ARGS` in one process, or under `deepspeed --num_accelerators N` when nproc > 1 (stderr in stdout)."""
+    if nproc > 1:
+        cmd = [str(BIN / "deepspeed"), "--num_accelerators", str(nproc), "--no_local_rank",
+               "--master_port", str(free_port()), "--module", "d2v_scale.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "d2v_scale.cli", *args]
+    res = run_group(cmd, timeout, cwd, env)
+    result = subprocess.CompletedProcess(cmd, res.returncode, res.stdout + res.stderr, "")
+    if check and res.returncode != 0:
+        pytest.fail(f"exit {res.returncode}: {' '.join(cmd)}\n{result.stdout[-6000:]}")
+    return result
+
+
+def shm_segments() -> set[str]:
+    """DeepSpeed CPU all-reduce segments of this user in /dev/shm (RAM: 69 MB per rank)."""
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")} if shm.is_dir() else set()
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(l)["train/loss"] for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+TRAIN_ARGS = ["--preset", "vit_base_patch16_debug", "--data.num_workers=1", "--data.batch_size=4",
+              "--run.log_every=1", "--optim.warmup_steps=2"]
