@@ -17,7 +17,7 @@ from torch import nn
 from torchaudio.models.wav2vec2.components import ConvLayerBlock, FeatureExtractor
 from torchaudio.models.wav2vec2.components import LayerNorm as TransposedLayerNorm
 
-from .decoder import ConvBlock
+from .decoder import Conv1dChannelsLast, ConvBlock
 from .transformer import Encoder
 
 
@@ -92,7 +92,7 @@ class AudioEncoder(Encoder):
         self.feature_proj = nn.Linear(cin, D)
         k = max(3, a.conv_pos_width // a.conv_pos_depth)
         self.pos_conv = nn.ModuleList([
-            ConvBlock(nn.Conv1d(D, D, k, padding=k // 2, groups=a.conv_pos_groups), D) for _ in range(a.conv_pos_depth)])
+            ConvBlock(Conv1dChannelsLast(D, D, k, padding=k // 2, groups=a.conv_pos_groups), D) for _ in range(a.conv_pos_depth)])
         self.num_heads = cfg.num_heads
         if a.use_alibi:
             self.alibi_scale = nn.Parameter(torch.ones(1, 1, cfg.num_heads, 1, 1))
@@ -148,8 +148,7 @@ class AudioEncoder(Encoder):
         bias = self._alibi(pos, x.dtype)
         return self.pre_drop(self.norm_pre(x)), bias, padding_mask
 
-    def _pos(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.transpose(1, 2)                                                 # (B, D, T)
+    def _pos(self, x: torch.Tensor) -> torch.Tensor:                         # (B, T, D)
         for blk in self.pos_conv:
-            h = blk(h)
-        return h.transpose(1, 2)                                              # (B, T, D)
+            x = blk(x)                                                        # (B, T, D), channels-last
+        return x

@@ -11,22 +11,37 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class Conv1dChannelsLast(nn.Conv1d):
+    """nn.Conv1d (same parameters, same state dict) that reads its (B, C, T) input as a (B, C, 1, T)
+    image: given the transposed view of a channels-last (B, T, C) tensor, the convolution runs in
+    channels-last layout and writes channels-last, so no layout copy is made on either side."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:                # (B, C, T), any strides
+        y = F.conv2d(x.unsqueeze(2), self.weight.unsqueeze(2), self.bias, (1, self.stride[0]),
+                     (0, self.padding[0]), (1, self.dilation[0]), self.groups)   # (B, C', 1, T')
+        return y.squeeze(2)                                             # (B, C', T')
+
+
 class ConvBlock(nn.Module):
-    """Conv (1-D or 2-D, `groups`) -> LayerNorm over channels without affine -> GELU."""
+    """Conv (1-D or 2-D, `groups`) -> LayerNorm over channels without affine -> GELU.
+
+    Works on channels-last tensors (B, *spatial, C): the convolution reads them as NCHW views with
+    channels-last strides, the LayerNorm runs over the contiguous last dim, and nothing is transposed
+    into a copy (fairseq moves channels around each norm, which costs a layout copy per layer and a
+    LayerNorm over a strided dim)."""
 
     def __init__(self, conv: nn.Module, dim: int):
         super().__init__()
         self.conv = conv
         self.dim = dim
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:               # (B, C, *spatial)
-        spatial = x.shape[2:]
-        x = self.conv(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:               # (B, *spatial, C)
+        spatial = x.shape[1:-1]
+        y = self.conv(x.movedim(-1, 1))                                 # (B, C', *spatial), channels-last
         if self.conv.kernel_size[0] % 2 == 0:                           # SamePad: drop the extra
-            x = x[(..., *[slice(0, n) for n in spatial])]               # frame of even kernels
-        x = x.movedim(1, -1)                                            # (B, *spatial, C)
-        x = F.layer_norm(x, (self.dim,), eps=1e-5)
-        return F.gelu(x.movedim(-1, 1))
+            y = y[(..., *[slice(0, n) for n in spatial])]               # frame of even kernels
+        y = F.layer_norm(y.movedim(1, -1), (self.dim,), eps=1e-5)       # (B, *spatial, C')
+        return F.gelu(y)
 
 
 class _Decoder(nn.Module):
@@ -52,8 +67,8 @@ class _Decoder(nn.Module):
     def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
         residual = x
         for blk in self.blocks:
-            x = blk(x)
-            if self.residual and residual.shape[1] == x.shape[1]:        # no residual where dims differ
+            x = blk(x)                                                  # (B, *spatial, C')
+            if self.residual and residual.shape[-1] == x.shape[-1]:      # no residual where dims differ
                 x = x + residual
             residual = x
         return x
@@ -63,11 +78,10 @@ class Decoder1d(_Decoder):
     """Audio/text decoder: Conv1d blocks over time."""
 
     def __init__(self, cfg, embed_dim: int):
-        super().__init__(cfg, embed_dim, nn.Conv1d)
+        super().__init__(cfg, embed_dim, Conv1dChannelsLast)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:                # (B*M, T, D)
-        x = self.run_blocks(x.transpose(1, 2))                          # (B*M, C, T)
-        return self.proj(x.transpose(1, 2))                             # (B*M, T, D)
+        return self.proj(self.run_blocks(x))                            # (B*M, T, C') -> (B*M, T, D)
 
 
 class Decoder2d(_Decoder):
@@ -79,6 +93,5 @@ class Decoder2d(_Decoder):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:                # (B*M, T, D)
         B, T, C = x.shape
-        x = x.transpose(1, 2).reshape(B, C, *self.grid)                 # (B*M, D, h, w)
-        x = self.run_blocks(x)                                          # (B*M, C', h, w)
-        return self.proj(x.reshape(B, x.shape[1], T).transpose(1, 2))   # (B*M, T, D)
+        x = self.run_blocks(x.reshape(B, *self.grid, C))                # (B*M, h, w, C')
+        return self.proj(x.reshape(B, T, x.shape[-1]))                  # (B*M, T, D)
