@@ -81,12 +81,19 @@ class Data2Vec(nn.Module):
         x, _ = self.encoder(feats, info.ids_keep, M, pad_m, layer_keep=layer_keep)  # (B*M, E+T_keep, D)
         pred = self.decoder(self.decoder_input(x, info))                         # (B*M, T, D)
 
-        # regression on masked tokens (rows sample-major: sample = row // M)
-        mask_b = info.mask if pad_m is None else info.mask & ~pad_m
-        rows, pos = mask_b.nonzero(as_tuple=True)
-        pred_m = pred[rows, pos].float()                                          # (N, D)
-        y_m = y[rows // M, pos]                                                   # (N, D)
-        sample_size = rows.numel()
+        # regression on masked tokens (rows sample-major: sample = row // M), in row-major order
+        if pad_m is None:            # exact-count masks: gathered at known sizes, no host round trip
+            idx = info.masked_positions()                                         # (B*M, T_m)
+            D = pred.shape[-1]
+            pred_m = torch.gather(pred, 1, idx[..., None].expand(-1, -1, D)).flatten(0, 1).float()  # (N, D)
+            idx_y = idx.reshape(source.shape[0], -1)                              # (B, M*T_m)
+            y_m = torch.gather(y, 1, idx_y[..., None].expand(-1, -1, D)).flatten(0, 1)              # (N, D)
+            sample_size = idx.numel()
+        else:                        # padded audio: a different count of real masked frames per row
+            rows, pos = (info.mask & ~pad_m).nonzero(as_tuple=True)
+            pred_m = pred[rows, pos].float()                                      # (N, D)
+            y_m = y[rows // M, pos]                                               # (N, D)
+            sample_size = rows.numel()
         loss_reg = ((pred_m - y_m) ** 2).sum() * self.loss_scale
         out = {"loss_reg": loss_reg, "sample_size": sample_size,
                "pred_stats": var_stats(pred_m), "target_stats": var_stats(y_m)}

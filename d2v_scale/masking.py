@@ -8,7 +8,9 @@ Convention everywhere: `mask` is (B*M, T) bool, True = masked, rows sample-major
   border), then trimmed/filled at random to exactly floor(L*(1-p)) visible patches.
 * audio: 1-D blocks of m frames marking *masked* frames (`compute_block_mask_1d`), exactly floor(T*p).
 * text: uniform token dropping (`random_masking`), exactly floor(T*(1-p)) kept.
-Every clone gets an independent mask. All functions are pure given a `torch.Generator`.
+Every clone gets an independent mask. All functions are pure given a `torch.Generator`; the masks
+of a training micro-step are drawn from `seed_for(seed, step, micro, rank)` (`step_masks`), in the
+data loader's workers ahead of the step (`AheadMasks`) or, for a batch without them, in the step.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import D2VError
+from .models import token_grid
 
 
 class MaskError(D2VError, ValueError):
@@ -29,6 +32,9 @@ class MaskInfo:
     mask: torch.Tensor         # (B*M, T) bool, True = masked
     ids_keep: torch.Tensor     # (B*M, T_keep) positions fed to the encoder, in this order
     ids_restore: torch.Tensor  # (B*M, T) inverse of [ids_keep, ids_masked]: un-shuffles the decoder input
+    ids_masked: torch.Tensor | None = None   # (B*M, T - T_keep) masked positions, ascending (None: from mask)
+
+    FIELDS = ("mask", "ids_keep", "ids_restore", "ids_masked")
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor) -> "MaskInfo":
@@ -39,7 +45,56 @@ class MaskInfo:
                             "the student needs the same number of visible tokens in every row")
         ids_shuffle = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # visible first, ascending
         ids_restore = torch.argsort(ids_shuffle, dim=1)
-        return cls(mask, ids_shuffle[:, : int(n_keep[0])], ids_restore)
+        k = int(n_keep[0])
+        return cls(mask, ids_shuffle[:, :k], ids_restore, ids_shuffle[:, k:])
+
+    def masked_positions(self) -> torch.Tensor:
+        """(B*M, T - T_keep) masked positions in ascending order (the row-major order of mask.nonzero)."""
+        if self.ids_masked is not None:
+            return self.ids_masked
+        order = torch.argsort(self.mask.to(torch.int8), dim=1, stable=True)
+        return order[:, self.ids_keep.shape[1]:]
+
+    def to(self, device) -> "MaskInfo":
+        return MaskInfo(*[None if t is None else t.to(device, non_blocking=True)
+                          for t in (self.mask, self.ids_keep, self.ids_restore, self.ids_masked)])
+
+    @classmethod
+    def from_batch(cls, batch: dict, step: int, micro: int) -> "MaskInfo | None":
+        """The masks a loader worker drew for this batch, if it drew them for micro-step (step, micro)."""
+        drawn = batch.get("mask_step")
+        if drawn is None or drawn.tolist() != [step, micro]:
+            return None
+        return cls(*[batch[f] for f in cls.FIELDS])
+
+
+def seed_for(*parts: int) -> int:
+    """A seed that is a pure function of its parts (run seed, step, micro-step, rank, ...)."""
+    return hash(parts) & 0x7FFF_FFFF_FFFF
+
+
+def step_masks(cfg, rows: int, grid: tuple[int, ...], step: int, micro: int, rank: int) -> MaskInfo:
+    """The masks of micro-step (step, micro) on `rank` (cfg: the root Config), on the host."""
+    gen = torch.Generator().manual_seed(seed_for(cfg.run.seed, step, micro, rank))
+    return MaskInfo.from_mask(sample_mask(cfg.mask, rows, grid, gen))
+
+
+class AheadMasks:
+    """Draws each batch's masks in the data loader's workers, off the training step's critical path.
+    The batch with index k in this rank's stream is micro-step divmod(k, accumulation) of the run (the
+    loop consumes one batch per micro-step); the step checks the (step, micro) the masks were drawn for
+    and draws its own when they differ, so masks stay a pure function of (seed, step, micro, rank)."""
+
+    def __init__(self, cfg, rank: int, accumulation: int):
+        self.cfg, self.rank, self.accumulation = cfg, rank, accumulation
+
+    def __call__(self, batch: dict, index: int) -> dict:
+        step, micro = divmod(index, self.accumulation)
+        source = batch["source"]                                              # (B, ...) on the host
+        info = step_masks(self.cfg, source.shape[0] * self.cfg.mask.clone_batch,
+                          token_grid(self.cfg, source.shape[-1]), step, micro, self.rank)
+        batch.update({f: getattr(info, f) for f in MaskInfo.FIELDS}, mask_step=torch.tensor([step, micro]))
+        return batch
 
 
 def check_counts(num_tokens: int, mask_prob: float, inverse: bool) -> int:

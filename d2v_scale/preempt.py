@@ -6,7 +6,8 @@ resumes from that checkpoint by itself (`--resume auto`). SIGTERM (scancel, pree
 the time limit, the deepspeed launcher stopping its ranks) means "checkpoint and stop".
 A handler only records the signal; the flags travel with the all-reduce every micro-step already
 does (the masked-token count), so all ranks see the same decision at the same step and no rank
-blocks in a collective the others never enter. A signal always ends the process: if no step
+blocks in a collective the others never enter. The sums of step t are read on the host at step t+1
+(`StopSignals.agreed`), copied behind step t's work, so the loop never waits for the device. A signal always ends the process: if no step
 completes within `run.stop_timeout_s` of it (a stuck data source, a hung peer), or a second signal
 arrives, the process exits at once (143) without a checkpoint, naming the last complete one.
 """
@@ -33,6 +34,7 @@ class StopSignals:
         self.flags = torch.zeros(2)                    # [USR1 seen, TERM seen] on this rank
         self._timer: threading.Timer | None = None
         self._stopping = False                         # every rank agreed: the checkpoint is being written
+        self._pending: _HostCopy | None = None         # the flags summed at the previous boundary step
         for sig, slot in ((signal.SIGUSR1, REQUEUE), (signal.SIGTERM, TERMINATE)):
             signal.signal(sig, self._handler(slot))
 
@@ -54,6 +56,12 @@ class StopSignals:
             self._timer.start()
         return handle
 
+    def agreed(self, summed: torch.Tensor) -> torch.Tensor:
+        """(2,) flags summed over ranks at the previous boundary step (zeros at the first); `summed`,
+        this step's, starts its way to the host. Every rank reads the same sums at the same step."""
+        ready, self._pending = self._pending, _HostCopy(summed)
+        return ready.value() if ready is not None else torch.zeros(2)
+
     def acknowledge(self) -> None:
         """Every rank agreed to stop at this step: the checkpoint follows, no deadline any more, and
         further signals are let pass (the checkpoint is atomic; a SIGKILL leaves the previous one)."""
@@ -65,6 +73,24 @@ class StopSignals:
         print(f"d2v: rank {self.rank}: {why}: exiting now without a checkpoint; the last complete one is "
               f"{self.last_checkpoint() or 'none'} (rerun with --resume auto)", file=sys.stderr, flush=True)
         os._exit(143)
+
+
+class _HostCopy:
+    """A small device tensor on its way to pinned host memory, queued behind the work already issued."""
+
+    def __init__(self, t: torch.Tensor):
+        if t.device.type == "cuda":
+            self.buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.buf.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.buf, self.event = t.detach().clone(), None
+
+    def value(self) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()                   # waits for the work before the copy, not after
+        return self.buf
 
 
 def requeue_slurm_job() -> str:

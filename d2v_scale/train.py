@@ -19,14 +19,14 @@ from . import dist as dist_mod
 from .config import Config
 from .data import build_loader
 from .dist import Dist, all_reduce_sum, print0
-from .dsconfig import zero_stage
+from .dsconfig import matmul_dtype, zero_stage
 from .engine import build_engine
 from .errors import D2VError
 from .flops import step_flops_per_sample
-from .masking import sample_mask
+from .masking import AheadMasks, MaskInfo, seed_for, step_masks
 from .metrics import Metrics, measure_peak_flops
 from .optim import lr_at, set_lr
-from .preempt import REQUEUE, StopRequested, StopSignals, requeue_slurm_job, restart_banner
+from .preempt import REQUEUE, TERMINATE, StopRequested, StopSignals, requeue_slurm_job, restart_banner
 from .preflight import preflight
 from .teacher import decay_at
 
@@ -37,16 +37,14 @@ class TrainingError(D2VError, RuntimeError):
 
 # -- one step ----------------------------------------------------------------------------------------
 
-def seed_for(*parts: int) -> int:
-    return hash(parts) & 0x7FFF_FFFF_FFFF
-
-
 def train_step(engine, teacher, batch: dict, cfg: Config, step: int, micro: int, dist: Dist,
                dtype: torch.dtype, mask: torch.Tensor | None = None,
                stop_flags: torch.Tensor | None = None) -> tuple[dict, bool]:
-    """One micro-batch: masks, student forward (teacher targets inside), backward, step, EMA.
-    `mask` (B*M, T) replaces the seeded masks (fairseq's precomputed_mask); `stop_flags` (2,) are this
-    rank's signal flags, returned summed over ranks in out["stop"]."""
+    """One micro-batch: student forward (teacher targets inside), backward, step, EMA. The masks come
+    with the batch (drawn ahead in the loader's workers) or are drawn here, both from (seed, step,
+    micro-step, rank); `mask` (B*M, T) replaces them (fairseq's precomputed_mask). `stop_flags` (2,)
+    are this rank's signal flags, returned summed over ranks in out["stop"], on the device: nothing
+    here waits for the device."""
     x = batch["source"].to(dist.device, non_blocking=True)             # image (B,3,H,W) | audio (B,S) | text (B,T)
     if x.is_floating_point():
         x = x.to(dtype)
@@ -56,22 +54,23 @@ def train_step(engine, teacher, batch: dict, cfg: Config, step: int, micro: int,
     M = cfg.mask.clone_batch
 
     # masks and dropout: reproducible from (seed, step, micro-step, rank)
-    gen = torch.Generator().manual_seed(seed_for(cfg.run.seed, step, micro, dist.rank))
     torch.manual_seed(seed_for(cfg.run.seed, step, micro, dist.rank, 1))
-    if mask is None:
-        mask = sample_mask(cfg.mask, x.shape[0] * M, encoder.token_shape(x, pad), gen)          # (B*M, T)
-    mask = mask.to(dist.device)
+    info = MaskInfo.from_mask(mask) if mask is not None else MaskInfo.from_batch(batch, step, micro)
+    if info is None:
+        info = step_masks(cfg, x.shape[0] * M, encoder.token_shape(x, pad), step, micro, dist.rank)
+    info = info.to(dist.device)                                        # (B*M, T) masks and indices
     layer_keep = encoder.draw_layerdrop(seed_for(cfg.run.seed, step, micro))   # same on every rank
 
     # forward: student on the visible tokens of M clones, teacher targets once per sample
     set_lr(engine.optimizer, lr_at(step, cfg.optim))
-    out = engine(x, mask, teacher, pad, layer_keep)
+    out = engine(x, info, teacher, pad, layer_keep)
 
     # loss = mean over every masked token on every rank (DeepSpeed averages gradients over ranks);
     # the same all-reduce carries the stop-signal flags, so every rank learns of a signal together
-    flags = stop_flags if stop_flags is not None else torch.zeros(2)
-    counts = all_reduce_sum(torch.cat([torch.tensor([float(out["sample_size"])]), flags]).to(dist.device))
-    out["stop"] = counts[1:].cpu()
+    flags = stop_flags.tolist() if stop_flags is not None else [0.0, 0.0]
+    counts = all_reduce_sum(torch.stack([torch.full((), float(v), device=dist.device)      # filled on the
+                                         for v in [out["sample_size"], *flags]]))           # device: no copy
+    out["stop"] = counts[1:]
     loss = out["loss"] * dist.world / counts[0].clamp_min(1)
 
     boundary = engine.is_gradient_accumulation_boundary()              # ask before step()
@@ -114,16 +113,18 @@ def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
     elif cfg.run.resume == "auto":
         print0("no checkpoint to resume from: starting from scratch")
     urls = plan.shards.urls
-    loader = build_loader(cfg, dist.rank, dist.world, data_state, urls=urls)
+    loader = build_loader(cfg, dist.rank, dist.world, data_state, urls=urls,
+                          prepare=AheadMasks(cfg, dist.rank, engine.gradient_accumulation_steps()))
 
     stop = min(cfg.optim.max_steps, cfg.run.stop_after or cfg.optim.max_steps)
-    peak = cfg.run.peak_tflops * 1e12 or measure_peak_flops(dist.device, torch.bfloat16 if dtype != torch.float32 else torch.float32)
+    peak = cfg.run.peak_tflops * 1e12 or measure_peak_flops(dist.device, matmul_dtype(ds))
     metrics = Metrics(run_dir, dist.is_main, dist.world, engine.global_steps, stop, peak, cfg.run.progress)
     encoder = engine.module.encoder
     gas = engine.gradient_accumulation_steps()
     print0(f"d2v_scale: {cfg.preset or 'custom'} | {built.n_params / 1e6:.2f}M student "
            f"params | world {dist.world} x micro {cfg.data.batch_size} x accum {gas} | ZeRO-"
-           f"{zero_stage(ds)} | {str(dtype).replace('torch.', '')} | "
+           f"{zero_stage(ds)} | {str(matmul_dtype(ds)).replace('torch.', '')}"
+           f"{' autocast' if matmul_dtype(ds) != dtype else ''} | "
            f"{len(urls)} shards | steps {engine.global_steps} -> {stop}")
 
     signals = StopSignals(dist.rank, cfg.run.stop_timeout_s,
@@ -178,7 +179,8 @@ def _loop(engine, teacher, loader, cfg, dist, dtype, metrics, signals, run_dir, 
                             {"data/skipped_samples": loader.state["skipped"],
                              "data/unreadable_shards": loader.state["read_errors"]})
             _check_health(m, step, cfg)
-        stop_now = bool(out["stop"].sum() > 0)
+        agreed = signals.agreed(out["stop"])                           # flags of the previous step
+        stop_now = bool(agreed.sum() > 0)
         if stop_now:
             signals.acknowledge()
         if step % cfg.run.save_every == 0 or step == stop or stop_now:
@@ -186,7 +188,7 @@ def _loop(engine, teacher, loader, cfg, dist, dtype, metrics, signals, run_dir, 
                                          "ema_updates": teacher.updates}, loader.state_dict(), dist.rank,
                                          cfg.run.keep_last)
         if stop_now:
-            requeue = out["stop"][REQUEUE] > 0 and not out["stop"][1] > 0
+            requeue = agreed[REQUEUE] > 0 and not agreed[TERMINATE] > 0
             note = requeue_slurm_job() if requeue and dist.is_main else ""
             print0(f"d2v: stopped by a signal at step {step}; checkpoint {last_saved}. {note}")
             metrics.close(step, run_dir, str(last_saved))

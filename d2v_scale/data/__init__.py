@@ -30,14 +30,16 @@ def synthetic_batch(cfg) -> dict:
     return build_codec(cfg).synthetic(cfg.data.batch_size)
 
 
-def build_loader(cfg, rank: int, world: int, state: dict | None = None, urls: list[str] | None = None) -> Loader:
-    """cfg: the root Config (data settings + the modality's input sizes)."""
+def build_loader(cfg, rank: int, world: int, state: dict | None = None, urls: list[str] | None = None,
+                 prepare=None) -> Loader:
+    """cfg: the root Config (data settings + the modality's input sizes); `prepare(batch, index)` runs
+    on every collated batch in the workers (training: masking.AheadMasks)."""
     register(cfg.data.allow_pipe)   # s3:// through boto3, no shell schemes; inherited by the forked workers
     urls = urls if urls is not None else shard_list(cfg.data.path, cfg.data.allow_pipe)
     urls = [check_url(u, cfg.data.allow_pipe, "the shard list") for u in urls]
     codec = build_codec(cfg)
     return Loader(urls, cfg.data, rank=rank, world=world, seed=cfg.run.seed, batch_size=cfg.data.batch_size,
-                  decode=codec.decode, collate=codec.collate, state=state)
+                  decode=codec.decode, collate=codec.collate, state=state, prepare=prepare)
 
 
 __all__ = ["AudioCodec", "DataError", "ImageCodec", "Loader", "Shards", "TextCodec", "build_codec",

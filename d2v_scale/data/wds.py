@@ -9,7 +9,9 @@ Stages inside each DataLoader worker (rank r of R, worker w of W):
   decode        -> per-sample torch seed (seed, epoch, r, w, i) so augmentation replays exactly;
                    a sample that fails to decode is skipped with a warning and counted; a whole pass
                    over the worker's shards without one decodable sample stops the run with the reason
-  batch         -> `batch_size` samples collated in the worker
+  batch         -> `batch_size` samples collated in the worker, then `prepare(batch, index)` (the
+                   training step's masks, drawn ahead: masking.AheadMasks), index = the batch's place
+                   in this rank's stream since the run began
 Every worker yields the same number of batches per epoch and every rank the same number of
 workers, so no rank runs short (the webdataset hang with uneven shards).
 The DataLoader hands batches out round-robin over workers, so the number of batches the training
@@ -49,10 +51,11 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __init__(self, urls: list[str], *, rank: int, world: int, epoch: int, seed: int, batches: int,
                  batch_size: int, decode, collate, sampling: str, shuffle_buffer: int,
-                 skip_batches: int = 0, num_workers: int = 1):
+                 skip_batches: int = 0, num_workers: int = 1, prepare=None):
         super().__init__()
         self.urls, self.rank, self.world, self.epoch, self.seed = urls, rank, world, epoch, seed
         self.batches, self.batch_size, self.decode, self.collate = batches, batch_size, decode, collate
+        self.prepare = prepare
         self.sampling, self.shuffle_buffer = sampling, shuffle_buffer
         self.skip_batches, self.num_workers = skip_batches, max(1, num_workers)
 
@@ -123,6 +126,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                 continue
             if len(buf) == self.batch_size:
                 batch = self.collate(buf)
+                if self.prepare is not None:         # this worker delivers epoch batches w, w + W, ...
+                    batch = self.prepare(batch, self.epoch * self.batches + w + W * done)
                 batch["skipped"] = torch.tensor(skipped)
                 batch["read_errors"] = torch.tensor(read_errors.count - reported)
                 reported = read_errors.count
@@ -168,9 +173,9 @@ class Loader:
     """Endless iterator of batches for this rank with a resumable `state` (epoch, batches, samples)."""
 
     def __init__(self, urls: list[str], cfg, *, rank: int, world: int, seed: int, batch_size: int,
-                 decode, collate, state: dict | None = None):
+                 decode, collate, state: dict | None = None, prepare=None):
         self.urls, self.cfg, self.rank, self.world, self.seed = urls, cfg, rank, world, seed
-        self.batch_size, self.decode, self.collate = batch_size, decode, collate
+        self.batch_size, self.decode, self.collate, self.prepare = batch_size, decode, collate, prepare
         W = max(1, cfg.num_workers)
         if cfg.sampling == "split" and len(urls) < world * W:
             raise DataError(
@@ -190,10 +195,11 @@ class Loader:
                          batches=self.batches_per_epoch, batch_size=self.batch_size, decode=self.decode,
                          collate=self.collate, sampling=self.cfg.sampling,
                          shuffle_buffer=self.cfg.shuffle_buffer, skip_batches=skip,
-                         num_workers=self.cfg.num_workers)
+                         num_workers=self.cfg.num_workers, prepare=self.prepare)
         return torch.utils.data.DataLoader(
             ds, batch_size=None, num_workers=self.cfg.num_workers, worker_init_fn=init_worker,
             persistent_workers=False, prefetch_factor=4 if self.cfg.num_workers > 0 else None,
+            pin_memory=torch.cuda.is_available(),
             multiprocessing_context="fork" if self.cfg.num_workers > 0 and os.name == "posix" else None)
 
     def __iter__(self):
