@@ -70,9 +70,19 @@ def resolve_ds_config(cfg: Config, world: int, overrides: dict | None = None, cu
         raise ConfigError(f"ds_config: train_batch_size {ds['train_batch_size']} != micro batch "
                           f"{ds['train_micro_batch_size_per_gpu']} x accumulation {ds['gradient_accumulation_steps']} "
                           f"x world {world}; set them to \"auto\" to derive them from --data.batch_size/global_batch")
+    bf16_ok = bool(cuda and torch.cuda.is_bf16_supported())
+    autocast = ds.get("torch_autocast")
+    if isinstance(autocast, dict):               # fp32 weights, bf16 matmuls: torch autocast, no bf16 wrapper
+        if autocast.get("enabled") == "auto":
+            autocast["enabled"] = bf16_ok
+        if autocast.get("enabled"):
+            autocast.setdefault("dtype", "bfloat16")
     bf16 = ds.setdefault("bf16", {"enabled": "auto"})
     if bf16.get("enabled") == "auto":
-        bf16["enabled"] = bool(cuda and torch.cuda.is_bf16_supported())
+        bf16["enabled"] = bf16_ok and autocast_dtype(ds) is None
+    if bf16.get("enabled") and autocast_dtype(ds) is not None:
+        raise ConfigError(f"ds_config {path}: bf16 and torch_autocast are both enabled; pick one (torch_autocast keeps "
+                          "fp32 weights and runs matmuls in bf16, bf16 keeps bf16 weights with fp32 masters)")
     if ds.get("fp16", {}).get("enabled") and not cuda:
         raise ConfigError("fp16 is not supported by DeepSpeed on CPU; use bf16 or fp32 (set fp16.enabled false)")
     ds.setdefault("steps_per_print", 10 ** 9)
@@ -128,11 +138,26 @@ def validate_ds_config(ds: dict, path: str) -> None:
 
 
 def compute_dtype(ds: dict) -> torch.dtype:
+    """The dtype of the weights and of floating-point inputs (fp32 under torch_autocast)."""
     if ds.get("bf16", {}).get("enabled"):
         return torch.bfloat16
     if ds.get("fp16", {}).get("enabled"):
         return torch.float16
     return torch.float32
+
+
+def autocast_dtype(ds: dict) -> torch.dtype | None:
+    """The dtype torch_autocast runs matmuls in, or None when it is off."""
+    section = ds.get("torch_autocast")
+    if not isinstance(section, dict) or section.get("enabled") is not True:
+        return None
+    return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+            "fp16": torch.float16}.get(str(section.get("dtype", "bfloat16")), torch.bfloat16)
+
+
+def matmul_dtype(ds: dict) -> torch.dtype:
+    """The precision the model's matmuls run in: what the GEMM peak is measured in."""
+    return autocast_dtype(ds) or compute_dtype(ds)
 
 
 def zero_stage(ds: dict) -> int:

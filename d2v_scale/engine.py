@@ -75,9 +75,9 @@ def build_engine(cfg: Config, dist: Dist, ds: dict | None = None, ds_overrides: 
     teacher = build_teacher(model, cfg, ds, dist)
     if cfg.run.init_from:
         load_init_weights(model, teacher, cfg.run.init_from)
-    if cfg.run.compile:                      # per block: compiled graphs stay small and ZeRO hooks stay outside
-        for blk in list(model.encoder.blocks) + list(teacher.encoder.blocks):
-            blk.compile()
+    if cfg.run.compile:       # regions: each block and the decoder (graphs stay small, ZeRO hooks outside)
+        for region in [*model.encoder.blocks, *teacher.encoder.blocks, model.decoder]:
+            region.compile()
     student: nn.Module = wrap(model) if wrap is not None else model
     n_params = sum(p.numel() for p in student.parameters())
     optimizer = build_optimizer(student, cfg.optim, offload=offloads_optimizer(ds))
