@@ -27,6 +27,7 @@ from .fairseq import import_fairseq as run_import_fairseq
 from .preflight import preflight
 from .presets import build_config
 from .tools import bench as benches
+from .tools.bench_step import bench_step
 from .tools import plan as planner
 from .tools.demo import run_demo
 from .train import TrainingError
@@ -93,7 +94,7 @@ def import_fairseq(ckpt: str, out: str) -> None:
 
 def bench(kind: str = "step", local_rank: int = -1, **kwargs) -> None:
     """Benchmarks that print ratios measured side by side in one run: step | data | ema."""
-    kinds = {"step": benches.bench_step, "data": benches.bench_data, "ema": benches.bench_ema}
+    kinds = {"step": bench_step, "data": benches.bench_data, "ema": benches.bench_ema}
     fn = kinds.get(kind)
     if fn is None:
         raise ConfigError(f"unknown benchmark {kind!r}: {', '.join(kinds)}")

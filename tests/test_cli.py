@@ -55,11 +55,19 @@ def test_show_config_and_check(image_shards):
 
 
 @pytest.mark.timeout(300)
-def test_bench_step_prints_mfu_against_measured_peak():
-    out = run_d2v(["bench", "step", "--preset", "vit_base_patch16_debug", "--steps", "3", "--warmup", "1"]).stdout
-    assert "GEMM peak TFLOP/s" in out and "MFU = achieved/peak" in out
-    mfu = float(out.split("MFU = achieved/peak")[1].split("%")[0])
-    assert 0 < mfu < 100
+def test_bench_step_compares_with_timm_and_breaks_the_step_down():
+    """One process: the d2v2 step and a timm ViT of the same shape, both counted by FlopCounterMode,
+    their efficiency ratio, flops.py against the count, and the synchronised phase breakdown."""
+    out = run_d2v(["bench", "step", "--preset", "vit_base_patch16_debug", "--steps", "2", "--warmup", "1",
+                   "--compare", "timm", "--breakdown"]).stdout
+    assert "peer: timm VisionTransformer(embed_dim=64, depth=3, heads=4, patch=4)" in out
+    ratio = float(out.split("efficiency d2v2 / peer")[1].split()[0])
+    assert 0 < ratio < 10
+    agree = float(out.split("flops.py model FLOPs / counted")[1].split(";")[0])
+    assert abs(agree - 1) < 0.03
+    for phase in ("teacher targets", "student forward", "backward", "optimizer step", "EMA update", "masks"):
+        assert phase in out.split("breakdown")[1]
+    assert "top host ops" in out and "aten::mm" in out
 
 
 @pytest.mark.timeout(600)

@@ -74,7 +74,7 @@ def test_pipe_url_inside_an_index_is_refused_and_never_runs(image_shards, tmp_pa
     (tmp_path / "index.json").write_text(json.dumps(index))
     with pytest.raises(DataError, match="pipe: URL runs a shell command"):
         find_shards(str(tmp_path / "index.json"))
-    for url in (f"gs://bucket/x.tar", "-"):                  # other shell-backed schemes, stdin
+    for url in ("gs://bucket/x.tar", "-"):                  # other shell-backed schemes, stdin
         with pytest.raises(DataError, match="shards must be local paths"):
             find_shards(url)
     # a shard list handed to the loader directly passes the same check

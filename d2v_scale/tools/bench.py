@@ -1,8 +1,6 @@
-"""Benchmarks that measure side by side in one process and print ratios (not timed tests).
+"""Benchmarks of the data path and the EMA that measure side by side in one process and print
+ratios (not timed tests); the training step's benchmark is bench_step.py.
 
-  d2v bench step --preset vit_base_patch16_debug [--steps 10] [--key=value ...]
-      forward + backward + optimizer step + EMA through the DeepSpeed engine on synthetic batches;
-      samples/s, achieved TFLOP/s and MFU against the GEMM peak measured in the same run.
   d2v bench data --data SHARDS [--s3 s3://...] [--workers 1,2,4]
       decode + augment samples/s of the same shards from local disk and from S3, and the ratio.
   deepspeed --num_accelerators 2 --no_local_rank --module d2v_scale.cli bench ema [--preset ...]
@@ -10,7 +8,6 @@
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 import shutil
@@ -24,106 +21,14 @@ from data_prep.s3_upload import Uploader
 
 from .. import dist as dist_mod
 from ..config import with_vocab
-from ..d2v import Data2Vec, var_stats
-from ..data import build_loader, register, shard_list, synthetic_batch
+from ..d2v import Data2Vec
+from ..data import build_loader, register, shard_list
 from ..dist import print0
 from ..dsconfig import zero_stage
 from ..engine import build_engine
-from ..flops import step_flops_per_sample
-from ..metrics import measure_peak_flops
 from ..presets import build_config
 from ..teacher import ReplicatedTeacher
-from ..train import train_step
 from .objectstore import SeaweedFS
-
-
-def _time_steps(engine, teacher, cfg, dist, dtype, steps: int, warmup: int) -> float:
-    batch = synthetic_batch(cfg)
-    sync = torch.cuda.synchronize if dist.device.type == "cuda" else (lambda: None)
-    gas = engine.gradient_accumulation_steps()
-    for i in range(warmup * gas):
-        train_step(engine, teacher, batch, cfg, i // gas, i % gas, dist, dtype)
-    sync()
-    t0 = time.perf_counter()
-    for i in range(steps * gas):
-        train_step(engine, teacher, batch, cfg, warmup + i // gas, i % gas, dist, dtype)
-    sync()
-    return (time.perf_counter() - t0) / steps
-
-
-class Data2Vec1Style(torch.nn.Module):
-    """The data2vec (1) compute pattern on the same encoder, for `--compare d2v1`: one mask per sample,
-    the student encodes the whole sequence with masked tokens blanked, a linear head predicts the
-    targets at masked positions (no clones, no token dropping, no conv decoder)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.head = torch.nn.Linear(model.cfg.embed_dim, model.cfg.embed_dim)
-
-    @property
-    def encoder(self):
-        return self.model.encoder
-
-    def forward(self, source, mask, teacher, padding_mask=None, layer_keep=None):
-        enc = self.model.encoder
-        feats, pad = enc.local_features(source, padding_mask)                       # (B, T, D)
-        with torch.no_grad():
-            y = teacher(source, feats.detach(), pad)                                  # (B, T, D)
-        x = feats * (~mask)[..., None].to(feats.dtype)                                # masked tokens blanked
-        x, _ = enc(x, None, 1, pad, layer_keep=layer_keep)                            # (B, E+T, D): all tokens
-        pred = self.head(x[:, enc.num_extra_tokens:])                                 # (B, T, D)
-        rows, pos = mask.nonzero(as_tuple=True)
-        pred_m, y_m = pred[rows, pos].float(), y[rows, pos]
-        loss = ((pred_m - y_m) ** 2).sum() * self.model.loss_scale
-        return {"loss": loss, "sample_size": rows.numel(), "pred_stats": var_stats(pred_m),
-                "target_stats": var_stats(y_m)}
-
-
-def bench_step(preset: str = "vit_base_patch16_debug", steps: int = 10, warmup: int = 2,
-               ds_config: str = "ds_configs/zero0.json", compare: str | None = None, **overrides) -> dict:
-    """`--compare d2v1` also times the data2vec-1 pattern (one mask, whole sequence) on the same model
-    and batch in the same process and prints the ratios."""
-    cfg, ds_over = build_config(preset, None, ds_config=ds_config, **overrides)
-    cfg.optim.warmup_steps = 0                      # time real updates, not lr = 0 ones
-    with_vocab(cfg)                                 # synthetic ids; the real size comes from the shards
-    dist = dist_mod.init()
-    built = build_engine(cfg, dist, ds_overrides=ds_over)
-    engine, teacher, dtype = built.engine, built.teacher, built.dtype
-    enc = engine.module.encoder
-    src = synthetic_batch(cfg)["source"]
-    flops = step_flops_per_sample(cfg, math.prod(enc.token_shape(src)), enc.num_extra_tokens, src.shape[-1])
-    peak = measure_peak_flops(dist.device, dtype if dtype != torch.float32 else torch.float32)
-    dt = _time_steps(engine, teacher, cfg, dist, dtype, steps, warmup)
-    samples = cfg.data.batch_size * engine.gradient_accumulation_steps() * dist.world
-    achieved = flops["total"] * samples / dt / dist.world
-    result = {"preset": cfg.preset, "batch": samples, "clone_batch": cfg.mask.clone_batch,
-              "step_s": dt, "samples_per_s": samples / dt, "model_tflop_per_sample": flops["total"] / 1e12,
-              "achieved_tflops_per_rank": achieved / 1e12, "peak_tflops_per_rank": peak / 1e12,
-              "mfu": achieved / peak, "teacher_share_of_flops": flops["teacher"] / flops["total"],
-              "dtype": str(dtype).replace("torch.", ""), "device": str(dist.device)}
-    print0(f"\nbench step: {cfg.preset} | batch {samples} x {cfg.mask.clone_batch} clones | {result['dtype']} on "
-           f"{result['device']}, {torch.get_num_threads()} threads")
-    print0(f"  step time            {dt * 1e3:10.1f} ms")
-    print0(f"  samples/s            {samples / dt:10.2f}")
-    print0(f"  model GFLOP/sample   {flops['total'] / 1e9:10.3f}  (teacher {result['teacher_share_of_flops']:.1%})")
-    print0(f"  achieved TFLOP/s     {achieved / 1e12:10.4f}")
-    print0(f"  GEMM peak TFLOP/s    {peak / 1e12:10.4f}  (measured now, same process)")
-    print0(f"  MFU = achieved/peak  {achieved / peak:10.1%}")
-    if compare == "d2v1":
-        cfg1 = copy.deepcopy(cfg)
-        cfg1.mask.clone_batch = 1
-        d2v1 = build_engine(cfg1, dist, ds_overrides=ds_over, wrap=Data2Vec1Style)
-        dt1 = _time_steps(d2v1.engine, d2v1.teacher, cfg1, dist, dtype, steps, warmup)
-        M = cfg.mask.clone_batch
-        result.update(d2v1_step_s=dt1, step_time_ratio_d2v2_over_d2v1=dt / dt1,
-                      masked_views_per_s_ratio=(samples * M / dt) / (samples / dt1))
-        print0(f"\n  data2vec-1 pattern (1 mask/sample, student sees all {math.prod(enc.token_shape(src))} tokens, "
-               f"linear head), same model and batch:")
-        print0(f"  d2v1 step time       {dt1 * 1e3:10.1f} ms")
-        print0(f"  step time d2v2/d2v1  {dt / dt1:10.2f}   (d2v2 trains {M} masked views per sample)")
-        print0(f"  masked views/s ratio {result['masked_views_per_s_ratio']:10.2f}   (d2v2 / d2v1)")
-    return result
 
 
 def _loader_rate(cfg, urls: list[str], workers: int, batches: int) -> float:
