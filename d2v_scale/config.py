@@ -109,6 +109,7 @@ class TeacherConfig:
     ema_anneal_end_step: int = 100_000
     placement: str = "auto"      # sharded: ZeRO-3-partitioned, on CPU | replicated: a full copy per rank | auto:
                                  # sharded when the student runs ZeRO-3, replicated otherwise
+    overlap_ema: str = "auto"    # sharded: blend beside the next step's work (auto: with a GPU) | true | false
 
 
 @dataclass
@@ -194,6 +195,8 @@ class Config:
             raise ConfigError(f"model.average_top_k_layers={m.average_top_k_layers} must be in [1, model.depth={m.depth}]")
         if self.teacher.placement not in ("auto", "replicated", "sharded"):
             raise ConfigError(f"teacher.placement={self.teacher.placement!r}: auto, replicated or sharded")
+        if self.teacher.overlap_ema not in ("auto", "true", "false"):
+            raise ConfigError(f"teacher.overlap_ema={self.teacher.overlap_ema!r}: auto, true or false")
         if self.data.sampling not in ("split", "resample"):
             raise ConfigError(f"data.sampling={self.data.sampling!r}: split or resample")
         if self.optim.min_lr > self.optim.lr:

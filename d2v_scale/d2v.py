@@ -3,7 +3,8 @@
 Follows fairseq `examples/data2vec/models/data2vec2.py: Data2VecMultiModel.forward` without its
 modality branches: the encoder classes own every modality difference. The teacher is passed in
 (it stays outside the DeepSpeed engine) and runs once per sample on the student's local features
-or, for images, on the clean image.
+or, for images, on the clean image, after the student's forward (fairseq runs it first; the order
+changes no number: the teacher draws no random numbers).
 
 Loss (reference 4.1/4.2): per masked token, sum over D of (pred - target)^2 * s with
 s = loss_scale or 1/sqrt(D); the module returns the *summed* loss and `sample_size` (masked tokens
@@ -73,13 +74,16 @@ class Data2Vec(nn.Module):
 
         # local features once per sample; the teacher may reuse them (audio, text)
         feats, padding_mask = self.encoder.local_features(source, padding_mask)  # (B, T, D)
-        with torch.no_grad():
-            y = teacher(source, feats.detach(), padding_mask)                     # (B, T, D) fp32
 
         # student: visible tokens of M clones, then the decoder over all positions
         pad_m = padding_mask.repeat_interleave(M, 0) if padding_mask is not None else None
         x, _ = self.encoder(feats, info.ids_keep, M, pad_m, layer_keep=layer_keep)  # (B*M, E+T_keep, D)
         pred = self.decoder(self.decoder_input(x, info))                         # (B*M, T, D)
+
+        # teacher targets, once per sample: asked for after the student's forward, so a teacher whose
+        # EMA of the last step is still being blended on the host has had that time
+        with torch.no_grad():
+            y = teacher(source, feats.detach(), padding_mask)                     # (B, T, D) fp32
 
         # regression on masked tokens (rows sample-major: sample = row // M), in row-major order
         if pad_m is None:            # exact-count masks: gathered at known sizes, no host round trip

@@ -47,7 +47,8 @@ def teacher_placement(cfg: Config, ds: dict) -> str:
 def build_teacher(model: Data2Vec, cfg: Config, ds: dict, dist: Dist):
     """The EMA teacher, copied from the student before DeepSpeed partitions it."""
     if teacher_placement(cfg, ds) == "sharded":
-        return ShardedTeacher(model, cfg, ds, dist)
+        overlap = {"auto": None, "true": True, "false": False}[cfg.teacher.overlap_ema]
+        return ShardedTeacher(model, cfg, ds, dist, asynchronous=overlap)
     return ReplicatedTeacher(model.encoder, cfg.model, dtype=compute_dtype(ds), device=dist.device)
 
 

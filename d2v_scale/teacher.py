@@ -127,6 +127,9 @@ class ReplicatedTeacher:
             for p, a in zip(self.module.parameters(), self.fp32):
                 p.data.copy_(a)
 
+    def wait(self) -> None:
+        """The update runs in the call (the sharded teacher may blend in the background)."""
+
     # -- state (checkpoint.py writes and reads the files) -----------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The full fp32 teacher (names as the student encoder's)."""

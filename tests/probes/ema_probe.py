@@ -18,9 +18,9 @@ from d2v_scale.teacher import decay_at
 from d2v_scale.train import train_step
 
 
-def main(prefix: str, placement: str, ds_config: str, steps: int = 6, global_batch: int = 8):
+def main(prefix: str, placement: str, ds_config: str, overlap: str = "auto", steps: int = 6, global_batch: int = 8):
     cfg = get_preset("vit_base_patch16_debug")
-    cfg.teacher.placement, cfg.run.ds_config = placement, ds_config
+    cfg.teacher.placement, cfg.run.ds_config, cfg.teacher.overlap_ema = placement, ds_config, overlap
     cfg.mask.mask_noise_std = 0.0                          # no per-rank random noise: runs comparable across world sizes
     cfg.model.cls_loss = 0.0                               # fairseq weights the CLS term by the per-rank token count
     cfg.optim.warmup_steps, cfg.teacher.ema_decay = 1, 0.9  # visible teacher motion
@@ -81,4 +81,4 @@ def main(prefix: str, placement: str, ds_config: str, steps: int = 6, global_bat
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])
