@@ -29,3 +29,15 @@ bench text_base_zero2_mb16 --preset text_base --ds_config ds_configs/zero2.json 
 bench vith_zero2_mb32_compiled --preset vit_huge_patch14 --ds_config ds_configs/zero2.json --data.batch_size=32 $G0 \
   --model.grad_checkpointing=true --run.compile=true --compare timm --peer_batch_size 64
 grep -H "efficiency d2v2 / peer\|device busy" "$OUT"/*.log
+# the headline configuration: ZeRO-3 student with the host-offloaded, partitioned teacher, against ZeRO-2
+bench vith_zero3_sharded_mb32_ckpt --preset vit_huge_patch14 --ds_config ds_configs/zero3.json --data.batch_size=32 $G0 \
+  --model.grad_checkpointing=true --teacher.placement=sharded --breakdown
+bench vith_zero3_replicated_mb32_ckpt --preset vit_huge_patch14 --ds_config ds_configs/zero3.json --data.batch_size=32 $G0 \
+  --model.grad_checkpointing=true --teacher.placement=replicated --breakdown
+bench vith_zero2_mb32_ckpt_breakdown --preset vit_huge_patch14 --ds_config ds_configs/zero2.json --data.batch_size=32 $G0 \
+  --model.grad_checkpointing=true --breakdown
+bench audio_large_zero3_sharded_mb4 --preset audio_large --ds_config ds_configs/zero3.json --data.batch_size=4 $G0 \
+  --teacher.placement=sharded --breakdown
+bench audio_large_zero2_mb4 --preset audio_large --ds_config ds_configs/zero2.json --data.batch_size=4 $G0 --breakdown
+$D2V bench ema --preset vit_huge_patch14 --gathered false 2>&1 | tee "$OUT/ema_vith.log"
+grep -H "step time\|EMA update" "$OUT"/vith_zero*_mb32_ckpt*.log "$OUT"/audio_large_zero*.log

@@ -14,11 +14,11 @@ from helpers import BIN, ROOT, TRAIN_ARGS, losses, run_d2v, run_group
 PROBE = ROOT / "tests" / "probes" / "ema_probe.py"
 
 
-def probe(tmp_path, nproc, placement, ds_config):
+def probe(tmp_path, nproc, placement, ds_config, overlap="auto"):
     from d2v_scale.dist import free_port
     prefix = tmp_path / f"probe_{nproc}_{placement}"
     cmd = [str(BIN / "deepspeed"), "--num_accelerators", str(nproc), "--no_local_rank", "--master_port",
-           str(free_port()), str(PROBE), str(prefix), placement, str(ds_config)]
+           str(free_port()), str(PROBE), str(prefix), placement, str(ds_config), overlap]
     res = run_group(cmd, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     return json.loads(prefix.with_suffix(".json").read_text()), torch.load(str(prefix) + ".teacher.pt")
@@ -45,8 +45,9 @@ def test_sharded_teacher_is_exact_local_and_matches_references(tmp_path, no_pers
     replicated, tr = probe(tmp_path, 2, "replicated", no_persistence)
     assert replicated["ema_collectives"] > 0                 # the counter sees gathers when there are any
     assert replicated["losses"] == pytest.approx(sharded["losses"], rel=1e-6)
-    # a 1-rank reference run of the same seed and global batches
-    single, t1 = probe(tmp_path, 1, "sharded", ROOT / "ds_configs" / "zero3.json")
+    # a 1-rank reference run of the same seed and global batches, its EMA blended beside the next step
+    single, t1 = probe(tmp_path, 1, "sharded", ROOT / "ds_configs" / "zero3.json", overlap="true")
+    assert single["exact"] and single["maxdiff"] == 0.0
     assert single["losses"] == pytest.approx(sharded["losses"], rel=1e-6)
     flat = lambda t: torch.cat([t[n].flatten() for n in sorted(t)])          # noqa: E731
     assert float((flat(t2) - flat(t1)).norm() / flat(t1).norm()) < 1e-6    # float summation order only
@@ -83,6 +84,8 @@ def test_plan_measure_matches_allocated_bytes(no_persistence):
     for name, measured, planned in rows:
         assert measured == planned, name
     assert int(dict((n, m) for n, m, _ in rows)["teacher"].replace(",", "")) > 0
+    ema = re.search(r"EMA update \(sharded teacher\): measured ([\d.]+) ms, planned ([\d.]+) ms", res)
+    assert ema and float(ema.group(1)) > 0 and float(ema.group(2)) > 0
 
 
 def test_plan_vit_huge_cluster():
@@ -90,8 +93,22 @@ def test_plan_vit_huge_cluster():
                    "--offload_teacher", "--micro_batch", "8", "--grad_checkpointing"]).stdout
     totals = re.findall(r"GPU  total\s+([\d.]+) GiB", out)
     assert len(totals) == 2 and float(totals[0]) < float(totals[1]) / 2   # ours vs fairseq-style per GPU
+    assert re.search(r"sharded\s+pcie [\d.]+ \([\d.]+ ms\)", out) and re.search(r"replicated\s+pcie 0.000", out)
     assert "DeepSpeed" in out and "samples/s" in out and "global 512" in out
     assert "host teacher fp32 slice" in out
+
+
+def test_teacher_traffic_counts_the_gathers_per_micro_step_and_the_streamed_blend():
+    from d2v_scale.tools.plan import teacher_traffic
+    t, world, gas = 1_000_000, 4, 3
+    sharded = teacher_traffic(t, world, gas, True, "sharded", 3, master_on_host=False)
+    part = t / world
+    assert sharded["pcie"] == gas * part * 2 + part * (4 + 4 + 2)           # slices in per forward; t in/out, low out
+    assert sharded["gather"] == gas * (t - part) * 2 and sharded["host"] == 0
+    offloaded = teacher_traffic(t, world, gas, True, "sharded", 3, master_on_host=True)
+    assert offloaded["host"] == part * 26 and offloaded["pcie"] == gas * part * 2
+    replicated = teacher_traffic(t, world, gas, True, "replicated", 2, master_on_host=False)
+    assert replicated["pcie"] == replicated["gather"] == 0 and replicated["gpu"] == t * 26
 
 
 @pytest.mark.timeout(600)
@@ -102,6 +119,9 @@ def test_bench_ema_shard_local_beats_gathered():
     assert local and gathered, out[-2000:]
     assert local.group(2) == "0" and float(local.group(3)) == 0.0
     assert int(gathered.group(2)) > 0 and float(gathered.group(3)) > 0
+    runs = int(re.search(r"in (\d+) contiguous runs", out).group(1))
+    assert 1 <= runs <= 4                                   # the masters' flat groups, not one per tensor
+    assert re.search(r"per tensor\s+[\d.]+\s+0\s+0\.0", out) and "runs / per tensor" in out
 
 
 def test_activation_checkpointing_same_math_fewer_saved_tensors():

@@ -25,6 +25,7 @@ from ..d2v import Data2Vec
 from ..data import build_loader, register, shard_list
 from ..dist import print0
 from ..dsconfig import zero_stage
+from ..ema import local_source
 from ..engine import build_engine
 from ..presets import build_config
 from ..teacher import ReplicatedTeacher
@@ -91,13 +92,43 @@ def bench_data(data: str, s3: str | None = None, preset: str = "vit_base_patch16
     return {"rows": rows, "upload_mb_per_s": upload}
 
 
+class _PerTensorEma:
+    """The shard-local EMA as d2v_scale did it before ema.py, for the side-by-side row: per tensor,
+    the source moved to the host one tensor at a time, two foreach passes, a copy per compute slice.
+    It blends into copies of the teacher's slices, leaving the teacher itself alone."""
+
+    def __init__(self, teacher, rank: int):
+        self.teacher, self.rank = teacher, rank
+        self.fp32 = [a.clone() for a in teacher.fp32]
+        self.low = [p.ds_tensor.data.clone() for p in teacher.params] if teacher.engine.bfloat16_enabled() else None
+
+    @torch.no_grad()
+    def update(self, student_encoder, decay: float) -> None:
+        student = dict(student_encoder.named_parameters())
+        src, dst = [], []
+        for n, a in zip(self.teacher.names, self.fp32):
+            s = local_source(student[n], self.rank, a.numel())
+            if s.numel():
+                src.append(s.to(a.device, torch.float32))
+                dst.append(a[: s.numel()])
+        torch._foreach_mul_(dst, decay)
+        torch._foreach_add_(dst, src, alpha=1.0 - decay)
+        for low, a in zip(self.low or [], self.fp32):
+            low.copy_(a)
+
+    def wait(self) -> None:
+        pass
+
+
 def bench_ema(preset: str = "vit_base_patch16", reps: int = 5, ds_config: str = "ds_configs/zero3.json",
-              **overrides) -> dict:
+              gathered: bool = True, **overrides) -> dict:
     """Per-rank time and bytes of the shard-local EMA (ShardedTeacher) vs a gathered full-model EMA
-    (ReplicatedTeacher reading the ZeRO-3 student through all-gathers), same student, same process.
+    (ReplicatedTeacher reading the ZeRO-3 student through all-gathers), same student, same process
+    (`--gathered false`: the shard-local one alone, e.g. a ViT-H teacher on a small host).
     Launch with the deepspeed launcher for N ranks:
       deepspeed --num_accelerators 2 --no_local_rank --module d2v_scale.cli bench ema --preset vit_base_patch16
     """
+    gathered = str(gathered).lower() not in ("false", "0", "no")        # fire passes `false` as a string
     cfg, ds_over = build_config(preset, None, ds_config=ds_config, **overrides)
     cfg.teacher.placement, cfg.data.global_batch = "sharded", 0
     with_vocab(cfg)
@@ -105,24 +136,35 @@ def bench_ema(preset: str = "vit_base_patch16", reps: int = 5, ds_config: str = 
     built = build_engine(cfg, dist, ds_overrides={"zero_optimization.stage3_param_persistence_threshold": 0,
                                                   **ds_over})           # every param partitioned
     engine, sharded, ds = built.engine, built.teacher, built.ds
-    torch.manual_seed(cfg.run.seed)                                     # the student's initial weights again
-    replicated = ReplicatedTeacher(Data2Vec(cfg.model, cfg.mask.mask_noise_std).encoder, cfg.model,
-                                   dtype=built.dtype, device=dist.device)
+    teachers = [("shard-local", sharded), ("per tensor", _PerTensorEma(sharded, dist.rank))]
+    if gathered:
+        torch.manual_seed(cfg.run.seed)                                 # the student's initial weights again
+        teachers.append(("gathered", ReplicatedTeacher(Data2Vec(cfg.model, cfg.mask.mask_noise_std).encoder,
+                                                       cfg.model, dtype=built.dtype, device=dist.device)))
     results = {}
-    for name, teacher in (("shard-local", sharded), ("gathered", replicated)):
-        teacher.update(engine.module.encoder, 0.999)                     # warm-up
+    for name, teacher in teachers:
+        teacher.update(engine.module.encoder, 0.999)                     # warm-up (plans the runs)
+        teacher.wait()
         with dist_mod.count_collectives() as c:
             t0 = time.perf_counter()
             for _ in range(reps):
                 teacher.update(engine.module.encoder, 0.999)
+                teacher.wait()
             dt = (time.perf_counter() - t0) / reps
         results[name] = {"s_per_update": dt, "collectives": c.calls / reps, "bytes": c.bytes / reps}
     n_params = sum(math.prod(s) for s in sharded.shapes.values())
-    ratio = results["shard-local"]["s_per_update"] / results["gathered"]["s_per_update"]
+    local = sum(a.numel() for a in sharded.fp32)
     stage = zero_stage(ds)
-    print0(f"\nbench ema: {cfg.preset} teacher ({n_params / 1e6:.1f}M params), {dist.world} ranks, ZeRO-{stage} student")
-    print0(f"  {'':>12} {'ms/update':>10} {'collectives':>12} {'MB sent':>9}")
+    print0(f"\nbench ema: {cfg.preset} teacher ({n_params / 1e6:.1f}M params, {local / 1e6:.1f}M on this rank in "
+           f"{len(sharded.runs)} contiguous runs), {dist.world} ranks, ZeRO-{stage} student, "
+           f"{torch.get_num_threads()} threads")
+    print0(f"  {'':>12} {'ms/update':>10} {'collectives':>12} {'MB sent':>9} {'GB/s blended':>13}")
     for name, r in results.items():
-        print0(f"  {name:>12} {r['s_per_update'] * 1e3:>10.1f} {r['collectives']:>12.0f} {r['bytes'] / 1e6:>9.1f}")
-    print0(f"  time shard-local / gathered = {ratio:.3f}  (1/N = {1 / dist.world:.3f})")
+        print0(f"  {name:>12} {r['s_per_update'] * 1e3:>10.1f} {r['collectives']:>12.0f} {r['bytes'] / 1e6:>9.1f}"
+               f" {local * 4 / r['s_per_update'] / 1e9 if name != 'gathered' else float('nan'):>13.2f}")
+    ratio = results["shard-local"]["s_per_update"] / results["gathered"]["s_per_update"] if gathered else None
+    if ratio is not None:
+        print0(f"  time shard-local / gathered = {ratio:.3f}  (1/N = {1 / dist.world:.3f})")
+    print0(f"  time shard-local runs / per tensor = "
+           f"{results['shard-local']['s_per_update'] / results['per tensor']['s_per_update']:.3f}")
     return {"results": results, "ratio": ratio, "world": dist.world}

@@ -18,6 +18,8 @@ only its input (2 * D bytes per token) plus one block's activations during recom
 from __future__ import annotations
 
 import math
+import os
+import time
 
 import torch
 
@@ -97,6 +99,37 @@ def activation_bytes(cfg, micro: int, checkpointing: bool, flash: bool = True) -
             "teacher forward (transient)": teacher}
 
 
+# links the teacher's bytes cross (GB/s per GPU); defaults near the H100 box of the README's figures
+LINKS = {"pcie": 45.0, "host": 20.0, "gpu": 1500.0, "gather": 150.0}
+
+
+def teacher_traffic(t_numel: int, world: int, gas: int, bf16: bool, placement: str, zero: int,
+                    master_on_host: bool) -> dict[str, float]:
+    """Per-rank bytes per optimizer step the teacher and its EMA move, by link:
+    pcie (host <-> GPU), host (host memory traffic of a host blend), gpu (device memory traffic of a
+    device blend), gather (GPU <-> GPU all-gathers). The teacher's forward runs every micro-step."""
+    lp, part = (2 if bf16 else 4), t_numel / world
+    blend = 8 + 12 + (6 if bf16 else 0)          # t *= decay (r+w t), t += w s (r t, r s, w t), low = t (r t, w low)
+    out = {"pcie": 0.0, "host": 0.0, "gpu": 0.0, "gather": 0.0}
+    if placement == "sharded":
+        out["pcie"] += gas * part * lp                                       # own slice to the GPU, per forward
+        out["gather"] += gas * (t_numel - part) * lp                         # the other ranks' slices
+        if master_on_host:
+            out["host"] += part * blend                                      # blended in place on the host
+        else:
+            out["pcie"] += part * (4 + 4 + (2 if bf16 else 0))               # streamed: t in, t out, low out
+            out["gpu"] += part * blend
+    else:
+        if zero >= 3:
+            out["gather"] += (t_numel - part) * lp                           # the EMA reads the student by gathers
+        out["gpu"] += t_numel * blend
+    return out
+
+
+def link_seconds(traffic: dict[str, float], links: dict[str, float]) -> dict[str, float]:
+    return {k: v / (links[k] * 1e9) for k, v in traffic.items()}
+
+
 def plan(cfg, nodes: int, gpus_per_node: int, zero: int, micro_batch: int, offload_teacher: bool = True,
          offload_optimizer: bool = False, checkpointing: bool = False, mfu: float = 0.4,
          peak_tflops: float = 989.0, bf16: bool = True) -> dict:
@@ -137,7 +170,10 @@ def plan(cfg, nodes: int, gpus_per_node: int, zero: int, micro_batch: int, offlo
     else:
         ds_cpu, ds_gpu = estimate_zero2_model_states_mem_needs(total, gpus_per_node, nodes,
                                                                cpu_offload=offload_optimizer, additional_buffer_factor=1.0)
-    return {"world": world, "gas": gas, "global_batch": micro_batch * gas * world, "student_params": total,
+    traffic = {kind: teacher_traffic(sum(t_numels), world, gas, bf16, kind, zero, offload_optimizer)
+               for kind in ("replicated", "sharded")}
+    return {"traffic": traffic, "links": dict(LINKS),
+            "world": world, "gas": gas, "global_batch": micro_batch * gas * world, "student_params": total,
             "teacher_params": sum(t_numels), "ours": ours, "activations": acts, "activations_no_ckpt": acts_nockpt,
             "fairseq": fairseq, "fairseq_activations": fairseq_acts, "flops_per_sample": flops, "step_s": step_s,
             "samples_per_s": micro_batch * gas * world / step_s, "deepspeed_estimate_gpu": ds_gpu,
@@ -177,6 +213,12 @@ def print_plan(p: dict, cfg, args: dict) -> None:
           f"{sum(v for k, v in p['ours']['device'].items() if not k.startswith('teacher')) / GB:.2f} GiB GPU, "
           f"DeepSpeed {p['deepspeed_estimate_gpu'] / GB:.2f} GiB GPU / {p['deepspeed_estimate_cpu'] / GB:.2f} GiB host")
     print(f"  per-GPU total: d2v_scale {ours / GB:.1f} GiB vs fairseq-style {fair / GB:.1f} GiB")
+    print(f"  teacher + EMA traffic per optimizer step and rank (GB; ms at pcie {p['links']['pcie']:.0f}, host "
+          f"{p['links']['host']:.0f}, gpu {p['links']['gpu']:.0f}, gather {p['links']['gather']:.0f} GB/s):")
+    for kind, traffic in p["traffic"].items():
+        secs = link_seconds(traffic, p["links"])
+        cells = "  ".join(f"{k} {traffic[k] / 1e9:.3f} ({secs[k] * 1e3:.1f} ms)" for k in traffic)
+        print(f"    {kind:<10} {cells}  -> +{sum(secs.values()) * 1e3:.1f} ms over compute if nothing overlaps")
     print(f"  compute: {p['flops_per_sample'] / 1e12:.2f} TFLOP per sample (student x3 + teacher forward); at "
           f"{args['mfu']:.0%} MFU of {args['peak_tflops']:.0f} TFLOP/s: {p['step_s']:.2f} s per step, "
           f"{p['samples_per_s']:.0f} samples/s, {p['samples_per_s'] / (args['nodes'] * args['gpus_per_node']):.1f} per GPU")
@@ -255,4 +297,41 @@ def measure_and_compare(cfg, ds_over: dict, micro: int) -> dict:
     print0(f"  {'state':<16} {'measured':>12} {'planned':>12}")
     for name, planned in rows:
         print0(f"  {name:<16} {measured[name]:>12,d} {planned:>12,d}")
-    return {"measured": measured, "planned": dict(rows)}
+    ema = _measure_ema(engine, teacher, cfg, dist, dtype == torch.bfloat16, zero, offload_opt)
+    return {"measured": measured, "planned": dict(rows), "ema": ema}
+
+
+def host_bandwidth(n: int = 1 << 24, reps: int = 5) -> float:
+    """Bytes/s of this process copying fp32 on the host (read + write counted), best of `reps`."""
+    a, b = torch.randn(n), torch.empty(n)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 4 * n / best
+
+
+def _measure_ema(engine, teacher, cfg, dist, bf16: bool, zero: int, offload_opt: bool) -> dict:
+    """The EMA update of the real teacher, timed, beside the planner's traffic for it at the host
+    bandwidth measured now (on a CPU run every link is host memory)."""
+    reps = 3
+    teacher.update(engine.module.encoder, 0.999)
+    teacher.wait()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        teacher.update(engine.module.encoder, 0.999)
+        teacher.wait()
+    measured = (time.perf_counter() - t0) / reps
+    kind = "sharded" if teacher.sharded else "replicated"
+    t_numel = sum(math.prod(shape) for shape in getattr(teacher, "shapes", {}).values()) or \
+        sum(p.numel() for p in teacher.module.parameters())
+    traffic = teacher_traffic(t_numel, dist.world, 0, bf16, kind, zero, master_on_host=dist.device.type != "cuda"
+                              or offload_opt)                            # gas 0: the EMA alone
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+    bw = host_bandwidth() / max(1, local) if dist.device.type != "cuda" else None   # the ranks share it
+    planned = sum(traffic.values()) / bw if bw else sum(link_seconds(traffic, LINKS).values())
+    print0(f"  EMA update ({kind} teacher): measured {measured * 1e3:.1f} ms, planned {planned * 1e3:.1f} ms "
+           f"({sum(traffic.values()) / 1e6:.1f} MB of traffic" + (f" at {bw / 1e9:.1f} GB/s per rank: host bandwidth measured now / {local} ranks)"
+                                                                  if bw else ")"))
+    return {"measured_s": measured, "planned_s": planned, "bytes": sum(traffic.values())}
