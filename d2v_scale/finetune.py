@@ -1,11 +1,7 @@
-"""`d2v finetune`: a pretrained encoder + head trained on labels through DeepSpeed (image classification).
-
-cli.py:finetune -> finetune.py:finetune -> finetune_step -> Classifier.forward (models/classifier.py).
-The recipe is fairseq's `mae_image_classification` (data2vec 2.0's released ImageNet fine-tuning):
-timm RandAugment + random erasing, Mixup/CutMix with label smoothing into SoftTargetCrossEntropy,
-drop path, layer-wise lr decay, warmup + cosine; top-1/top-5 on the validation shards every epoch,
-the best kept (its checkpoint and `best.safetensors`, head + encoder). The engine builder, pre-flight,
-checkpoints, resume, signals, metrics and summary are pretraining's.
+"""`d2v finetune` (image classification): cli.py:finetune -> finetune -> finetune_step -> Classifier.
+fairseq's `mae_image_classification` recipe (timm RandAugment, Mixup/CutMix + SoftTargetCrossEntropy,
+drop path, layer-wise lr decay, warmup + cosine), top-1/top-5 on the validation shards every epoch, the
+best kept (checkpoint + `best.safetensors`); engine, pre-flight, checkpoints, resume, metrics as pretraining.
 """
 from __future__ import annotations
 
@@ -169,7 +165,7 @@ def _loop(engine, loader, val, cfg, dist, dtype, mixup, metrics, signals, run_di
         new_best, v = False, {}
         if step % every == 0 or step == stop:
             t_val = time.perf_counter()
-            v = validate(engine, val, dist, dtype, cfg.eval.num_workers)
+            v = validate(engine, val, dist, dtype, cfg.data.num_workers)
             t0 += time.perf_counter() - t_val                           # validation is not training throughput
             new_best = v["val/top1"] > best["top1"]
             if new_best:

@@ -1,10 +1,7 @@
-"""`load_encoder(path)`: a pretrained encoder for downstream use, from any weights d2v_scale reads.
-
-A d2v_scale weights file (`d2v export`, `d2v import-fairseq`, a `d2v finetune` classifier), a run
-directory (its newest checkpoint at any ZeRO stage, through checkpoint.py) or a fairseq data2vec 2.0
-checkpoint (fairseq.py); the student, or with `teacher=True` the EMA teacher (an audio or text teacher
-runs on the student's CNN / embeddings, as in training). The forward is fairseq's
-`extract_features(mask=False)`, which its fine-tuning models use (`mae_image_classification.py`).
+"""`load_encoder(path)`: a pretrained encoder for downstream use, from any weights d2v_scale reads:
+a weights file (`d2v export`, `d2v import-fairseq`, `d2v finetune`), a run directory (any ZeRO stage,
+via checkpoint.py) or a fairseq data2vec 2.0 checkpoint; student or EMA teacher. The forward is
+fairseq's `extract_features(mask=False)`, as its fine-tuning models use (`mae_image_classification.py`).
 """
 from __future__ import annotations
 

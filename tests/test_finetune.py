@@ -12,7 +12,7 @@ from timm.data.random_erasing import RandomErasing
 import d2v_scale
 from d2v_scale.config import ConfigError
 from d2v_scale.d2v import Data2Vec
-from d2v_scale.data import finetune_transform
+from d2v_scale.data import DataError, ImageCodec, Labelled, finetune_transform
 from d2v_scale.export import read_info, write_weights
 from d2v_scale.finetune import build_mixup
 from d2v_scale.models import Classifier, build_encoder, finetune_drop_path
@@ -104,6 +104,9 @@ def test_refusals(image_shards, tmp_path):
         plan(init=str(tmp_path / "clf.safetensors"))
     with pytest.raises(ConfigError, match="num_classes=2 but the --train shards hold 4 classes"):
         plan(init=str(tmp_path / "enc.safetensors"), **{"finetune.num_classes": 2})
+    labelled = Labelled(ImageCodec(32, (0.2, 1.0)), num_classes=4)        # a label beyond the head stops the stream
+    with pytest.raises(DataError, match="a sample has class 4 but the head has 4 classes"):
+        labelled.collate([(torch.zeros(3, 32, 32), 1), (torch.zeros(3, 32, 32), 4)])
     with pytest.raises(ConfigError, match="pretraining preset"):
         cfg, ds = build_config("vit_base_patch16", None, task="image_classification", init=str(tmp_path / "enc.safetensors"),
                                train=str(image_shards), val=str(image_shards))

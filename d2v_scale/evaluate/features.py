@@ -1,10 +1,7 @@
-"""Pooled features of labelled shards from a frozen encoder, split across ranks, gathered on all.
-
-Rank r of R decodes samples r, r + R, r + 2R, ... of the shards in their order (no shuffle, no
-augmentation: `data.eval_codec`). Every rank runs the same number of forward passes (a rank with
-fewer samples runs padding batches, label -1), as ZeRO-3's parameter gathers need, and the features
-come back on every rank in the samples' original order, so the results do not depend on the world
-size. Mirrors what dinov2's `eval/utils.py: extract_features` does with a distributed sampler.
+"""Pooled features of labelled shards from a frozen encoder (dinov2 `eval/utils.py: extract_features`):
+rank r of R decodes samples r, r + R, ... in shard order without augmentation, every rank runs the same
+number of forwards (padding batches, label -1: ZeRO-3's gathers need it), and the features come back
+on every rank in sample order, so results do not depend on the world size.
 """
 from __future__ import annotations
 
@@ -19,7 +16,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from ..data import DataError, check_labels, check_shards, find_shards, register, sample_counts
-from ..data.wds import init_worker
+from ..data.wds import ErrorCounter, init_worker
 from ..dist import Dist
 from ..models import pool_tokens
 
@@ -67,14 +64,16 @@ class EvalStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         w, W = (info.id, info.num_workers) if info is not None else (0, 1)
         B, buf, done = self.batch_size, [], 0
+        skipped = ErrorCounter(f"{self.shards.source} sample")
         samples = wds.tarfile_to_samples()(iter({"url": u} for u in self.shards.urls))
         for i, sample in enumerate(samples):
             if i % self.world != self.rank or (i // self.world // B) % W != w:
                 continue                                     # another rank's or worker's sample: not decoded
             try:
                 buf.append((self.codec.decode(sample), i))
-            except (ValueError, OSError) as e:
-                print(f"eval: skipping {sample.get('__url__')}:{sample.get('__key__')}: {e}", file=sys.stderr)
+            except Exception as e:  # noqa: BLE001 - an undecodable sample is left out, as in training
+                if type(e).__name__ != "TooShort":            # left out by the recipe: not warned about
+                    skipped(ValueError(f"{sample.get('__url__')}:{sample.get('__key__')}: {e}"))
                 continue
             if len(buf) == B:
                 yield self._batch(buf)

@@ -1,9 +1,7 @@
-"""Linear probe on frozen features (MAE `main_linprobe.py`): BatchNorm without affine + Linear.
-
-The head (trunc-normal std 0.01, zero bias) trains on the extracted features with cross-entropy,
-lr = blr x batch / 256 (MAE blr 0.1), linear warmup then a half-cycle cosine per iteration, no weight
-decay, 90 epochs with 10 of warmup. MAE uses LARS for its 16,384-sample batches; at this probe's batch
-sizes plain SGD with momentum 0.9 does the same job. Seeded, and the global RNG is left as it was.
+"""Linear probe on frozen features (MAE `main_linprobe.py`): BatchNorm without affine + Linear (trunc-
+normal 0.01), cross-entropy, lr = 0.1 x batch / 256, warmup then half-cycle cosine per iteration, no weight
+decay, 90 epochs (10 warmup); SGD with momentum where MAE's 16,384 batches use LARS. Seeded; the global
+RNG is left as it was.
 """
 from __future__ import annotations
 

@@ -1,10 +1,7 @@
-"""The kNN monitor of a pretraining run (`--eval.data=SHARDS --eval.every=N`): what dinov2, solo-learn
-and lightly log while pretraining, for the student's and the EMA teacher's encoders.
-
-Every N optimizer steps all ranks extract pooled features of the labelled shards (features.py) and
-classify them with kNN (knn.py) against `eval.data`, or leave-one-out within it. It leaves the
-training exactly as it was: no gradient, the encoders' train/eval modes restored, the global RNG
-(CPU and CUDA) restored, its own data stream, so the loss sequence and the bit-exact resume hold.
+"""The kNN monitor of pretraining (`--eval.data=SHARDS --eval.every=N`, as dinov2 / solo-learn log it):
+every N steps all ranks classify pooled student and teacher features of labelled shards with kNN
+(against `eval.data`, or leave-one-out within it). No gradient, modes and the global RNG (CPU, CUDA)
+restored, its own data stream: the loss sequence and the bit-exact resume are unchanged.
 """
 from __future__ import annotations
 
@@ -44,8 +41,7 @@ class KnnMonitor:
     def __init__(self, cfg: Config, dist: Dist, bank: EvalShards, queries: EvalShards | None = None):
         e = cfg.eval
         self.cfg, self.dist, self.bank, self.queries = cfg, dist, bank, queries
-        labels_classes = max(bank.num_classes, queries.num_classes if queries else 0)
-        codec = eval_codec(cfg, labels_classes)
+        codec = eval_codec(cfg, max(bank.num_classes, queries.num_classes if queries else 0))
         self.streams = [EvalStream(s, codec, e.batch_size, dist.rank, dist.world) for s in (bank, queries) if s]
         self.seconds = 0.0                      # time spent, for the throughput the trainer reports
 

@@ -1,9 +1,6 @@
-"""`d2v probe`: what an encoder learned, measured on labelled shards without training it.
-
-Features of the frozen encoder (mean-pooled input tokens and, for images, the CLS token, as MAE and
-data2vec evaluate), extracted on every rank of the launch (features.py), then kNN (k 20, cosine,
-temperature-weighted votes: dinov2) and a linear probe (MAE: BatchNorm without affine + linear),
-top-1 and top-5 on `--val`. Any weights `load_encoder` reads; checks run before any rank waits.
+"""`d2v probe`: what a frozen encoder learned, on labelled shards: mean-pooled (and, for images, CLS)
+features extracted on every rank (features.py), kNN (k 20, cosine, weighted votes: dinov2) and a linear
+probe (MAE's), top-1/top-5 on `--val`. Any weights `load_encoder` reads; checks run before ranks wait.
 """
 from __future__ import annotations
 
