@@ -2,9 +2,11 @@
 
 This module owns every file under RUN_DIR/checkpoints/:
   step_00001000/           engine.save_checkpoint files, the teacher (teacher.pt: full fp32, or
-                           teacher_rank{r}.pt: each rank's fp32 slices), data_rank*.json, meta.json
+                           teacher_rank{r}.pt: each rank's fp32 slices; none for a fine-tuning
+                           run), data_rank*.json, meta.json
   step_00001000_universal/ the same step converted by `d2v reshard` (loadable at any world size)
   latest                   the newest complete tag (written last; informative: resume scans)
+  best                     the tag of a fine-tuning run's best validation (kept when older ones are pruned)
 A checkpoint is written to `<tag>.tmp` and renamed only after every rank finished writing, and the
 `latest` pointer is replaced after that, so an interrupted save never shadows a good checkpoint.
 
@@ -21,7 +23,7 @@ import math
 import os
 import re
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,8 +78,16 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tag if (ckpt_dir / tag).is_dir() else None
 
 
+def write_json(path: Path, obj: dict) -> None:
+    """A JSON file of the run directory (config.json, ds_config.json, ...), written atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def save(engine, teacher, run_dir: Path, step: int, client_state: dict, data_state: dict,
-         rank: int, keep_last: int = 3) -> Path:
+         rank: int, keep_last: int = 3, best: str | None = None) -> Path:
+    """teacher: None for a fine-tuning run; `best`: a tag pruning keeps (written to `best`)."""
     ckpt_dir = run_dir / CKPT_DIR
     tag = f"step_{step:08d}"
     tmp = ckpt_dir / f"{tag}.tmp"
@@ -86,13 +96,14 @@ def save(engine, teacher, run_dir: Path, step: int, client_state: dict, data_sta
         shutil.rmtree(tmp, ignore_errors=True)          # leftovers of an interrupted save
     _barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state=client_state, save_latest=False)
-    save_teacher(teacher, tmp, rank)
+    if teacher is not None:
+        save_teacher(teacher, tmp, rank)
     (tmp / f"data_rank{rank}.json").write_text(json.dumps(data_state))
     if rank == 0:
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         stage = engine.zero_optimization_stage()
         (tmp / "meta.json").write_text(json.dumps({"step": step, "world": world, "zero_stage": stage,
-                                                   "universal": False}))
+                                                   "universal": False, "teacher": teacher is not None}))
     _barrier()
     final = ckpt_dir / tag
     if rank == 0:
@@ -104,6 +115,9 @@ def save(engine, teacher, run_dir: Path, step: int, client_state: dict, data_sta
         latest = ckpt_dir / "latest.tmp"
         latest.write_text(tag)
         os.replace(latest, ckpt_dir / "latest")
+        if best:
+            (ckpt_dir / "best.tmp").write_text(best)
+            os.replace(ckpt_dir / "best.tmp", ckpt_dir / "best")
         _prune(ckpt_dir, keep_last)
     _barrier()
     return final
@@ -118,8 +132,10 @@ def _free_name(path: Path) -> Path:
 
 def _prune(ckpt_dir: Path, keep_last: int) -> None:
     tags = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name))
+    best = (ckpt_dir / "best").read_text().strip() if (ckpt_dir / "best").is_file() else None
     for old in tags[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != best:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def list_tags(ckpt_dir: Path) -> list[str]:
@@ -169,7 +185,7 @@ def validate(tag_dir: Path) -> str | None:
                 needed.append(f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
             if stage >= 1:
                 needed.append(f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
-    if not (tag_dir / "teacher.pt").exists():
+    if meta.get("teacher", True) and not (tag_dir / "teacher.pt").exists():
         needed += [f"teacher_rank{r}.pt" for r in range(world)]
     needed += [f"data_rank{r}.json" for r in range(world)]
     for name in needed:
@@ -337,18 +353,29 @@ def make_universal(run_dir: Path, tag: str | None = None, workers: int = 2) -> P
 
 
 def load(engine, teacher, ckpt_dir: Path, tag: str, rank: int) -> tuple[dict, dict]:
-    """Restore engine (weights, optimizer, step) and teacher; returns (client_state, data_state)."""
+    """Restore engine (weights, optimizer, step) and teacher (None: a run without one); returns
+    (client_state, data_state)."""
     with weights_only_loads():
         _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                                  load_lr_scheduler_states=False)
     if client_state is None:
         raise CheckpointError(f"could not load checkpoint {ckpt_dir / tag}; check it with `d2v export` or move it away")
-    load_teacher(teacher, ckpt_dir / tag, rank)
+    if teacher is not None:
+        load_teacher(teacher, ckpt_dir / tag, rank)
     data_file = ckpt_dir / tag / f"data_rank{rank}.json"
     if not data_file.exists():               # resumed at another world size: rank 0's epoch position
         data_file = ckpt_dir / tag / "data_rank0.json"
     data_state = json.loads(data_file.read_text()) if data_file.exists() else {}
     return client_state, data_state
+
+
+@contextmanager
+def _silenced(quiet: bool):
+    if not quiet:
+        yield
+        return
+    with open(os.devnull, "w") as null, redirect_stdout(null), redirect_stderr(null):
+        yield
 
 
 def pick_tag(ckpt_dir: Path, tag: str | None = None) -> str:
@@ -366,14 +393,15 @@ def pick_tag(ckpt_dir: Path, tag: str | None = None) -> str:
     return tag
 
 
-def consolidated_state(run_dir: Path, tag: str | None = None) -> tuple[dict, str]:
-    """fp32 student state_dict of a run's checkpoint (any ZeRO stage), offline, on CPU."""
+def consolidated_state(run_dir: Path, tag: str | None = None, quiet: bool = False) -> tuple[dict, str]:
+    """fp32 student state_dict of a run's checkpoint (any ZeRO stage), offline, on CPU; `quiet`: without
+    DeepSpeed's report of the files it reads (a run that exports while training)."""
     ckpt_dir = Path(run_dir) / CKPT_DIR if (Path(run_dir) / CKPT_DIR).is_dir() else Path(run_dir)
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"{run_dir} is not a run directory (no {CKPT_DIR}/ in it)")
     tag = pick_tag(ckpt_dir, tag)
     tag_dir = ckpt_dir / tag
-    with weights_only_loads():
+    with weights_only_loads(), _silenced(quiet):
         if any(tag_dir.glob("*optim_states.pt")) and any(tag_dir.glob("zero_pp_rank_*")):
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
             state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)

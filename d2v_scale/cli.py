@@ -3,6 +3,9 @@
   d2v train --preset vit_base_patch16_debug --data 'DIR/shard-{000000..000009}.tar' \\
             --ds_config ds_configs/zero3.json --out runs/x [--mask.clone_batch=8 --ds.zero_optimization.stage=2]
   d2v check ...          same arguments: validate config, ds_config, data and run directory, start nothing
+  d2v finetune --task image_classification --init WEIGHTS_OR_RUN --train SHARDS --val SHARDS \\
+            --ds_config ds_configs/zero2.json --out runs/ft [--preset vit_base_patch16_ft --finetune.layer_decay=0.75]
+  d2v probe --init WEIGHTS_OR_RUN --train SHARDS --val SHARDS [--how knn|linear|both] [--teacher | --random_init]
   d2v show_config --preset NAME [--key=value ...]
   d2v export RUN_DIR OUT.safetensors [--teacher]
   d2v import-fairseq CKPT OUT.safetensors
@@ -22,10 +25,13 @@ import fire
 from .checkpoint import make_universal
 from .config import ConfigError
 from .errors import D2VError, one_line
+from .evaluate import probe as run_probe
 from .export import export_run
 from .fairseq import import_fairseq as run_import_fairseq
-from .preflight import preflight
-from .presets import build_config
+from .finetune import finetune as run_finetune
+from .preflight import finetune_preflight, preflight
+from .presets import FINETUNE_PRESETS, build_config, finetune_preset_for
+from .pretrained import read_config
 from .tools import bench as benches
 from .tools.bench_step import bench_step
 from .tools import plan as planner
@@ -50,15 +56,62 @@ def train(*words, preset: str | None = None, data: str | None = None, ds_config:
     run_train(cfg, ds_overrides)
 
 
+def _finetune_preset(init: str | None) -> str:
+    """The recipe for the --init encoder's size (fairseq's vision fine-tuning yamls)."""
+    if not init:
+        raise ConfigError("d2v finetune needs --init WEIGHTS (a weights file, run directory or fairseq checkpoint)")
+    preset = finetune_preset_for(read_config(init))
+    if preset is None:
+        raise ConfigError(f"no fine-tuning recipe is known for --init {init}: pass --preset (one of "
+                          f"{', '.join(sorted(set(FINETUNE_PRESETS.values())))})")
+    return preset
+
+
+def finetune(*words, preset: str | None = None, task: str | None = None, init: str | None = None,
+             train: str | None = None, val: str | None = None, ds_config: str | None = None, out: str | None = None,
+             resume: str | None = None, from_json: str | None = None, local_rank: int = -1, **overrides) -> None:
+    """Fine-tune a pretrained encoder (the recipe is picked from --init's size unless --preset names one)."""
+    _no_positional("finetune", words)
+    preset = preset or (None if from_json else _finetune_preset(init))
+    cfg, ds_overrides = build_config(preset, from_json, task=task, init=init, train=train, val=val,
+                                     ds_config=ds_config, out=out, resume=resume, **overrides)
+    run_finetune(cfg, ds_overrides)
+
+
+def probe(*words, init: str | None = None, train: str | None = None, val: str | None = None, how: str = "both",
+          teacher: bool = False, tag: str | None = None, k: int = 20, temperature: float = 0.07,
+          batch_size: int = 64, num_workers: int = 2, epochs: int = 90, random_init: bool = False,
+          local_rank: int = -1) -> None:
+    """kNN and linear probes of a frozen encoder on labelled shards (top-1/top-5 on --val);
+    `--random_init`: the same encoder as its pretraining started (the baseline)."""
+    _no_positional("probe", words)
+    if not init:
+        raise ConfigError("d2v probe needs --init WEIGHTS_OR_RUN_DIR")
+    run_probe(init, train, val, how=how, teacher=teacher, tag=tag, k=k, temperature=temperature,
+              batch_size=batch_size, num_workers=num_workers, epochs=epochs, random_init=random_init)
+
+
 def check(*words, preset: str | None = None, data: str | None = None, ds_config: str | None = None,
           out: str | None = None, resume: str | None = None, from_json: str | None = None,
+          task: str | None = None, init: str | None = None, train: str | None = None, val: str | None = None,
           world: int = 0, local_rank: int = -1, **overrides) -> None:
-    """Validate everything `train` would use (config, ds_config, shards, run directory, the checkpoint
-    to resume from) in this process; start nothing, write nothing."""
+    """Validate everything `train` (or, with --task, `finetune`) would use (config, ds_config, shards, run
+    directory, the checkpoint to resume from) in this process; start nothing, write nothing."""
     _no_positional("check", words)
-    cfg, ds_overrides = build_config(preset, from_json, data=data, ds_config=ds_config, out=out,
-                                     resume=resume, **overrides)
+    if task and not preset and not from_json:
+        preset = _finetune_preset(init)
+    cfg, ds_overrides = build_config(preset, from_json, data=data, ds_config=ds_config, out=out, resume=resume,
+                                     task=task, init=init, train=train, val=val, **overrides)
     world = world or int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.finetune.task:
+        ft = finetune_preflight(cfg, ds_overrides, world)
+        for note in ft.notes:
+            print(f"note: {note}")
+        start = f"resume from {ft.resume.path}" if ft.resume else "start from step 0"
+        print(f"ok: {cfg.preset or 'config'} | {cfg.finetune.task} | {ft.num_classes} classes | {len(ft.shards.urls)} "
+              f"train shards, {ft.val.samples} val samples | world {world} | micro batch "
+              f"{ft.ds['train_micro_batch_size_per_gpu']} x accumulation {ft.ds['gradient_accumulation_steps']} | {start}")
+        return
     plan = preflight(cfg, ds_overrides, world)
     ds = plan.ds
     start = f"resume from {plan.resume.path}" if plan.resume else "start from step 0"
@@ -122,7 +175,8 @@ def demo(**kwargs) -> None:
     run_demo(**kwargs)
 
 
-COMMANDS = {"train": train, "check": check, "show_config": show_config, "export": export,
+COMMANDS = {"train": train, "finetune": finetune, "probe": probe, "check": check, "show_config": show_config,
+            "export": export,
             "import-fairseq": import_fairseq, "import_fairseq": import_fairseq, "bench": bench, "demo": demo,
             "reshard": reshard, "plan": plan}
 

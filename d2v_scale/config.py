@@ -165,6 +165,49 @@ class RunConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The kNN monitor during pretraining (dinov2 `eval/knn.py` defaults)."""
+    data: str = ""               # labelled shards (the memory bank); "" = no monitor
+    val: str = ""                # labelled query shards; "" = leave-one-out over eval.data
+    every: int = 0               # optimizer steps between runs, a multiple of run.log_every; 0 = off
+    k: int = 20                  # neighbours (dinov2 nb_knn 20)
+    temperature: float = 0.07    # softmax temperature of the neighbours' votes (dinov2 0.07)
+    pool: str = "mean"           # mean of the input tokens (data2vec/MAE) | cls
+    batch_size: int = 64         # per rank, forward only
+    num_workers: int = 1         # decoding processes per rank
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning a pretrained encoder (`d2v finetune`); defaults are fairseq's
+    MaeImageClassificationConfig (examples/data2vec/models/mae_image_classification.py)."""
+    task: str = ""               # image_classification ("" = a pretraining config)
+    init: str = ""               # weights file, run directory or fairseq checkpoint (d2v_scale.load_encoder)
+    init_teacher: bool = False   # start from the EMA teacher instead of the student
+    val: str = ""                # labelled validation shards: top-1/top-5 every eval_every steps
+    num_classes: int = 0         # 0: the class count the shards' index records
+    pool: str = "mean"           # mean of the patch tokens (fairseq MEAN_POOLING) | cls (CLS_TOKEN)
+    layer_decay: float = 0.65    # lr x decay^(n - i) for block i of n; 1 = off
+    layer_decay_rule: str = "fairseq"   # fairseq: blocks only | beit: patch embedding and CLS at decay^(n+1) too
+    drop_path: float = 0.1       # stochastic depth, linear ramp over the blocks (fairseq's split)
+    mixup: float = 0.8           # timm Mixup mixup_alpha (0 with cutmix 0: no mixing)
+    cutmix: float = 1.0          # cutmix_alpha
+    mixup_prob: float = 1.0      # probability of mixing a batch
+    mixup_switch_prob: float = 0.5   # probability of cutmix instead of mixup
+    label_smoothing: float = 0.1
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range (timm's default)
+    auto_augment: str = "rand-m9-mstd0.5-inc1"   # timm auto-augment policy ("none" = off)
+    reprob: float = 0.25         # random erasing probability (timm re_prob)
+    remode: str = "pixel"        # random erasing fill (timm re_mode)
+    recount: int = 1             # random erasing count (timm re_count)
+    crop_pct: float = 0.875      # evaluation: resize to img_size / crop_pct, centre crop (224/256)
+    eval_every: int = 0          # optimizer steps between validations; 0 = once per loader epoch
+
+
+TASKS = ("image_classification",)
+
+
+@dataclass
 class Config:
     preset: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -173,6 +216,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> "Config":
         m = self.model
@@ -208,7 +253,39 @@ class Config:
         if self.data.max_sample_size < self.data.min_sample_size:
             raise ConfigError(f"--data.max_sample_size={self.data.max_sample_size} is below --data.min_sample_size="
                               f"{self.data.min_sample_size}")
+        self._validate_eval()
+        self._validate_finetune()
         return self
+
+    def _validate_eval(self) -> None:
+        e = self.eval
+        if e.pool not in ("mean", "cls"):
+            raise ConfigError(f"--eval.pool={e.pool!r}: mean or cls")
+        if e.pool == "cls" and self.model.modality != "image":
+            raise ConfigError(f"--eval.pool=cls: the {self.model.modality} encoder has no CLS token; use mean")
+        if e.data and not e.every:
+            raise ConfigError("--eval.data needs --eval.every=STEPS: how many optimizer steps apart the kNN monitor runs")
+        if e.every and not e.data:
+            raise ConfigError("--eval.every needs --eval.data=SHARDS: labelled shards (d2v-shard image on class "
+                              "folders writes them) for the kNN monitor")
+        if e.every and e.every % self.run.log_every:
+            raise ConfigError(f"--eval.every={e.every} is not a multiple of --run.log_every={self.run.log_every}: the "
+                              "monitor's values go into that step's log row; pick a multiple")
+
+    def _validate_finetune(self) -> None:
+        f = self.finetune
+        if f.task and f.task not in TASKS:
+            raise ConfigError(f"--task {f.task!r}: one of {', '.join(TASKS)} (speech and text fine-tuning come next)")
+        if f.pool not in ("mean", "cls"):
+            raise ConfigError(f"--finetune.pool={f.pool!r}: mean or cls")
+        lo, hi = f.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"--finetune.crop_scale={f.crop_scale}: need 0 < min <= max <= 1")
+        if f.layer_decay_rule not in ("fairseq", "beit"):
+            raise ConfigError(f"--finetune.layer_decay_rule={f.layer_decay_rule!r}: fairseq or beit")
+        if f.task and (f.mixup > 0 or f.cutmix > 0) and self.data.batch_size % 2:
+            raise ConfigError(f"--data.batch_size={self.data.batch_size}: mixup/cutmix mix each batch with its "
+                              "flip and need an even batch; pick an even size or set --finetune.mixup=0 --finetune.cutmix=0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -290,6 +367,23 @@ _RANGES = [
     ("run.stop_after", _NON_NEGATIVE, "an integer >= 0"),
     ("run.peak_tflops", _NON_NEGATIVE, "a finite number >= 0"),
     ("run.stop_timeout_s", _POSITIVE, "a finite number of seconds > 0"),
+    ("eval.every", _NON_NEGATIVE, "an integer >= 0 (0 = off)"),
+    ("eval.k", _AT_LEAST_1, "an integer >= 1"),
+    ("eval.temperature", _POSITIVE, "a finite number > 0"),
+    ("eval.batch_size", _AT_LEAST_1, "an integer >= 1"),
+    ("eval.num_workers", _NON_NEGATIVE, "an integer >= 0"),
+    ("finetune.num_classes", _NON_NEGATIVE, "an integer >= 0 (0: from the shards' index)"),
+    ("finetune.layer_decay", _finite(0, 1, lo_open=True), "in (0, 1] (1 = off)"),
+    ("finetune.drop_path", _PROB, "in [0, 1)"),
+    ("finetune.mixup", _NON_NEGATIVE, "a finite number >= 0 (0 = off)"),
+    ("finetune.cutmix", _NON_NEGATIVE, "a finite number >= 0 (0 = off)"),
+    ("finetune.mixup_prob", _finite(0, 1), "in [0, 1]"),
+    ("finetune.mixup_switch_prob", _finite(0, 1), "in [0, 1]"),
+    ("finetune.label_smoothing", _PROB, "in [0, 1)"),
+    ("finetune.reprob", _finite(0, 1), "in [0, 1]"),
+    ("finetune.recount", _AT_LEAST_1, "an integer >= 1"),
+    ("finetune.crop_pct", _finite(0, 1, lo_open=True), "in (0, 1]"),
+    ("finetune.eval_every", _NON_NEGATIVE, "an integer >= 0 (0: once per loader epoch)"),
 ]
 
 # names users bring from fairseq, MAE, timm or Hugging Face configs -> ours
@@ -299,7 +393,9 @@ ALIASES = {"learning_rate": "optim.lr", "max_update": "optim.max_steps", "warmup
            "hidden_size": "model.embed_dim", "num_layers": "model.depth", "num_hidden_layers": "model.depth",
            "num_attention_heads": "model.num_heads", "input_size": "model.image.img_size",
            "save_interval_updates": "run.save_every", "log_interval": "run.log_every",
-           "keep_interval_updates": "run.keep_last", "epochs": "optim.max_steps", "max_steps": "optim.max_steps"}
+           "keep_interval_updates": "run.keep_last", "epochs": "optim.max_steps", "max_steps": "optim.max_steps",
+           "drop_path_rate": "finetune.drop_path", "smoothing": "finetune.label_smoothing",
+           "aa": "finetune.auto_augment", "nb_knn": "eval.k", "model_path": "finetune.init"}
 
 
 def suggest_key(key: str) -> str | None:

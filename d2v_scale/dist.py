@@ -160,6 +160,12 @@ def init() -> Dist:
     return Dist(rank, world, local_rank, device)
 
 
+def single() -> Dist:
+    """A world of one without a process group (a command that was not launched on several ranks)."""
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    return Dist(0, 1, 0, device)
+
+
 def print0(*args, **kw) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         print(*args, **kw, flush=True)

@@ -1,12 +1,14 @@
-"""The one place a student engine is built: (cfg, dist, ds_config) -> student engine + EMA teacher.
+"""The one place a trained model meets DeepSpeed: `initialize` (model + optimizer + ds_config -> engine).
 
-Resolves the DeepSpeed JSON (unless given resolved), checks the masks on the token grid, builds the
-student (`Data2Vec`, or another wrapper of it such as the data2vec-1 pattern of `d2v bench`) with the
-same seed on every rank, copies the teacher from it before DeepSpeed partitions anything (sharded under
-ZeRO-3, replicated otherwise, or as `teacher.placement` says), loads `run.init_from`, compiles the
-blocks with `run.compile`, and calls `deepspeed.initialize` with d2v_scale's AdamW (DeepSpeed's CPU
-Adam when the optimizer is offloaded). Training, every benchmark, the planner's `--measure` and the
-test probes go through `build_engine`; the models themselves never import DeepSpeed.
+`build_engine` (pretraining): resolves the DeepSpeed JSON (unless given resolved), checks the masks on
+the token grid, builds the student (`Data2Vec`, or another wrapper of it such as the data2vec-1 pattern
+of `d2v bench`) with the same seed on every rank, copies the teacher from it before DeepSpeed
+partitions anything (sharded under ZeRO-3, replicated otherwise, or as `teacher.placement` says),
+loads `run.init_from`, compiles the blocks with `run.compile`, and initializes it with d2v_scale's
+AdamW (DeepSpeed's CPU Adam when the optimizer is offloaded). `build_classifier_engine` (fine-tuning):
+a pretrained encoder + head with fairseq's drop path and layer-wise lr decay, through the same
+`initialize`. Training, fine-tuning, every benchmark, the planner's `--measure` and the test probes
+go through these; the models themselves never import DeepSpeed.
 """
 from __future__ import annotations
 
@@ -21,16 +23,17 @@ from .dist import Dist
 from .dsconfig import compute_dtype, offloads_optimizer, resolve_ds_config, zero_stage
 from .export import read_weights
 from .masking import check_mask
-from .models import token_grid
-from .optim import build_optimizer
+from .models import Classifier, build_encoder, finetune_drop_path, token_grid
+from .optim import build_optimizer, param_groups_layer_decay
+from .pretrained import EncoderWeights
 from .sharded_teacher import ShardedTeacher
 from .teacher import ReplicatedTeacher
 
 
 @dataclass
 class Built:
-    engine: object                 # deepspeed.DeepSpeedEngine around the student
-    teacher: object                # ReplicatedTeacher | ShardedTeacher
+    engine: object                 # deepspeed.DeepSpeedEngine around the student (or the classifier)
+    teacher: object                # ReplicatedTeacher | ShardedTeacher | None (fine-tuning)
     dtype: torch.dtype             # compute dtype (bf16 on GPU, fp32 on CPU)
     ds: dict                       # the resolved DeepSpeed config
     n_params: int                  # student parameters (before any partitioning)
@@ -63,12 +66,18 @@ def load_init_weights(model: Data2Vec, teacher, path: str) -> None:
         teacher.load_state_dict(teacher_state)
 
 
+def initialize(model: nn.Module, optimizer, ds: dict):
+    """The one `deepspeed.initialize` of a trained model (the sharded teacher has its own, optimizer-less)."""
+    import deepspeed                                        # after dist.init(): the accelerator is chosen
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    return engine
+
+
 def build_engine(cfg: Config, dist: Dist, ds: dict | None = None, ds_overrides: dict | None = None,
                  wrap=None) -> Built:
     """`ds`: the resolved DeepSpeed config (training resolves it in its pre-flight), else it is
     resolved here from `cfg.run.ds_config` and `ds_overrides`. `wrap(model) -> nn.Module` replaces
     the module DeepSpeed trains (it must expose `.encoder`); the teacher is always the data2vec one."""
-    import deepspeed                                        # after dist.init(): the accelerator is chosen
     ds = ds if ds is not None else resolve_ds_config(cfg, dist.world, ds_overrides)
     check_mask(cfg.mask, token_grid(cfg, cfg.data.min_sample_size))
     torch.manual_seed(cfg.run.seed)                         # identical init on every rank
@@ -82,5 +91,35 @@ def build_engine(cfg: Config, dist: Dist, ds: dict | None = None, ds_overrides: 
     student: nn.Module = wrap(model) if wrap is not None else model
     n_params = sum(p.numel() for p in student.parameters())
     optimizer = build_optimizer(student, cfg.optim, offload=offloads_optimizer(ds))
-    engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds)
-    return Built(engine, teacher, compute_dtype(ds), ds, n_params)
+    return Built(initialize(student, optimizer, ds), teacher, compute_dtype(ds), ds, n_params)
+
+
+def build_classifier(cfg: Config, weights: EncoderWeights, num_classes: int) -> Classifier:
+    """The pretrained encoder (cfg.model: the weights' own) with fairseq's fine-tuning drop path, and
+    a new head, or the weights' head when they are a classifier of the same class count."""
+    m, f = cfg.model, cfg.finetune
+    torch.manual_seed(cfg.run.seed)                         # identical head on every rank
+    encoder = build_encoder(m)
+    missing, unexpected = encoder.load_state_dict(weights.encoder, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"--init {weights.source}: the weights do not fit their encoder (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]})")
+    encoder.set_drop_path(finetune_drop_path(m.depth, m.prenet_depth, f.drop_path))
+    model = Classifier(encoder, m.embed_dim, num_classes, f.pool)
+    if weights.head:
+        model.load_state_dict({**{f"encoder.{k}": v for k, v in weights.encoder.items()}, **weights.head})
+    return model
+
+
+def build_classifier_engine(cfg: Config, dist: Dist, ds: dict, weights: EncoderWeights, num_classes: int) -> Built:
+    """Fine-tuning: the classifier, AdamW with layer-wise lr decay (`lr_scale` per group), DeepSpeed."""
+    model = build_classifier(cfg, weights, num_classes)
+    if cfg.run.compile:
+        for blk in model.encoder.blocks:
+            blk.compile()
+    f = cfg.finetune
+    groups = param_groups_layer_decay(model, cfg.optim.weight_decay, f.layer_decay, len(model.encoder.blocks),
+                                      f.layer_decay_rule)
+    optimizer = build_optimizer(model, cfg.optim, offload=offloads_optimizer(ds), groups=groups)
+    n_params = sum(p.numel() for p in model.parameters())
+    return Built(initialize(model, optimizer, ds), None, compute_dtype(ds), ds, n_params)

@@ -7,7 +7,8 @@
 * `d2v import-fairseq` (fairseq.py) writes the student (`encoder.*`, `decoder.*`) and teacher
   (`teacher.*`) of a fairseq checkpoint through `write_weights`; `--run.init_from=OUT.safetensors`
   continues pretraining from it (`read_weights`).
-The config travels in the file's metadata as JSON.
+* `d2v finetune` writes classifiers (`encoder.*`, `fc_norm.*`, `head.*`; `d2v export` of its run too).
+The config travels in the file's metadata as JSON (with `info`: classes, accuracy, for classifiers).
 """
 from __future__ import annotations
 
@@ -42,13 +43,36 @@ def check_writable(path: str | Path) -> Path:
     return path
 
 
-def write_weights(path: str | Path, tensors: dict[str, torch.Tensor], cfg_dict: dict, kind: str) -> None:
+def write_weights(path: str | Path, tensors: dict[str, torch.Tensor], cfg_dict: dict, kind: str,
+                  info: dict | None = None) -> None:
+    """kind: encoder | model | classifier. Written as `.partial` and renamed (atomic)."""
     path = check_writable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-              metadata={"format": f"d2v_scale/{kind}-v1", "config": json.dumps(cfg_dict)})
+    meta = {"format": f"d2v_scale/{kind}-v1", "config": json.dumps(cfg_dict)}
+    if info:
+        meta["info"] = json.dumps(info)
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
     tmp.replace(path)
+
+
+def _metadata(path: str | Path) -> dict:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise WeightsError(f"{path} is not a readable safetensors file ({one_line(e)[:160]}); "
+                           "write it with `d2v export` or `d2v import-fairseq`") from None
+
+
+def read_info(path: str | Path) -> dict:
+    """The `info` a classifier file carries (classes, accuracy), {} for other files."""
+    return json.loads(_metadata(path).get("info", "{}"))
+
+
+def read_weights_config(path: str | Path) -> dict:
+    """The config dict in a weights file's metadata, without reading the tensors."""
+    return json.loads(_metadata(path).get("config", "{}"))
 
 
 def read_weights(path: str | Path) -> tuple[dict, dict, dict]:
@@ -69,6 +93,8 @@ def read_weights(path: str | Path) -> tuple[dict, dict, dict]:
         student = {k: v for k, v in tensors.items() if not k.startswith("teacher.")}
         teacher = {k[len("teacher."):]: v for k, v in tensors.items() if k.startswith("teacher.")}
         return student, teacher, json.loads(meta.get("config", "{}"))
+    if kind.startswith("d2v_scale/classifier"):
+        return tensors, {}, json.loads(meta.get("config", "{}"))
     raise WeightsError(f"{path} is not a d2v_scale weights file (metadata format {kind!r}); write it with "
                        "`d2v export` or `d2v import-fairseq`")
 
@@ -79,6 +105,12 @@ def export_run(run_dir: str | Path, out: str | Path, teacher: bool = False, tag:
     state, tag = consolidated_state(Path(run_dir), tag)
     cfg_path = Path(run_dir) / "config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    if "head.weight" in state:                                   # a `d2v finetune` run: encoder + head
+        if teacher:
+            raise WeightsError(f"{run_dir} is a fine-tuning run: it has no EMA teacher; drop --teacher")
+        write_weights(out, state, cfg, "classifier", {"num_classes": int(state["head.weight"].shape[0]), "step": tag})
+        return {"classifier": str(out), "tag": tag, "tensors": len(state),
+                "params": sum(v.numel() for v in state.values())}
     encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     write_weights(out, encoder, cfg, "encoder")
     written = {"encoder": str(out), "tag": tag, "tensors": len(encoder),

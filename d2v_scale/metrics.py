@@ -1,4 +1,5 @@
-"""Training metrics: TensorBoard scalars, rank-0 progress, throughput and MFU, the end-of-run summary.
+"""Training metrics: TensorBoard scalars, rank-0 progress, throughput and MFU, the end-of-run summary
+(with the newest evaluation values: the kNN monitor's eval/*, fine-tuning's val/*).
 
 Per-step values are kept as local sums and reduced across ranks once per log interval (one small
 all-reduce), not every step. MFU counts the model FLOPs of a data2vec 2.0 step (see `flops.py`)
@@ -84,6 +85,7 @@ class Metrics:
         self.start_step, self.t_start = start_step, time.perf_counter()
         self.history: list[tuple[int, float]] = []
         self.last: dict = {}
+        self.last_eval: dict = {}     # the newest evaluation values (eval/*, val/*), for the summary
 
     def _reset(self) -> None:
         self.sums = None      # on the compute device: loss (summed), loss_cls (summed), masked tokens
@@ -121,14 +123,7 @@ class Metrics:
              "perf/samples_per_s": sps,
              "perf/mfu": flops / max(dt, 1e-9) / self.world / self.peak_flops if self.peak_flops else 0.0}
         m.update(extra or {})
-        self.last = m
-        self.history.append((step, m["train/loss"]))
-        if self.writer is not None:
-            for k, v in m.items():
-                self.writer.add_scalar(k, v, step)
-            self.writer.flush()
-            self.jsonl.write(json.dumps({"step": step, **m}) + "\n")
-            self.jsonl.flush()
+        self.record(step, m)
         if self.is_main:
             msg = (f"step {step} loss {m['train/loss']:.4f} lr {lr:.2e} tau {ema_decay:.6f} "
                    f"pred_var {m['train/pred_var']:.3f} target_var {m['train/target_var']:.3f} "
@@ -140,11 +135,32 @@ class Metrics:
         self._reset()
         return m
 
+    def record(self, step: int, m: dict) -> None:
+        """A log row with `train/loss`: written, and kept for the summary."""
+        self.last = m
+        self.history.append((step, m["train/loss"]))
+        self.scalars(step, m)
+
+    def pause(self, seconds: float) -> None:
+        """Leave `seconds` (an evaluation) out of this window's throughput."""
+        self.t0 += seconds
+
+    def scalars(self, step: int, values: dict) -> None:
+        """Write values of a step (TensorBoard + one metrics.jsonl row) on rank 0; evaluation values
+        (eval/*, val/*) are kept for the summary."""
+        self.last_eval.update({k: v for k, v in values.items() if k.startswith(("eval/", "val/"))})
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+            self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+            self.jsonl.flush()
+
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(steps)
 
-    def close(self, step: int, out_dir: Path, checkpoint: str | None) -> dict:
+    def close(self, step: int, out_dir: Path, checkpoint: str | None, extra: dict | None = None) -> dict:
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:
@@ -157,6 +173,9 @@ class Metrics:
                    "samples_per_s": self.last.get("perf/samples_per_s", 0.0),
                    "mfu": self.last.get("perf/mfu", 0.0), "tensorboard": str(out_dir / "tb"),
                    "checkpoint": checkpoint}
+        summary.update({k.split("/", 1)[1] if k.startswith("eval/") else k.replace("/", "_"): v
+                        for k, v in self.last_eval.items()})
+        summary.update(extra or {})
         if self.is_main:
             print("\n== d2v_scale run summary ==")
             for k, v in summary.items():

@@ -2,7 +2,8 @@
 
 fairseq's "adam" is decoupled-weight-decay AdamW; data2vec 2.0 intends no decay on 1-D params,
 biases, the CLS token and `alibi_scale` (it tags them with weight_decay_scale=0, which fairseq as
-released never applies: `optim.decay_all=True` reproduces that behaviour).
+released never applies: `optim.decay_all=True` reproduces that behaviour). Fine-tuning adds
+layer-wise lr decay (`param_groups_layer_decay`, timm's name; fairseq's rule by default).
 """
 from __future__ import annotations
 
@@ -27,9 +28,43 @@ def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False)
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg, offload: bool = False):
-    """cfg: OptimConfig. DeepSpeed's CPU Adam when the optimizer state is offloaded, torch AdamW otherwise."""
-    groups = param_groups(model, cfg.weight_decay, cfg.decay_all)
+def layer_ids(names: list[str], num_blocks: int, rule: str = "fairseq") -> dict[str, int]:
+    """Layer id per parameter name of a Classifier (`encoder.blocks.i.*` -> i + 1; n = num_blocks).
+    fairseq (`mae_image_classification.py`, data2vec_multi branch): only the blocks are decayed, every
+    other parameter (patch embedding, CLS, embedding LayerNorm, fc_norm, head) has id n + 1 (scale 1).
+    beit (BEiT/MAE `get_layer_id_for_vit`): patch embedding, CLS and positions id 0, the rest n + 1."""
+    ids = {}
+    for name in names:
+        parts = name.split(".")
+        if parts[:2] == ["encoder", "blocks"]:
+            ids[name] = int(parts[2]) + 1
+        elif rule == "beit" and parts[0] == "encoder" and parts[1] in ("patch_embed", "cls_token", "pos_embed"):
+            ids[name] = 0
+        else:
+            ids[name] = num_blocks + 1
+    return ids
+
+
+def param_groups_layer_decay(model: nn.Module, weight_decay: float, layer_decay: float, num_blocks: int,
+                             rule: str = "fairseq") -> list[dict]:
+    """AdamW groups with an `lr_scale` of layer_decay ** (n + 1 - layer_id) (block i of n: decay^(n - i));
+    no weight decay on 1-D params, biases and NO_DECAY_NAMES, as `param_groups`."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ids = layer_ids([n for n, _ in named], num_blocks, rule)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in named:
+        skip = p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES
+        lid = ids[name]
+        g = groups.setdefault((lid, skip), {"params": [], "weight_decay": 0.0 if skip else weight_decay,
+                                            "lr_scale": layer_decay ** (num_blocks + 1 - lid), "layer_id": lid})
+        g["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def build_optimizer(model: nn.Module, cfg, offload: bool = False, groups: list[dict] | None = None):
+    """cfg: OptimConfig. DeepSpeed's CPU Adam when the optimizer state is offloaded, torch AdamW otherwise.
+    `groups` replaces the pretraining parameter groups (fine-tuning's layer decay)."""
+    groups = groups if groups is not None else param_groups(model, cfg.weight_decay, cfg.decay_all)
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, adamw_mode=True)
@@ -48,5 +83,6 @@ def lr_at(step: int, cfg) -> float:
 
 
 def set_lr(optimizer, lr: float) -> None:
+    """Every group's lr, times its `lr_scale` (layer decay) when it has one."""
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g["lr_scale"] if "lr_scale" in g else lr

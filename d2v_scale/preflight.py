@@ -3,9 +3,11 @@
 The config's values, the DeepSpeed config (DeepSpeed's own validation, and keys DeepSpeed would
 silently ignore), the shards (schemes, existence, tar headers, the index's modality), the masks on
 the token grid, the run directory (a writable directory; checkpoints there need `--resume`), the
-checkpoint to resume from (newest that reads back) and the model it was trained with. `d2v check`
-runs this in one process before any launcher starts ranks; `d2v train` runs it on every rank before
-the ranks wait on each other. Nothing here writes to the run directory.
+checkpoint to resume from (newest that reads back) and the model it was trained with; the labelled
+shards of the kNN monitor; for fine-tuning (`finetune_preflight`) the --init weights, their
+modality and head, and the labels of the training and validation shards. `d2v check` runs this in
+one process before any launcher starts ranks; `d2v train` and `d2v finetune` run it on every rank
+before the ranks wait on each other. Nothing here writes to the run directory.
 """
 from __future__ import annotations
 
@@ -16,11 +18,14 @@ from pathlib import Path
 
 from .checkpoint import ResumePoint, find_resume
 from .config import Config, ConfigError, from_json
-from .data import DataError, Shards, check_shards, find_shards
+from .data import DataError, Shards, check_shards, find_shards, finetune_transform
 from .dsconfig import resolve_ds_config, validate_ds_config
 from .errors import one_line
+from .evaluate import EvalShards, eval_shards
 from .masking import check_mask
 from .models import token_grid
+from .presets import FINETUNE_PRESETS
+from .pretrained import EncoderWeights, read_encoder
 
 
 @dataclass
@@ -29,20 +34,42 @@ class Preflight:
     ds: dict                                        # the resolved DeepSpeed config
     resume: ResumePoint | None                      # None: start from scratch
     changed: list[str] = field(default_factory=list)   # settings that differ from the resumed run's
+    eval_bank: EvalShards | None = None             # the kNN monitor's labelled shards (eval.data)
+    eval_queries: EvalShards | None = None          # eval.val (None: leave-one-out over the bank)
 
 
 def preflight(cfg: Config, ds_overrides: dict | None, world: int, every_shard: bool = True) -> Preflight:
     """Raise ConfigError / DataError / MaskError / CheckpointError with the fix, or return what the run
     will use. `every_shard`: read the tar header of every local shard (else the first only)."""
     cfg.validate()
-    shards = find_shards(cfg.data.path, cfg.data.allow_pipe)
-    check_shards(shards, cfg.model.modality, cfg.data.path, every_local=every_shard)
+    if cfg.finetune.task:
+        raise ConfigError(f"--preset {cfg.preset} is a fine-tuning recipe: run `d2v finetune --preset {cfg.preset} "
+                          "--init WEIGHTS --train SHARDS --val SHARDS ...`, or pretrain with a pretraining preset")
+    shards = check_data(cfg, cfg.data.path, world, every_shard)
     resolve_from_data(cfg, shards)
     check_mask(cfg.mask, token_grid(cfg, cfg.data.min_sample_size))
+    bank = queries = None
+    if cfg.eval.data:
+        bank = eval_shards(cfg.eval.data, cfg.model.modality, "--eval.data", cfg.data.allow_pipe)
+        if cfg.eval.val:
+            queries = eval_shards(cfg.eval.val, cfg.model.modality, "--eval.val", cfg.data.allow_pipe)
+    ds, resume, changed = check_run(cfg, ds_overrides, world)
+    return Preflight(shards, ds, resume, changed, bank, queries)
+
+
+def check_data(cfg: Config, path: str, world: int, every_shard: bool = True, source: str = "--data") -> Shards:
+    """The training shards: they exist, are tar archives of the model's modality, and split over the ranks."""
+    shards = find_shards(path, cfg.data.allow_pipe)
+    check_shards(shards, cfg.model.modality, path, every_local=every_shard)
     W = max(1, cfg.data.num_workers)
     if cfg.data.sampling == "split" and len(shards.urls) < world * W:
-        raise DataError(f"{len(shards.urls)} shards cannot be split over {world} ranks x {W} workers: make more "
-                        "shards (d2v-shard --maxcount), use fewer --data.num_workers, or --data.sampling=resample")
+        raise DataError(f"{source}: {len(shards.urls)} shards cannot be split over {world} ranks x {W} workers: make "
+                        "more shards (d2v-shard --maxcount), use fewer --data.num_workers, or --data.sampling=resample")
+    return shards
+
+
+def check_run(cfg: Config, ds_overrides: dict | None, world: int) -> tuple[dict, ResumePoint | None, list[str]]:
+    """The ds_config (resolved and validated), --out, the checkpoint to resume from and what changed."""
     ds = resolve_ds_config(cfg, world, ds_overrides)
     validate_ds_config(ds, cfg.run.ds_config)
     run_dir = Path(cfg.run.out)
@@ -51,7 +78,69 @@ def preflight(cfg: Config, ds_overrides: dict | None, world: int, every_shard: b
     changed = check_same_model(cfg, resume)
     if resume is not None and resume.universal:
         ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
-    return Preflight(shards, ds, resume, changed)
+    return ds, resume, changed
+
+
+# -- fine-tuning ----------------------------------------------------------------------------------
+
+@dataclass
+class FinetunePlan:
+    shards: Shards                                  # training shards
+    val: EvalShards                                 # validation shards
+    num_classes: int
+    weights: EncoderWeights                         # the --init encoder (and head)
+    ds: dict
+    resume: ResumePoint | None
+    changed: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # things worth saying (a recipe for another size)
+
+
+def finetune_preflight(cfg: Config, ds_overrides: dict | None, world: int, every_shard: bool = True) -> FinetunePlan:
+    """`d2v finetune`'s checks; sets cfg.model to the --init encoder's. Raises with the fix."""
+    f = cfg.finetune
+    if not f.task:
+        raise ConfigError("d2v finetune needs --task image_classification (or a fine-tuning --preset, e.g. "
+                          "vit_base_patch16_ft)")
+    if not f.init:
+        raise ConfigError("d2v finetune needs --init WEIGHTS: a weights file (d2v export / d2v import-fairseq), a "
+                          "pretraining run directory or a fairseq checkpoint")
+    if not cfg.data.path or not f.val:
+        raise ConfigError("d2v finetune needs --train SHARDS and --val SHARDS (labelled)")
+    if cfg.preset and cfg.preset not in FINETUNE_PRESETS.values():
+        raise ConfigError(f"--preset {cfg.preset} is a pretraining preset; fine-tuning presets: "
+                          f"{', '.join(sorted(set(FINETUNE_PRESETS.values())))} (or leave --preset out: it follows --init)")
+    weights = read_encoder(f.init, f.init_teacher)
+    notes = []
+    if weights.cfg.model.modality != "image":
+        raise ConfigError(f"--init {f.init} is a {weights.cfg.model.modality} encoder; --task {f.task} fine-tunes "
+                          "an image encoder (speech and text fine-tuning come next)")
+    if (weights.cfg.model.embed_dim, weights.cfg.model.depth) != (cfg.model.embed_dim, cfg.model.depth):
+        notes.append(f"--init holds a {weights.cfg.model.embed_dim}-wide, {weights.cfg.model.depth}+"
+                     f"{weights.cfg.model.prenet_depth}-block encoder; preset {cfg.preset} publishes the recipe for "
+                     f"{cfg.model.embed_dim}-wide models")
+    cfg.model = weights.cfg.model
+    cfg.validate()
+    try:
+        finetune_transform(cfg.model.image.img_size, f)
+    except (AssertionError, ValueError, KeyError) as e:
+        raise ConfigError(f"--finetune.auto_augment={f.auto_augment!r} is not a timm policy ({one_line(e)}): use e.g. "
+                          "rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, or none") from None
+    shards = check_data(cfg, cfg.data.path, world, every_shard, "--train")
+    train_classes = eval_shards(cfg.data.path, "image", "--train", cfg.data.allow_pipe).num_classes
+    val = eval_shards(f.val, "image", "--val", cfg.data.allow_pipe)
+    num_classes = f.num_classes or train_classes or val.num_classes
+    if not num_classes:
+        raise ConfigError("the number of classes is unknown (no classes.json beside the shards): set "
+                          "--finetune.num_classes")
+    if f.num_classes and train_classes and f.num_classes < train_classes:
+        raise ConfigError(f"--finetune.num_classes={f.num_classes} but the --train shards hold {train_classes} "
+                          "classes: the head needs one output per class; set it to the shards' count (or leave it 0)")
+    if weights.head and weights.head["head.weight"].shape[0] != num_classes:
+        raise ConfigError(f"--init {f.init} is a classifier with a {weights.head['head.weight'].shape[0]}-class head "
+                          f"and the shards hold {num_classes} classes: fine-tune the pretrained encoder instead "
+                          "(its run directory or `d2v export` file), or use shards of the same classes")
+    ds, resume, changed = check_run(cfg, ds_overrides, world)
+    return FinetunePlan(shards, val, num_classes, weights, ds, resume, changed, notes)
 
 
 # -- data-derived settings ----------------------------------------------------------------

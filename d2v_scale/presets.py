@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 
-from .config import (AudioConfig, Config, ConfigError, DataConfig, DecoderConfig, ImageConfig,
+from .config import (AudioConfig, Config, ConfigError, DataConfig, DecoderConfig, FinetuneConfig, ImageConfig,
                      MaskConfig, ModelConfig, OptimConfig, RunConfig, TeacherConfig, TextConfig,
                      apply_overrides, from_json)
 
@@ -107,6 +107,51 @@ def text_base() -> Config:  # base_text_only_task.yaml
         run=RunConfig())
 
 
+# -- fine-tuning: fairseq examples/data2vec/config/vision/finetuning/mae_imagenet_*clean.yaml ---------------
+# Values the yamls leave out are MaeImageClassificationConfig's defaults (models/mae_image_classification.py)
+# and the augmentation of data/mae_finetuning_image_dataset.py. The encoder comes from --init; the
+# `model` section of these presets only names the size the recipe was published for.
+IMAGENET_STEPS_PER_EPOCH = 2_502   # 1,281,167 images / 512: max_update 250,200 = 100 epochs
+
+
+def vit_base_patch16_ft() -> Config:  # mae_imagenet_clean.yaml
+    c = vit_base_patch16()
+    c.optim = OptimConfig(lr=1e-3, betas=(0.9, 0.95), eps=1e-8,     # lr_float 0.001, adam_betas [0.9,0.95]
+                          weight_decay=0.05, warmup_steps=16_000,    # weight_decay 0.05, warmup_updates 16000
+                          max_steps=250_200, min_lr=1e-6,            # max_update 250200, min_lr 1e-6
+                          clip_grad=0.0)                             # no clip_norm in the yaml
+    c.data = DataConfig(batch_size=32, global_batch=512,             # batch_size 32 x distributed_world_size 16
+                        epoch_samples=80_073)                        # ImageNet-1k's 1,281,167 over those 16 ranks
+    c.finetune = FinetuneConfig(
+        task="image_classification",
+        mixup=0.7, mixup_prob=0.9,                                   # yaml model.mixup 0.7, mixup_prob 0.9
+        cutmix=1.0, mixup_switch_prob=0.5, label_smoothing=0.1,      # config defaults
+        layer_decay=0.65, drop_path=0.1, pool="mean",                # config defaults (prediction_mode MEAN_POOLING)
+        crop_scale=(0.08, 1.0),                                      # timm create_transform default
+        auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25, remode="pixel", recount=1,   # dataset defaults
+        crop_pct=224 / 256,                                          # build_transform eval: resize 256, crop 224
+        eval_every=IMAGENET_STEPS_PER_EPOCH)                         # checkpoint.save_interval 1 (epoch)
+    c.run = RunConfig(save_every=IMAGENET_STEPS_PER_EPOCH, keep_last=1,   # keep_interval_updates 1 (+ best)
+                      log_every=200)                                 # log_interval 200
+    return c
+
+
+def vit_large_patch16_ft() -> Config:  # mae_imagenet_large_clean.yaml
+    c = vit_base_patch16_ft()
+    c.model = vit_large_patch16().model
+    c.optim = dataclasses.replace(c.optim, lr=5e-4, max_steps=125_200,   # lr_float 0.0005, max_update 125200
+                                  min_lr=1e-7, clip_grad=4.0)            # min_lr 1e-7, clip_norm 4
+    c.finetune = dataclasses.replace(c.finetune, layer_decay=0.75, drop_path=0.2)   # layer_decay 0.75, drop_path_rate 0.2
+    return c
+
+
+def vit_huge_patch14_ft() -> Config:  # mae_imagenet_huge_clean.yaml
+    c = vit_large_patch16_ft()
+    c.model = vit_huge_patch14().model
+    c.optim.min_lr = 1e-20                                           # min_lr 1e-20
+    return c
+
+
 def _debug(c: Config, **model) -> Config:
     """Shrink a preset to a CPU-sized twin: same recipe (masking, targets, EMA shape), tiny dims."""
     m = c.model
@@ -139,6 +184,19 @@ def _audio_debug(fn):
     return make
 
 
+def _ft_debug(fn, pretrain_debug):
+    """A CPU-sized schedule for a fine-tuning preset (same recipe, short); model of the debug twin."""
+    def make() -> Config:
+        c = fn()
+        c.model = pretrain_debug().model
+        c.optim = dataclasses.replace(c.optim, warmup_steps=20, max_steps=300)
+        c.data = dataclasses.replace(c.data, batch_size=16, global_batch=0, epoch_samples=2000)
+        c.finetune.eval_every = 0                                     # once per loader epoch
+        c.run = dataclasses.replace(c.run, log_every=5, save_every=100, keep_last=2)
+        return c
+    return make
+
+
 def _text_debug(fn):
     def make() -> Config:
         c = _debug(fn(), text=TextConfig(max_positions=128, dropout=0.1))
@@ -160,7 +218,30 @@ PRESETS = {
     "audio_base_debug": _audio_debug(audio_base),
     "audio_large_debug": _audio_debug(audio_large),
     "text_base_debug": _text_debug(text_base),
+    "vit_base_patch16_ft": vit_base_patch16_ft,
+    "vit_large_patch16_ft": vit_large_patch16_ft,
+    "vit_huge_patch14_ft": vit_huge_patch14_ft,
+    "vit_base_patch16_ft_debug": _ft_debug(vit_base_patch16_ft, _image_debug(vit_base_patch16, 4)),
+    "vit_large_patch16_ft_debug": _ft_debug(vit_large_patch16_ft, _image_debug(vit_large_patch16, 4)),
+    "vit_huge_patch14_ft_debug": _ft_debug(vit_huge_patch14_ft, _image_debug(vit_huge_patch14, 4)),
 }
+
+# the fine-tuning recipe for the encoder a pretraining preset builds (d2v finetune picks it from --init)
+FINETUNE_PRESETS = {"vit_base_patch16": "vit_base_patch16_ft", "vit_large_patch16": "vit_large_patch16_ft",
+                    "vit_huge_patch14": "vit_huge_patch14_ft", "vit_base_patch16_debug": "vit_base_patch16_ft_debug",
+                    "vit_large_patch16_debug": "vit_large_patch16_ft_debug",
+                    "vit_huge_patch14_debug": "vit_huge_patch14_ft_debug"}
+FINETUNE_BY_WIDTH = {768: "vit_base_patch16_ft", 1024: "vit_large_patch16_ft",   # imported fairseq weights
+                     1280: "vit_huge_patch14_ft"}                               # carry no preset name
+
+
+def finetune_preset_for(weights_cfg: dict) -> str | None:
+    """The fine-tuning preset for the encoder a config dict describes: by the pretraining preset it
+    was made with, else by its width (imported fairseq weights); None when neither is known."""
+    preset = weights_cfg.get("preset") or ""
+    if preset in FINETUNE_PRESETS.values():          # a fine-tuned classifier: the same recipe again
+        return preset
+    return FINETUNE_PRESETS.get(preset) or FINETUNE_BY_WIDTH.get(weights_cfg.get("model", {}).get("embed_dim"))
 
 
 def get_preset(name: str) -> Config:
@@ -174,7 +255,8 @@ def get_preset(name: str) -> Config:
 
 
 # `--data`, `--out`, ... on the command line are these config keys
-SHORTCUTS = {"data": "data.path", "out": "run.out", "resume": "run.resume", "ds_config": "run.ds_config"}
+SHORTCUTS = {"data": "data.path", "out": "run.out", "resume": "run.resume", "ds_config": "run.ds_config",
+             "train": "data.path", "val": "finetune.val", "init": "finetune.init", "task": "finetune.task"}
 
 
 def build_config(preset: str | None = None, from_json_path: str | None = None, **overrides) -> tuple[Config, dict]:

@@ -22,6 +22,7 @@ from .dist import Dist, all_reduce_sum, print0
 from .dsconfig import matmul_dtype, zero_stage
 from .engine import build_engine
 from .errors import D2VError
+from .evaluate import KnnMonitor
 from .flops import step_flops_per_sample
 from .masking import AheadMasks, MaskInfo, seed_for, step_masks
 from .metrics import Metrics, measure_peak_flops
@@ -91,8 +92,8 @@ def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
     run_dir = Path(cfg.run.out)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(run_dir / "config.json", cfg.to_dict())
-        _write_json(run_dir / "ds_config.json", ds)
+        checkpoint.write_json(run_dir / "config.json", cfg.to_dict())
+        checkpoint.write_json(run_dir / "ds_config.json", ds)
         for tag, problem in resumed.broken if resumed else []:
             print0(f"d2v: checkpoint {tag} is unusable: {problem}")
         for name in checkpoint.set_aside(resumed) if resumed else []:
@@ -115,6 +116,7 @@ def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
     urls = plan.shards.urls
     loader = build_loader(cfg, dist.rank, dist.world, data_state, urls=urls,
                           prepare=AheadMasks(cfg, dist.rank, engine.gradient_accumulation_steps()))
+    monitor = KnnMonitor(cfg, dist, plan.eval_bank, plan.eval_queries) if plan.eval_bank else None
 
     stop = min(cfg.optim.max_steps, cfg.run.stop_after or cfg.optim.max_steps)
     peak = cfg.run.peak_tflops * 1e12 or measure_peak_flops(dist.device, matmul_dtype(ds))
@@ -132,9 +134,9 @@ def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
     if restart_banner():
         print0(restart_banner())
     try:
-        last_saved = _loop(engine, teacher, loader, cfg, dist, dtype, metrics, signals, run_dir, stop, encoder)
+        last_saved = _loop(engine, teacher, loader, cfg, dist, dtype, metrics, signals, run_dir, stop, encoder, monitor)
     except (RuntimeError, torch.distributed.DistBackendError) as e:
-        if not _is_comm_failure(e):
+        if not is_comm_failure(e):
             raise
         latest = checkpoint.latest_tag(run_dir / checkpoint.CKPT_DIR)
         raise TrainingError(f"rank {dist.rank} lost contact with another rank ({type(e).__name__}: {str(e)[:200]}); "
@@ -146,19 +148,14 @@ def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
     return summary
 
 
-def _is_comm_failure(e: Exception) -> bool:
+def is_comm_failure(e: Exception) -> bool:
+    """A collective failed because another rank died (the message names the last checkpoint)."""
     text = str(e)
     return isinstance(e, torch.distributed.DistBackendError) or any(
         s in text for s in ("Connection reset", "Connection closed", "Broken pipe", "gloo", "NCCL", "ProcessGroup"))
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
-
-
-def _loop(engine, teacher, loader, cfg, dist, dtype, metrics, signals, run_dir, stop, encoder):
+def _loop(engine, teacher, loader, cfg, dist, dtype, metrics, signals, run_dir, stop, encoder, monitor):
     last_saved, micro, out = None, 0, None
     for batch in loader:
         step = engine.global_steps
@@ -174,10 +171,17 @@ def _loop(engine, teacher, loader, cfg, dist, dtype, metrics, signals, run_dir, 
             continue
         step = engine.global_steps
         metrics.advance()
+        evals = {}
+        if monitor is not None and step % cfg.eval.every == 0:      # kNN of student and teacher, RNG untouched
+            seconds = monitor.seconds
+            evals = monitor(encoder, teacher, dtype)
+            metrics.pause(monitor.seconds - seconds)
+            print0(f"eval step {step}: kNN top-1 student {evals['eval/knn_top1_student']:.2f} teacher "
+                   f"{evals['eval/knn_top1_teacher']:.2f} ({monitor.seconds - seconds:.1f}s)")
         if step % cfg.run.log_every == 0 or step == stop:
             m = metrics.log(step, lr_at(step - 1, cfg.optim), decay_at(step, cfg.teacher),
                             {"data/skipped_samples": loader.state["skipped"],
-                             "data/unreadable_shards": loader.state["read_errors"]})
+                             "data/unreadable_shards": loader.state["read_errors"], **evals})
             _check_health(m, step, cfg)
         agreed = signals.agreed(out["stop"])                           # flags of the previous step
         stop_now = bool(agreed.sum() > 0)

@@ -17,7 +17,7 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from d2v_scale.data.format import AUDIO_EXT, SAMPLE_RATE, SOURCE_EXT
+from d2v_scale.data.format import AUDIO_EXT, CLASS_EXT, SAMPLE_RATE, SOURCE_EXT
 
 
 def find_audio(src: str, exts: tuple[str, ...]) -> tuple[str, list[str]]:
@@ -45,8 +45,9 @@ def load_mono_16k(path: str | Path) -> np.ndarray:
     return wav
 
 
-def encode_audio(root: str, rel: str, max_seconds: float, min_seconds: float) -> tuple[list[dict], int]:
-    """(flac chunk samples, number of chunks dropped as too short)."""
+def encode_audio(root: str, rel: str, max_seconds: float, min_seconds: float,
+                 label: int | None = None) -> tuple[list[dict], int]:
+    """(flac chunk samples, number of chunks dropped as too short); every chunk carries `label`."""
     wav = load_mono_16k(Path(root) / rel)
     max_len, min_len = int(max_seconds * SAMPLE_RATE), int(min_seconds * SAMPLE_RATE)
     n_chunks = max(1, math.ceil(len(wav) / max_len))
@@ -59,7 +60,10 @@ def encode_audio(root: str, rel: str, max_seconds: float, min_seconds: float) ->
             continue
         buf = io.BytesIO()
         sf.write(buf, np.clip(chunk, -1, 1), SAMPLE_RATE, format="FLAC", subtype="PCM_16")
-        samples.append({AUDIO_EXT: buf.getvalue(), SOURCE_EXT: f"{rel}#{i}"})
+        sample = {AUDIO_EXT: buf.getvalue(), SOURCE_EXT: f"{rel}#{i}"}
+        if label is not None:
+            sample[CLASS_EXT] = str(label)
+        samples.append(sample)
     return samples, dropped
 
 

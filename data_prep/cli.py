@@ -5,6 +5,7 @@
   d2v-shard manifest SRC DEST [--valid_percent 0.01]   wav2vec-style train.tsv / valid.tsv
   d2v-shard spm-train CORPUS MODEL_PREFIX --vocab_size N
   d2v-shard text SRC DST --spm MODEL [--tokens_per_sample 512]
+  audio and text: [--labels FILE.tsv|folders]          class labels (`cls`, classes.json) for probes
   d2v-shard verify INDEX                               re-read, decode and checksum every shard
 
 DST is a local pattern (`out/train-%06d.tar`), a local directory (-> `shard-%06d.tar`), or
@@ -28,9 +29,10 @@ from d2v_scale.errors import D2VError
 
 from .audio import encode_audio, find_audio, write_manifest
 from .image import encode_image, find_images
+from .labels import classes_json, read_labels
 from .pipeline import Chunks, shard
 from .sink import normalize_pattern
-from .text import BlockPacker, encode_text_file, find_text, train_spm
+from .text import BlockPacker, DocumentBlocks, encode_text_file, find_text, train_spm
 from .verify import verify as run_verify
 
 WORKERS = os.cpu_count() or 1
@@ -86,10 +88,20 @@ def image(src: str, dst: str, maxcount: int = 10_000, maxsize: float = 1e9, work
          extras=extras, overwrite=overwrite)
 
 
+def _labels(spec: str | None, files: list[str]) -> tuple[dict[str, int] | None, list[str]]:
+    if not spec:
+        return None, []
+    try:
+        return read_labels(str(spec), files)
+    except ValueError as e:
+        _fail(str(e))
+
+
 def audio(src: str, dst: str, ext: str = "wav,flac,ogg", max_seconds: float = 30.0, min_seconds: float = 1.0,
           maxcount: int = 2_000, maxsize: float = 1e9, workers: int = WORKERS, seed: int = 0,
-          overwrite: bool = False) -> None:
-    """A folder of wav/flac/ogg (recursive) or a .tsv manifest -> mono 16 kHz flac chunks."""
+          overwrite: bool = False, labels: str | None = None) -> None:
+    """A folder of wav/flac/ogg (recursive) or a .tsv manifest -> mono 16 kHz flac chunks; with
+    --labels FILE.tsv|folders every chunk carries its file's class (`cls`, classes.json)."""
     _source(src)
     exts = tuple(ext.split(",")) if isinstance(ext, str) else tuple(ext)
     root, files = find_audio(src, exts)
@@ -97,9 +109,12 @@ def audio(src: str, dst: str, ext: str = "wav,flac,ogg", max_seconds: float = 30
         _fail(f"{src} has no audio files ({', '.join(exts)})")
     if max_seconds < min_seconds:
         _fail(f"--max_seconds {max_seconds} < --min_seconds {min_seconds}")
-    _run([(root, rel, max_seconds, min_seconds) for rel in files], encode_audio, dst, files, "audio chunks",
-         {"modality": "audio", "sample_rate": 16000, "max_seconds": max_seconds}, maxcount, maxsize, workers,
-         seed, collector=Chunks(), overwrite=overwrite)
+    label_of, classes = _labels(labels, files)
+    _run([(root, rel, max_seconds, min_seconds, label_of[rel] if label_of else None) for rel in files],
+         encode_audio, dst, files, "audio chunks",
+         {"modality": "audio", "sample_rate": 16000, "max_seconds": max_seconds, "classes": len(classes)},
+         maxcount, maxsize, workers, seed, collector=Chunks(), overwrite=overwrite,
+         extras={"classes.json": classes_json(classes)} if classes else None)
 
 
 def manifest(src: str, dest: str, valid_percent: float = 0.01, ext: str = "flac", seed: int = 42) -> None:
@@ -125,8 +140,11 @@ def spm_train(corpus: str, model_prefix: str, vocab_size: int = 8000, model_type
 
 
 def text(src: str, dst: str, spm: str, tokens_per_sample: int = 512, maxcount: int = 10_000,
-         maxsize: float = 1e9, workers: int = WORKERS, seed: int = 0, overwrite: bool = False) -> None:
-    """Text files -> blocks of <s> + (tokens_per_sample - 1) sentencepiece ids (.npy, uint16 or int32)."""
+         maxsize: float = 1e9, workers: int = WORKERS, seed: int = 0, overwrite: bool = False,
+         labels: str | None = None) -> None:
+    """Text files -> blocks of <s> + (tokens_per_sample - 1) sentencepiece ids (.npy, uint16 or int32).
+    With --labels FILE.tsv|folders each file is one document of one class: its blocks do not cross into
+    the next file, the last is padded with <pad>, and every block carries the class."""
     _source(src)
     if not Path(spm).exists():
         _fail(f"--spm {spm} not found; train one with `d2v-shard spm-train CORPUS PREFIX --vocab_size N`")
@@ -135,6 +153,15 @@ def text(src: str, dst: str, spm: str, tokens_per_sample: int = 512, maxcount: i
         _fail(f"{src} has no text files")
 
     vocab = spmlib.SentencePieceProcessor(model_file=spm).get_piece_size()
+    root = Path(src) if Path(src).is_dir() else Path(src).parent
+    label_of, classes = _labels(labels, [str(Path(f).relative_to(root)) for f in files])
+    if label_of:
+        docs = DocumentBlocks(tokens_per_sample, vocab, {f: label_of[str(Path(f).relative_to(root))] for f in files})
+        _run([(f, spm) for f in files], encode_text_file, dst, files, "text blocks",
+             {"modality": "text", "spm": str(Path(spm).resolve()), "vocab_size": vocab, "classes": len(classes)},
+             maxcount, maxsize, workers, seed, collector=docs,
+             extras={"classes.json": classes_json(classes)}, overwrite=overwrite)
+        return
 
     class Packer:
         def __init__(self):

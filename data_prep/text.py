@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import sentencepiece as spm
 
-from d2v_scale.data.format import SOURCE_EXT, TEXT_EXT
+from d2v_scale.data.format import CLASS_EXT, SOURCE_EXT, TEXT_EXT
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst", ""}
@@ -118,3 +118,30 @@ class BlockPacker:
     def finish(self):
         self.tail_dropped = len(self.buf)          # a last partial block is not a full sample
         return []
+
+
+class DocumentBlocks:
+    """Labelled text: each document (file) is cut into its own <s> + (tokens_per_sample - 1) blocks,
+    the last one filled with <pad> (a label belongs to one document, so blocks never cross documents);
+    every block carries the document's class. `labels`: {file key: class index}."""
+
+    def __init__(self, tokens_per_sample: int, vocab_size: int, labels: dict[str, int]):
+        self.dtype = np.uint16 if vocab_size <= 1 << 16 else np.int32
+        self.body, self.labels = tokens_per_sample - 1, labels
+        self.padded = 0
+
+    def feed(self, ids: np.ndarray, source: str):
+        for start in range(0, len(ids), self.body):
+            body = ids[start:start + self.body]
+            block = np.full(self.body + 1, PAD, dtype=self.dtype)
+            block[0], block[1:1 + len(body)] = BOS, body
+            self.padded += self.body - len(body)
+            out = io.BytesIO()
+            np.save(out, block)
+            yield {TEXT_EXT: out.getvalue(), CLASS_EXT: str(self.labels[source]), SOURCE_EXT: source}
+
+    def finish(self):
+        return []
+
+    def stats(self) -> dict:
+        return {"tokens_per_sample": self.body + 1, "pad_tokens": self.padded}

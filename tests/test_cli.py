@@ -73,7 +73,8 @@ def test_bench_step_compares_with_timm_and_breaks_the_step_down():
 @pytest.mark.timeout(600)
 def test_demo_runs_end_to_end(tmp_path):
     """README command 1, shortened: draws scenes, shards them into a local SeaweedFS, trains 2 CPU ranks
-    with ZeRO-3 streaming from it, and stops the object store again."""
+    with ZeRO-3 streaming from it (with the kNN monitor on held-out scenes), probes the encoder against
+    its random init, and stops the object store again."""
     res = run_group([BIN / "d2v", "demo", "--steps", "30", "--samples", "256",
                      "--workdir", tmp_path / "data", "--out", tmp_path / "runs"], timeout=540)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -81,7 +82,10 @@ def test_demo_runs_end_to_end(tmp_path):
     seq = losses(run)
     assert seq[-1] < seq[0]
     assert (run / "checkpoints" / "latest").read_text() == "step_00000030"
-    assert "TensorBoard:" in res.stdout and "on a GPU box" in res.stdout
+    assert "TensorBoard:" in res.stdout and "on a GPU box" in res.stdout and "fine-tune:" in res.stdout
+    assert "kNN top-1 (k=20, mean-pooled) on the held-out scenes: pretrained" in res.stdout and "random init" in res.stdout
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/knn_top1_teacher" in r] == [10, 20, 30]
     assert "local S3 object store (SeaweedFS)" in res.stdout and "--data s3://d2v-demo/image/index.json" in res.stdout
     assert subprocess.run(["pgrep", "-f", f"weed mini -dir={tmp_path}"], capture_output=True).returncode == 1
 

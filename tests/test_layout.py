@@ -41,8 +41,9 @@ def project_imports() -> dict[str, set[str]]:
 
 
 def layer(module: str) -> int:
-    """0 the models, masks and the config; 1 data; 2 the trainer's own modules; 3 the commands around
-    it (benchmarks, planner, demo, d2v-shard); 4 the `d2v` command."""
+    """0 the models, masks and the config; 1 data; 2 the trainer's own modules (pretraining, fine-tuning,
+    `load_encoder`, evaluation); 3 the commands around it (benchmarks, planner, demo, d2v-shard); 4 the
+    `d2v` command."""
     if module.startswith("d2v_scale.models") or module in ("d2v_scale.errors", "d2v_scale.config",
                                                             "d2v_scale.presets", "d2v_scale.masking"):
         return 0
@@ -67,6 +68,10 @@ def test_no_import_loops_and_none_back_up_a_level():
     for m, deps in graph.items():          # the models know nothing of the trainer
         if m.startswith("d2v_scale.models"):
             assert all(d.startswith("d2v_scale.models") for d in deps), (m, deps)
+    loops = ("d2v_scale.engine", "d2v_scale.train", "d2v_scale.finetune", "d2v_scale.preflight")
+    for m, deps in graph.items():          # evaluation and load_encoder read encoders; they build no run
+        if m.startswith(("d2v_scale.evaluate", "d2v_scale.pretrained")):
+            assert not deps & set(loops), (m, deps & set(loops))
 
 
 def test_deepspeed_only_after_the_accelerator_is_chosen_and_one_student_engine():

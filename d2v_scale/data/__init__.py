@@ -2,11 +2,15 @@
 
 One codec per modality (`ImageCodec`, `AudioCodec`, `TextCodec`): `decode` a sample in the loader's
 workers, `collate` a batch, and make a `synthetic` batch of the same shapes (benchmarks, planner).
+`eval_codec` / `finetune_codec` wrap them in `Labelled` (+ `label`) for evaluation and fine-tuning.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from .audio import AudioCodec
-from .image import ImageCodec
+from .image import ImageCodec, eval_transform, finetune_transform
+from .labels import Labelled, check_labels, class_names, sample_counts
 from .s3 import register
 from .shards import DataError, Shards, check_shards, check_url, find_shards, shard_list
 from .text import TextCodec
@@ -25,22 +29,49 @@ def build_codec(cfg) -> ImageCodec | AudioCodec | TextCodec:
     raise DataError(f"unknown modality {m.modality!r}")
 
 
+def eval_codec(cfg, num_classes: int = 0) -> Labelled:
+    """Labelled samples without randomness, for evaluation: images resized and centre-cropped, audio
+    padded to the longest utterance of a batch (with its padding mask) instead of cropped, text as is."""
+    m = cfg.model
+    if m.modality == "image":
+        codec = ImageCodec(m.image.img_size, cfg.data.crop_scale, m.image.in_chans,
+                           transform=eval_transform(m.image.img_size, cfg.finetune.crop_pct))
+    elif m.modality == "audio":
+        codec = AudioCodec(dataclasses.replace(cfg.data, pad_audio=True))
+    else:
+        codec = build_codec(cfg)
+    return Labelled(codec, num_classes)
+
+
+def finetune_codec(cfg, num_classes: int) -> Labelled:
+    """Labelled, augmented training samples for `finetune.task` (images: timm's create_transform)."""
+    m = cfg.model
+    if m.modality != "image":
+        raise DataError(f"fine-tuning the {m.modality} encoder is not supported yet (--task image_classification "
+                        "needs an image encoder)")
+    return Labelled(ImageCodec(m.image.img_size, cfg.data.crop_scale, m.image.in_chans,
+                               transform=finetune_transform(m.image.img_size, cfg.finetune), reseed=True),
+                    num_classes)
+
+
 def synthetic_batch(cfg) -> dict:
     """A batch of `data.batch_size` samples shaped as training sees them (random values)."""
     return build_codec(cfg).synthetic(cfg.data.batch_size)
 
 
 def build_loader(cfg, rank: int, world: int, state: dict | None = None, urls: list[str] | None = None,
-                 prepare=None) -> Loader:
+                 prepare=None, codec=None) -> Loader:
     """cfg: the root Config (data settings + the modality's input sizes); `prepare(batch, index)` runs
-    on every collated batch in the workers (training: masking.AheadMasks)."""
+    on every collated batch in the workers (training: masking.AheadMasks); `codec` replaces the
+    modality's pretraining codec (fine-tuning)."""
     register(cfg.data.allow_pipe)   # s3:// through boto3, no shell schemes; inherited by the forked workers
     urls = urls if urls is not None else shard_list(cfg.data.path, cfg.data.allow_pipe)
     urls = [check_url(u, cfg.data.allow_pipe, "the shard list") for u in urls]
-    codec = build_codec(cfg)
+    codec = codec or build_codec(cfg)
     return Loader(urls, cfg.data, rank=rank, world=world, seed=cfg.run.seed, batch_size=cfg.data.batch_size,
                   decode=codec.decode, collate=codec.collate, state=state, prepare=prepare)
 
 
-__all__ = ["AudioCodec", "DataError", "ImageCodec", "Loader", "Shards", "TextCodec", "build_codec",
-           "build_loader", "check_shards", "find_shards", "shard_list", "synthetic_batch"]
+__all__ = ["AudioCodec", "DataError", "ImageCodec", "Labelled", "Loader", "Shards", "TextCodec", "build_codec",
+           "build_loader", "check_labels", "check_shards", "class_names", "eval_codec", "find_shards",
+           "finetune_codec", "sample_counts", "shard_list", "synthetic_batch"]

@@ -1,14 +1,19 @@
 """Image samples: decode + the reference augmentation (fairseq `mae_image_dataset.py`).
 
-RandomResizedCrop(img_size, scale (0.2, 1), bicubic), horizontal flip, ImageNet mean/std.
-No colour jitter. Randomness comes from torch's global RNG, which the stream seeds per sample.
+Pretraining: RandomResizedCrop(img_size, scale (0.2, 1), bicubic), horizontal flip, ImageNet
+mean/std, no colour jitter; randomness from torch's global RNG, which the stream seeds per sample.
+Fine-tuning and evaluation (fairseq `mae_finetuning_image_dataset.py: build_transform`): timm's
+`create_transform` (RandAugment, random erasing) and resize + centre crop.
 """
 from __future__ import annotations
 
 import io
+import random
 
+import numpy as np
 import torch
 from PIL import Image
+from timm.data import create_transform
 from torchvision.transforms import v2 as T
 
 from .format import image_ext
@@ -17,12 +22,36 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ImageCodec:
-    """decode: a sample -> augmented (3, H, W) image; collate: images -> {"source": (B, 3, H, W)}."""
+def finetune_transform(img_size: int, cfg) -> object:
+    """cfg: FinetuneConfig. timm's ImageNet training transform: RandomResizedCrop (0.08-1), flip,
+    RandAugment, ImageNet mean/std, random erasing (fairseq build_transform(is_train=True))."""
+    policy = None if cfg.auto_augment in ("", "none") else cfg.auto_augment
+    return create_transform(img_size, is_training=True, scale=tuple(cfg.crop_scale), auto_augment=policy,
+                            interpolation="bicubic", re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount,
+                            mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
-    def __init__(self, img_size: int, crop_scale: tuple[float, float], in_chans: int = 3):
+
+def eval_transform(img_size: int, crop_pct: float = 224 / 256) -> T.Compose:
+    """Resize the short side to img_size / crop_pct (bicubic), centre crop, normalise (no randomness)."""
+    return T.Compose([
+        T.Resize(int(img_size / crop_pct), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+        T.CenterCrop(img_size),
+        T.ToImage(), T.ToDtype(torch.float32, scale=True),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+class ImageCodec:
+    """decode: a sample -> augmented (3, H, W) image; collate: images -> {"source": (B, 3, H, W)}.
+    `transform` replaces the pretraining augmentation (fine-tuning, evaluation); `reseed`: seed Python's
+    and numpy's RNGs from the stream's per-sample torch seed before it (timm's crop, RandAugment and
+    random erasing draw from them), so that a resumed run replays the same augmentation."""
+
+    def __init__(self, img_size: int, crop_scale: tuple[float, float], in_chans: int = 3, transform=None,
+                 reseed: bool = False):
         self.img_size, self.in_chans = img_size, in_chans
-        self.tf = T.Compose([
+        self.reseed = reseed
+        self.tf = transform or T.Compose([
             T.RandomResizedCrop(img_size, scale=crop_scale, interpolation=T.InterpolationMode.BICUBIC,
                                 antialias=True),
             T.RandomHorizontalFlip(),
@@ -34,6 +63,9 @@ class ImageCodec:
         ext = image_ext(sample)
         if ext is None:
             raise ValueError(f"sample {sample.get('__key__')} has no image ({', '.join(k for k in sample if not k.startswith('__'))})")
+        if self.reseed:
+            random.seed(torch.initial_seed())
+            np.random.seed(torch.initial_seed() & 0xFFFF_FFFF)
         with Image.open(io.BytesIO(sample[ext])) as im:
             return self.tf(im.convert("RGB"))                        # (3, H, W)
 

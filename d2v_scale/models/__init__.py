@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from .audio import AudioEncoder, frames_for
+from .classifier import Classifier
 from .decoder import Decoder1d, Decoder2d
 from .image import ImageEncoder
 from .text import TextEncoder
-from .transformer import Block, Encoder
+from .transformer import Block, Encoder, finetune_drop_path, pool_tokens
 
 ENCODERS: dict[str, type[Encoder]] = {"image": ImageEncoder, "audio": AudioEncoder, "text": TextEncoder}
 
@@ -34,5 +35,5 @@ def token_grid(cfg, samples: int | None = None) -> tuple[int, ...]:
     return (cfg.data.tokens_per_sample,)
 
 
-__all__ = ["ENCODERS", "Block", "Encoder", "Decoder1d", "Decoder2d", "build_encoder", "build_decoder",
-           "token_grid"]
+__all__ = ["ENCODERS", "Block", "Classifier", "Encoder", "Decoder1d", "Decoder2d", "build_encoder", "build_decoder",
+           "finetune_drop_path", "pool_tokens", "token_grid"]

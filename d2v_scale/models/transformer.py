@@ -75,6 +75,33 @@ class Block(nn.Module):
         return x, ffn
 
 
+def pool_tokens(x: torch.Tensor, how: str, num_extra: int, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, E+T, D) encoder tokens -> (B, D): `mean` of the T input tokens (extra tokens and padding
+    left out, fairseq MEAN_POOLING) or the `cls` token (MAE's and BEiT's other choice)."""
+    if how == "cls":
+        if num_extra == 0:
+            raise ValueError("this encoder has no CLS token: pool with how='mean'")
+        return x[:, 0]                                                            # (B, D)
+    if how != "mean":
+        raise ValueError(f"pool how={how!r}: mean or cls")
+    tokens = x[:, num_extra:]                                                     # (B, T, D)
+    if padding_mask is None:
+        return tokens.mean(1)
+    keep = (~padding_mask).unsqueeze(-1).to(tokens.dtype)                         # (B, T, 1)
+    return (tokens * keep).sum(1) / keep.sum(1).clamp_min(1)                      # (B, D)
+
+
+def finetune_drop_path(depth: int, prenet_depth: int, rate: float) -> list[float]:
+    """fairseq `mae_image_classification.py`: a linear 0 -> rate ramp over the *shared* depth; the
+    prenet blocks ramp from its first value to the value at index prenet_depth - 1, the shared
+    blocks from the value at index prenet_depth to the last (prenet first, as in `blocks`)."""
+    dpr = [rate * i / max(1, depth - 1) for i in range(depth)]
+    prenet = [dpr[0] + (max(0.0, dpr[min(prenet_depth, depth) - 1]) - dpr[0]) * i / max(1, prenet_depth - 1)
+              for i in range(prenet_depth)] if prenet_depth else []
+    lo, hi = dpr[min(prenet_depth, depth - 1)], dpr[-1]
+    return prenet + [lo + (hi - lo) * i / max(1, depth - 1) for i in range(depth)]
+
+
 def build_blocks(cfg, n: int, drop_path: tuple[float, float], first_index: int = 0) -> list[Block]:
     """`n` blocks with a linear drop-path ramp (fairseq ramps prenet and shared blocks separately)."""
     lo, hi = drop_path
@@ -131,6 +158,23 @@ class Encoder(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+
+    def set_drop_path(self, rates: list[float]) -> None:
+        """Stochastic depth per block (fine-tuning sets its own ramp, see `finetune_drop_path`)."""
+        if len(rates) != len(self.blocks):
+            raise ValueError(f"{len(rates)} drop-path rates for {len(self.blocks)} blocks")
+        for blk, r in zip(self.blocks, rates):
+            blk.drop_path = DropPath(r) if r > 0 else nn.Identity()
+
+    def extract_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                         local: "Encoder | None" = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens of the full, unmasked input, as fairseq `extract_features(mask=False)`:
+        (B, extra+T, D) and the token padding mask (B, T) or None. `local` supplies `local_features`
+        for an encoder without its own (an audio or text teacher runs on the student's)."""
+        feats, padding_mask = (local or self).local_features(source, padding_mask)   # (B, T, D)
+        dtype = next(self.parameters()).dtype
+        x, _ = self(feats.to(dtype), None, 1, padding_mask)                         # (B, E+T, D)
+        return x, padding_mask
 
     def forward(self, feats: torch.Tensor, ids_keep: torch.Tensor | None = None, clones: int = 1,
                 padding_mask: torch.Tensor | None = None, return_layers: bool = False,

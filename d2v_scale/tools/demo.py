@@ -4,8 +4,11 @@
 2. shard it with `d2v-shard` straight into a local S3 object store (SeaweedFS, when its `weed`
    binary is installed, as `make venv` does; `--s3 false` keeps the shards on disk),
 3. pretrain the modality's debug preset through the `deepspeed` launcher on CPU (2 ranks, ZeRO-3,
-   gloo), streaming the shards from the object store,
-4. print where the TensorBoard logs and checkpoints are and how to go on on a GPU box.
+   gloo), streaming the shards from the object store; for images with the kNN monitor on a held-out
+   set of labelled scenes (`eval/knn_top1_*` in TensorBoard),
+4. images: probe what the encoder learned (`d2v probe`, kNN on the held-out scenes, against the same
+   encoder at its random init),
+5. print where the TensorBoard logs and checkpoints are and how to go on on a GPU box.
 Run it again to continue from the newest checkpoint.
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ from data_prep import cli as shard
 
 from ..data.s3 import S3Error, head
 from ..dist import free_port
+from ..evaluate import probe
 from . import demo_data
 from .objectstore import SeaweedFS, weed_binary
 
@@ -32,12 +36,13 @@ RECIPES = {  # modality -> (preset, default steps, extra train flags)
 
 def _make_shards(modality: str, work: Path, shards: str, samples: int) -> None:
     if modality == "image":
-        images = work / "images"
-        if not images.exists():
-            print(f"[demo] drawing {samples} scenes into {images}", flush=True)
-            demo_data.make_images(images, samples)
-        shard.image(str(images), shards + "/shard-%06d.tar", maxcount=max(1, samples // 16), workers=2,
-                    overwrite=True)                     # the demo's own folder: an interrupted sharding is redone
+        for name, n, seed, dst in (("images", samples, 0, shards), ("images_val", samples // 4, 1, shards + "-val")):
+            images = work / name
+            if not images.exists():
+                print(f"[demo] drawing {n} scenes into {images}", flush=True)
+                demo_data.make_images(images, n, seed=seed)
+            shard.image(str(images), dst + "/shard-%06d.tar", maxcount=max(1, samples // 16), workers=2,
+                        overwrite=True)                 # the demo's own folder: an interrupted sharding is redone
         return
     corpus = work / "corpus"
     if not corpus.exists():
@@ -88,11 +93,17 @@ def run_demo(modality: str = "image", steps: int | None = None, ranks: int = 2, 
             shards = f"s3://d2v-demo/{modality}"
         else:
             shards = str(work / "shards" / modality)
-        if not _index_exists(shards + "/index.json"):
+        val = shards + "-val/index.json" if modality == "image" else None
+        if not _index_exists(shards + "/index.json") or (val and not _index_exists(val)):
             print(f"[demo] sharding into {shards}", flush=True)
             _make_shards(modality, work, shards, samples)
-        _train(preset, modality, shards + "/index.json", steps or default_steps, ranks, out, ds_config, env,
-               flags + [f"--{k}={v}" for k, v in overrides.items()])
+        steps = steps or default_steps
+        monitor = [f"--eval.data={val}", f"--eval.every={max(10, steps // 5 // 10 * 10)}"] if val else []
+        _train(preset, modality, shards + "/index.json", steps, ranks, out, ds_config, env,
+               flags + monitor + [f"--{k}={v}" for k, v in overrides.items()])
+        if val:
+            _probe(Path(out) / modality, shards + "/index.json", val)
+        _next_steps(modality, Path(out) / modality, shards + "/index.json", val)
     finally:
         if store is not None:
             store.stop()
@@ -112,12 +123,30 @@ def _train(preset: str, modality: str, data: str, steps: int, ranks: int, out: s
     rc = subprocess.run(cmd, env=env).returncode
     if rc != 0:
         raise SystemExit(f"d2v demo: training failed (exit {rc})")
+
+
+def _probe(run_dir: Path, train: str, val: str) -> None:
+    """kNN probe of the pretrained student and of the same encoder at its random init (held-out scenes)."""
+    print(f"[demo] d2v probe --init {run_dir} --train {train} --val {val} --how knn [--random_init]", flush=True)
+    trained = probe(str(run_dir), train, val, how="knn", num_workers=1)["mean"]["knn_top1"]
+    base = probe(str(run_dir), train, val, how="knn", num_workers=1, random_init=True)["mean"]["knn_top1"]
+    print(f"[demo] kNN top-1 (k=20, mean-pooled) on the held-out scenes: pretrained {trained:.1f}%, random init "
+          f"{base:.1f}%, chance {100 / len(demo_data.SHAPES):.0f}% (the class is the first shape drawn; later "
+          "shapes may cover it)", flush=True)
+
+
+def _next_steps(modality: str, out_dir: Path, train: str, val: str | None) -> None:
+    bindir = Path(sys.executable).parent
     big = {"image": "vit_base_patch16", "audio": "audio_base", "text": "text_base"}[modality]
+    evaluate = f"""
+  probe:        {bindir / 'd2v'} probe --init {out_dir} --train {train} --val {val}
+  fine-tune:    {bindir / 'd2v'} finetune --task image_classification --init {out_dir} --train {train} \\
+                  --val {val} --ds_config ds_configs/zero2.json --out {out_dir.parent / 'finetune'}""" if val else ""
     print(f"""
 [demo] done.
   TensorBoard:  {bindir / 'tensorboard'} --logdir {out_dir / 'tb'}
   checkpoints:  {out_dir / 'checkpoints'}  (run the demo again to continue from the newest)
-  export:       {bindir / 'd2v'} export {out_dir} {out_dir / 'encoder.safetensors'}
+  export:       {bindir / 'd2v'} export {out_dir} {out_dir / 'encoder.safetensors'}{evaluate}
   on a GPU box: deepspeed --num_gpus 8 --no_local_rank --module d2v_scale.cli train --preset {big} \\
                   --data 's3://bucket/{modality}/train-{{000000..001023}}.tar' --ds_config ds_configs/zero2.json --out runs/{big}
 """)

@@ -28,8 +28,10 @@ SHAPES = ("circle", "square", "triangle", "star")
 
 # -- images ----------------------------------------------------------------------------------------
 
-def draw_scene(rng: random.Random, size: int) -> tuple[Image.Image, int]:
-    """A textured background with 1-4 coloured shapes; returns (image, class = first shape's kind)."""
+def draw_scene(rng: random.Random, size: int, shapes: tuple[int, int] = (1, 4)) -> tuple[Image.Image, int]:
+    """A textured background with `shapes` (1-4) coloured shapes; returns (image, class = the first
+    shape's kind). Later shapes may cover the first: with several shapes the class is a noisy label,
+    with one (`shapes=(1, 1)`) it is the only shape in the picture."""
     c0 = np.array([rng.randrange(256) for _ in range(3)], dtype=np.float32)
     c1 = np.array([rng.randrange(256) for _ in range(3)], dtype=np.float32)
     fx, fy, ph = rng.uniform(0.5, 4), rng.uniform(0.5, 4), rng.uniform(0, 6.28)
@@ -38,7 +40,7 @@ def draw_scene(rng: random.Random, size: int) -> tuple[Image.Image, int]:
     im = Image.fromarray((c0 + (c1 - c0) * t[..., None]).astype(np.uint8))
     draw = ImageDraw.Draw(im)
     label = None
-    for _ in range(rng.randint(1, 4)):
+    for _ in range(rng.randint(*shapes)):
         kind = rng.randrange(len(SHAPES))
         label = kind if label is None else label
         r = rng.uniform(0.08, 0.3) * size
@@ -59,14 +61,14 @@ def draw_scene(rng: random.Random, size: int) -> tuple[Image.Image, int]:
     return im, label
 
 
-def make_images(out: Path, n: int, size: int = 48, seed: int = 0) -> Path:
+def make_images(out: Path, n: int, size: int = 48, seed: int = 0, shapes: tuple[int, int] = (1, 4)) -> Path:
     """`n` scenes as PNG in class subfolders (the ImageNet train layout)."""
     out = Path(out)
     rng = random.Random(seed)
     for k in SHAPES:
         (out / k).mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        im, label = draw_scene(rng, size)
+        im, label = draw_scene(rng, size, shapes)
         im.save(out / SHAPES[label] / f"scene_{i:06d}.png")
     return out
 
