@@ -195,10 +195,8 @@ def load_fairseq_checkpoint(path: str | Path) -> dict:
     if not Path(path).is_file():
         raise FairseqImportError(f"{path} not found; give the path of a fairseq checkpoint (checkpoint_best.pt)")
     safe = [np.dtype, type(np.dtype("float64")), type(np.dtype("int64"))]
-    try:
-        safe.append(np.core.multiarray.scalar)  # numpy < 2.3
-    except AttributeError:
-        safe.append(np._core.multiarray.scalar)
+    core = getattr(np, "_core", None) or np.core                           # numpy >= 2 names it _core
+    safe.append(core.multiarray.scalar)
     with torch.serialization.safe_globals(safe):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
