@@ -108,7 +108,7 @@ def check(*words, preset: str | None = None, data: str | None = None, ds_config:
         for note in ft.notes:
             print(f"note: {note}")
         start = f"resume from {ft.resume.path}" if ft.resume else "start from step 0"
-        print(f"ok: {cfg.preset or 'config'} | {cfg.finetune.task} | {ft.num_classes} classes | {len(ft.shards.urls)} "
+        print(f"ok: {cfg.preset or 'config'} | {cfg.finetune.task} | {ft.task.describe()} | {len(ft.shards.urls)} "
               f"train shards, {ft.val.samples} val samples | world {world} | micro batch "
               f"{ft.ds['train_micro_batch_size_per_gpu']} x accumulation {ft.ds['gradient_accumulation_steps']} | {start}")
         return

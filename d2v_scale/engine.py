@@ -5,8 +5,8 @@ the token grid, builds the student (`Data2Vec`, or another wrapper of it such as
 of `d2v bench`) with the same seed on every rank, copies the teacher from it before DeepSpeed
 partitions anything (sharded under ZeRO-3, replicated otherwise, or as `teacher.placement` says),
 loads `run.init_from`, compiles the blocks with `run.compile`, and initializes it with d2v_scale's
-AdamW (DeepSpeed's CPU Adam when the optimizer is offloaded). `build_classifier_engine` (fine-tuning):
-a pretrained encoder + head with fairseq's drop path and layer-wise lr decay, through the same
+AdamW (DeepSpeed's CPU Adam when the optimizer is offloaded). `build_finetune_engine` (fine-tuning):
+a task's model (tasks/: a pretrained encoder + head) with layer-wise lr decay, through the same
 `initialize`. Training, fine-tuning, every benchmark, the planner's `--measure` and the test probes
 go through these; the models themselves never import DeepSpeed.
 """
@@ -23,9 +23,8 @@ from .dist import Dist
 from .dsconfig import compute_dtype, offloads_optimizer, resolve_ds_config, zero_stage
 from .export import read_weights
 from .masking import check_mask
-from .models import Classifier, build_encoder, finetune_drop_path, token_grid
+from .models import token_grid
 from .optim import build_optimizer, param_groups_layer_decay
-from .pretrained import EncoderWeights
 from .sharded_teacher import ShardedTeacher
 from .teacher import ReplicatedTeacher
 
@@ -94,26 +93,9 @@ def build_engine(cfg: Config, dist: Dist, ds: dict | None = None, ds_overrides: 
     return Built(initialize(student, optimizer, ds), teacher, compute_dtype(ds), ds, n_params)
 
 
-def build_classifier(cfg: Config, weights: EncoderWeights, num_classes: int) -> Classifier:
-    """The pretrained encoder (cfg.model: the weights' own) with fairseq's fine-tuning drop path, and
-    a new head, or the weights' head when they are a classifier of the same class count."""
-    m, f = cfg.model, cfg.finetune
-    torch.manual_seed(cfg.run.seed)                         # identical head on every rank
-    encoder = build_encoder(m)
-    missing, unexpected = encoder.load_state_dict(weights.encoder, strict=False)
-    if missing or unexpected:
-        raise ConfigError(f"--init {weights.source}: the weights do not fit their encoder (missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]})")
-    encoder.set_drop_path(finetune_drop_path(m.depth, m.prenet_depth, f.drop_path))
-    model = Classifier(encoder, m.embed_dim, num_classes, f.pool)
-    if weights.head:
-        model.load_state_dict({**{f"encoder.{k}": v for k, v in weights.encoder.items()}, **weights.head})
-    return model
-
-
-def build_classifier_engine(cfg: Config, dist: Dist, ds: dict, weights: EncoderWeights, num_classes: int) -> Built:
-    """Fine-tuning: the classifier, AdamW with layer-wise lr decay (`lr_scale` per group), DeepSpeed."""
-    model = build_classifier(cfg, weights, num_classes)
+def build_finetune_engine(cfg: Config, ds: dict, model: nn.Module) -> Built:
+    """Fine-tuning: a task's model (pretrained `.encoder` + head, tasks/), AdamW with layer-wise lr
+    decay (`lr_scale` per group), DeepSpeed; blocks compiled with `run.compile`."""
     if cfg.run.compile:
         for blk in model.encoder.blocks:
             blk.compile()

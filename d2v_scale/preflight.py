@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .checkpoint import ResumePoint, find_resume
 from .config import Config, ConfigError, from_json
-from .data import DataError, Shards, check_shards, find_shards, finetune_transform
+from .data import DataError, Shards, check_shards, find_shards
 from .dsconfig import resolve_ds_config, validate_ds_config
 from .errors import one_line
 from .evaluate import EvalShards, eval_shards
@@ -26,6 +26,7 @@ from .masking import check_mask
 from .models import token_grid
 from .presets import FINETUNE_PRESETS
 from .pretrained import EncoderWeights, read_encoder
+from .tasks import TASKS, Task, get_task
 
 
 @dataclass
@@ -87,7 +88,7 @@ def check_run(cfg: Config, ds_overrides: dict | None, world: int) -> tuple[dict,
 class FinetunePlan:
     shards: Shards                                  # training shards
     val: EvalShards                                 # validation shards
-    num_classes: int
+    task: Task                                      # prepared: it knows its data (classes, dictionary)
     weights: EncoderWeights                         # the --init encoder (and head)
     ds: dict
     resume: ResumePoint | None
@@ -99,48 +100,32 @@ def finetune_preflight(cfg: Config, ds_overrides: dict | None, world: int, every
     """`d2v finetune`'s checks; sets cfg.model to the --init encoder's. Raises with the fix."""
     f = cfg.finetune
     if not f.task:
-        raise ConfigError("d2v finetune needs --task image_classification (or a fine-tuning --preset, e.g. "
-                          "vit_base_patch16_ft)")
+        raise ConfigError(f"d2v finetune needs --task ({', '.join(TASKS)}) or a fine-tuning --preset, e.g. "
+                          "vit_base_patch16_ft")
+    task = get_task(cfg)
     if not f.init:
         raise ConfigError("d2v finetune needs --init WEIGHTS: a weights file (d2v export / d2v import-fairseq), a "
                           "pretraining run directory or a fairseq checkpoint")
     if not cfg.data.path or not f.val:
-        raise ConfigError("d2v finetune needs --train SHARDS and --val SHARDS (labelled)")
+        raise ConfigError("d2v finetune needs --train SHARDS and --val SHARDS")
     if cfg.preset and cfg.preset not in FINETUNE_PRESETS.values():
         raise ConfigError(f"--preset {cfg.preset} is a pretraining preset; fine-tuning presets: "
                           f"{', '.join(sorted(set(FINETUNE_PRESETS.values())))} (or leave --preset out: it follows --init)")
     weights = read_encoder(f.init, f.init_teacher)
     notes = []
-    if weights.cfg.model.modality != "image":
-        raise ConfigError(f"--init {f.init} is a {weights.cfg.model.modality} encoder; --task {f.task} fine-tunes "
-                          "an image encoder (speech and text fine-tuning come next)")
+    if weights.cfg.model.modality != task.modality:
+        raise ConfigError(f"--init {f.init} holds {weights.cfg.model.modality} weights; --task {f.task} fine-tunes "
+                          f"{task.modality} encoders: pick the task of that modality or other --init weights")
     if (weights.cfg.model.embed_dim, weights.cfg.model.depth) != (cfg.model.embed_dim, cfg.model.depth):
         notes.append(f"--init holds a {weights.cfg.model.embed_dim}-wide, {weights.cfg.model.depth}+"
                      f"{weights.cfg.model.prenet_depth}-block encoder; preset {cfg.preset} publishes the recipe for "
                      f"{cfg.model.embed_dim}-wide models")
     cfg.model = weights.cfg.model
     cfg.validate()
-    try:
-        finetune_transform(cfg.model.image.img_size, f)
-    except (AssertionError, ValueError, KeyError) as e:
-        raise ConfigError(f"--finetune.auto_augment={f.auto_augment!r} is not a timm policy ({one_line(e)}): use e.g. "
-                          "rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, or none") from None
     shards = check_data(cfg, cfg.data.path, world, every_shard, "--train")
-    train_classes = eval_shards(cfg.data.path, "image", "--train", cfg.data.allow_pipe).num_classes
-    val = eval_shards(f.val, "image", "--val", cfg.data.allow_pipe)
-    num_classes = f.num_classes or train_classes or val.num_classes
-    if not num_classes:
-        raise ConfigError("the number of classes is unknown (no classes.json beside the shards): set "
-                          "--finetune.num_classes")
-    if f.num_classes and train_classes and f.num_classes < train_classes:
-        raise ConfigError(f"--finetune.num_classes={f.num_classes} but the --train shards hold {train_classes} "
-                          "classes: the head needs one output per class; set it to the shards' count (or leave it 0)")
-    if weights.head and weights.head["head.weight"].shape[0] != num_classes:
-        raise ConfigError(f"--init {f.init} is a classifier with a {weights.head['head.weight'].shape[0]}-class head "
-                          f"and the shards hold {num_classes} classes: fine-tune the pretrained encoder instead "
-                          "(its run directory or `d2v export` file), or use shards of the same classes")
+    val = task.prepare(weights, world)
     ds, resume, changed = check_run(cfg, ds_overrides, world)
-    return FinetunePlan(shards, val, num_classes, weights, ds, resume, changed, notes)
+    return FinetunePlan(shards, val, task, weights, ds, resume, changed, notes)
 
 
 # -- data-derived settings ----------------------------------------------------------------

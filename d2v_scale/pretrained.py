@@ -18,7 +18,7 @@ from .d2v import Data2Vec
 from .errors import one_line
 from .export import WeightsError, read_weights, read_weights_config
 from .fairseq import from_fairseq, load_fairseq_checkpoint
-from .models import build_encoder, pool_tokens
+from .models import Encoder, build_encoder, finetune_drop_path, pool_tokens
 
 
 @dataclass
@@ -111,6 +111,20 @@ def random_weights(path: str | Path) -> EncoderWeights:
         torch.manual_seed(cfg.run.seed)
         model = Data2Vec(cfg.model, cfg.mask.mask_noise_std)
     return EncoderWeights(model.encoder.state_dict(), cfg, {}, f"random init of {path}")
+
+
+def finetune_encoder(weights: EncoderWeights, drop_path: float, seed: int) -> Encoder:
+    """The --init encoder for fine-tuning (weights.cfg.model), with fairseq's fine-tuning drop-path
+    ramp; the global RNG seeded first, so a task's new head is the same on every rank."""
+    torch.manual_seed(seed)
+    m = weights.cfg.model
+    encoder = build_encoder(m)
+    missing, unexpected = encoder.load_state_dict(weights.encoder, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"--init {weights.source}: the weights do not fit their encoder (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]})")
+    encoder.set_drop_path(finetune_drop_path(m.depth, m.prenet_depth, drop_path))
+    return encoder
 
 
 def read_config(path: str | Path) -> dict:

@@ -14,7 +14,7 @@ from d2v_scale.config import ConfigError
 from d2v_scale.d2v import Data2Vec
 from d2v_scale.data import DataError, ImageCodec, Labelled, finetune_transform
 from d2v_scale.export import read_info, write_weights
-from d2v_scale.finetune import build_mixup
+from d2v_scale.tasks.image import build_mixup
 from d2v_scale.models import Classifier, build_encoder, finetune_drop_path
 from d2v_scale.optim import param_groups_layer_decay, set_lr
 from d2v_scale.preflight import finetune_preflight
@@ -93,9 +93,9 @@ def test_refusals(image_shards, tmp_path):
                                val=str(image_shards), out=str(tmp_path / "ft"), ds_config="ds_configs/zero2.json", **kw)
         return finetune_preflight(cfg, ds, 1)
 
-    assert plan(init=str(encoder_file(tmp_path / "enc.safetensors"))).num_classes == 4
+    assert plan(init=str(encoder_file(tmp_path / "enc.safetensors"))).task.num_classes == 4
     audio = encoder_file(tmp_path / "audio.safetensors", "audio_base_debug")
-    with pytest.raises(ConfigError, match="is a audio encoder; --task image_classification fine-tunes an image"):
+    with pytest.raises(ConfigError, match="holds audio weights; --task image_classification fine-tunes image encoders"):
         plan(init=str(audio))
     cfg = get_preset("vit_base_patch16_debug")
     head = Classifier(build_encoder(cfg.model), 64, 3)

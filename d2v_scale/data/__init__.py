@@ -2,7 +2,7 @@
 
 One codec per modality (`ImageCodec`, `AudioCodec`, `TextCodec`): `decode` a sample in the loader's
 workers, `collate` a batch, and make a `synthetic` batch of the same shapes (benchmarks, planner).
-`eval_codec` / `finetune_codec` wrap them in `Labelled` (+ `label`) for evaluation and fine-tuning.
+`eval_codec` wraps them in `Labelled` (+ `label`) for evaluation; fine-tuning tasks build their own (tasks/).
 """
 from __future__ import annotations
 
@@ -43,17 +43,6 @@ def eval_codec(cfg, num_classes: int = 0) -> Labelled:
     return Labelled(codec, num_classes)
 
 
-def finetune_codec(cfg, num_classes: int) -> Labelled:
-    """Labelled, augmented training samples for `finetune.task` (images: timm's create_transform)."""
-    m = cfg.model
-    if m.modality != "image":
-        raise DataError(f"fine-tuning the {m.modality} encoder is not supported yet (--task image_classification "
-                        "needs an image encoder)")
-    return Labelled(ImageCodec(m.image.img_size, cfg.data.crop_scale, m.image.in_chans,
-                               transform=finetune_transform(m.image.img_size, cfg.finetune), reseed=True),
-                    num_classes)
-
-
 def synthetic_batch(cfg) -> dict:
     """A batch of `data.batch_size` samples shaped as training sees them (random values)."""
     return build_codec(cfg).synthetic(cfg.data.batch_size)
@@ -74,4 +63,4 @@ def build_loader(cfg, rank: int, world: int, state: dict | None = None, urls: li
 
 __all__ = ["AudioCodec", "DataError", "ImageCodec", "Labelled", "Loader", "Shards", "TextCodec", "build_codec",
            "build_loader", "check_labels", "check_shards", "class_names", "eval_codec", "find_shards",
-           "finetune_codec", "sample_counts", "shard_list", "synthetic_batch"]
+           "sample_counts", "shard_list", "synthetic_batch"]
