@@ -18,22 +18,33 @@ BIN = Path(sys.executable).parent
 
 
 def child_env(**extra) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
     env.update(extra)
     return env
 
 
 def run_group(cmd: list[str], timeout: float, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
     """Like subprocess.run(capture_output=True, text=True), but a timeout kills the whole process group
-    (launcher, ranks, data-loader workers, object store), so nothing is left to slow later tests."""
+    (launcher, ranks, data-loader workers, object store), so nothing is left to slow later tests, and
+    the failure shows where each process was waiting."""
     proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env or child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"timed out after {timeout}s: {' '.join(map(str, cmd))}\n{out[-4000:]}\n{err[-4000:]}")
+        # SIGABRT first: every Python process of the group (PYTHONFAULTHANDLER) prints the stack of each
+        # of its threads, so a hang says where it waited; then SIGKILL for whatever is left
+        for sig, wait in ((signal.SIGABRT, 10), (signal.SIGKILL, None)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass                                    # the whole group has already ended
+            try:
+                out, err = proc.communicate(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        pytest.fail(f"timed out after {timeout}s: {' '.join(map(str, cmd))}\n{out[-6000:]}\n{err[-12000:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
