@@ -282,6 +282,16 @@ def set_aside(point: ResumePoint) -> list[str]:
     return moved
 
 
+def open_run(run_dir: Path, cfg: dict, ds: dict, resumed: ResumePoint | None) -> list[str]:
+    """Rank 0, once the pre-flight passed: the run directory with this run's config.json and
+    ds_config.json, and the broken checkpoints a resume passed over set aside. Returns what to say."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", cfg)
+    write_json(run_dir / "ds_config.json", ds)
+    said = [f"checkpoint {tag} is unusable: {problem}" for tag, problem in (resumed.broken if resumed else [])]
+    return said + [f"passed over it; kept as {name}" for name in (set_aside(resumed) if resumed else [])]
+
+
 # -- the teacher's files ------------------------------------------------------------------------
 
 def save_teacher(teacher, tag_dir: Path, rank: int) -> None:

@@ -26,7 +26,7 @@ from .evaluate import EvalStream
 from .export import write_weights
 from .metrics import Metrics
 from .optim import lr_at, set_lr
-from .preempt import REQUEUE, TERMINATE, StopRequested, StopSignals, requeue_slurm_job
+from .preempt import StopSignals, stopped
 from .preflight import finetune_preflight
 from .masking import seed_for
 from .tasks import Task
@@ -67,14 +67,10 @@ def finetune(cfg: Config, ds_overrides: dict | None = None) -> dict:
     dist = dist_mod.init()
     run_dir = Path(cfg.run.out)
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_json(run_dir / "config.json", cfg.to_dict())
-        checkpoint.write_json(run_dir / "ds_config.json", ds)
+        for said in plan.notes + checkpoint.open_run(run_dir, cfg.to_dict(), ds, resumed) + (
+                ["resuming with changed settings: " + "; ".join(plan.changed)] if plan.changed else []):
+            print0(f"d2v: {said}")
         task.save_files(run_dir)
-        for note in plan.notes + (["resuming with changed settings: " + "; ".join(plan.changed)] if plan.changed else []):
-            print0(f"d2v: {note}")
-        for name in checkpoint.set_aside(resumed) if resumed else []:
-            print0(f"d2v: passed over a broken checkpoint; kept as {name}")
 
     built = build_finetune_engine(cfg, ds, task.build_model(plan.weights))
     engine, dtype = built.engine, built.dtype
@@ -166,11 +162,9 @@ def _loop(engine, task, loader, val, cfg, dist, dtype, metrics, signals, run_dir
             if new_best and dist.is_main:
                 export_best(run_dir, last_saved.name, cfg, task, best)
         if stop_now:
-            requeue = seen[REQUEUE] > 0 and not seen[TERMINATE] > 0
-            note = requeue_slurm_job() if requeue and dist.is_main else ""
-            print0(f"d2v: stopped by a signal at step {step}; checkpoint {last_saved}. {note}")
+            stop_exit = stopped(seen, step, last_saved, dist.is_main)
             metrics.close(step, run_dir, str(last_saved))
-            raise StopRequested(0 if requeue else 143)
+            raise stop_exit
     return last_saved, best
 
 

@@ -104,6 +104,16 @@ def requeue_slurm_job() -> str:
     return f"requeued Slurm job {job}; it resumes from this checkpoint"
 
 
+def stopped(seen: torch.Tensor, step: int, last_saved, is_main: bool) -> StopRequested:
+    """After the checkpoint a stop signal asked for (`seen`: the ranks' agreed flags): the Slurm job
+    requeued on SIGUSR1 alone, one line said (rank 0), and the exit to raise: 0 requeued, 143 otherwise."""
+    requeue = seen[REQUEUE] > 0 and not seen[TERMINATE] > 0
+    note = requeue_slurm_job() if requeue and is_main else ""
+    if is_main:
+        print(f"d2v: stopped by a signal at step {step}; checkpoint {last_saved}. {note}", flush=True)
+    return StopRequested(0 if requeue else 143)
+
+
 def restart_banner() -> str | None:
     if "SLURM_JOB_ID" not in os.environ:
         return None

@@ -27,7 +27,7 @@ from .flops import step_flops_per_sample
 from .masking import AheadMasks, MaskInfo, seed_for, step_masks
 from .metrics import Metrics, measure_peak_flops
 from .optim import lr_at, set_lr
-from .preempt import REQUEUE, TERMINATE, StopRequested, StopSignals, requeue_slurm_job, restart_banner
+from .preempt import StopSignals, restart_banner, stopped
 from .preflight import preflight
 from .teacher import decay_at
 
@@ -91,15 +91,9 @@ def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
     dist = dist_mod.init()
     run_dir = Path(cfg.run.out)
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_json(run_dir / "config.json", cfg.to_dict())
-        checkpoint.write_json(run_dir / "ds_config.json", ds)
-        for tag, problem in resumed.broken if resumed else []:
-            print0(f"d2v: checkpoint {tag} is unusable: {problem}")
-        for name in checkpoint.set_aside(resumed) if resumed else []:
-            print0(f"d2v: passed over it; kept as {name}")
-        if plan.changed:
-            print0("d2v: resuming with changed settings: " + "; ".join(plan.changed))
+        for said in checkpoint.open_run(run_dir, cfg.to_dict(), ds, resumed) + (
+                ["resuming with changed settings: " + "; ".join(plan.changed)] if plan.changed else []):
+            print0(f"d2v: {said}")
 
     # student engine and EMA teacher (identical init on every rank)
     built = build_engine(cfg, dist, ds)
@@ -192,11 +186,9 @@ def _loop(engine, teacher, loader, cfg, dist, dtype, metrics, signals, run_dir, 
                                          "ema_updates": teacher.updates}, loader.state_dict(), dist.rank,
                                          cfg.run.keep_last)
         if stop_now:
-            requeue = agreed[REQUEUE] > 0 and not agreed[TERMINATE] > 0
-            note = requeue_slurm_job() if requeue and dist.is_main else ""
-            print0(f"d2v: stopped by a signal at step {step}; checkpoint {last_saved}. {note}")
+            stop_exit = stopped(agreed, step, last_saved, dist.is_main)
             metrics.close(step, run_dir, str(last_saved))
-            raise StopRequested(0 if requeue else 143)
+            raise stop_exit
     return last_saved
 
 

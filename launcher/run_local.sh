@@ -12,14 +12,5 @@ cd "$(dirname "$0")/.."
 PRESET=${PRESET:-vit_base_patch16_debug}
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero2.json}
 OUT=${OUT:-runs/$PRESET}
-BIN=${BIN:-.venv/bin}
-if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
-  NPROC=${NPROC:-$(nvidia-smi -L | wc -l)}
-else
-  NPROC=${NPROC:-2}
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one core per CPU rank
-fi
-ARGS=(--preset "$PRESET" --data "$DATA" --ds_config "$DS_CONFIG" --out "$OUT" --resume auto "$@")
-"$BIN/d2v" check "${ARGS[@]}" --world "$NPROC"
-exec "$BIN/deepspeed" --num_accelerators "$NPROC" --no_local_rank --master_port "${MASTER_PORT:-29500}" \
-  --module d2v_scale.cli train "${ARGS[@]}"
+source launcher/local_ranks.sh
+launch train --preset "$PRESET" --data "$DATA" --ds_config "$DS_CONFIG" --out "$OUT" --resume auto "$@"

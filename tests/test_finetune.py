@@ -19,7 +19,8 @@ from d2v_scale.models import Classifier, build_encoder, finetune_drop_path
 from d2v_scale.optim import param_groups_layer_decay, set_lr
 from d2v_scale.preflight import finetune_preflight
 from d2v_scale.presets import build_config, get_preset
-from helpers import losses, run_d2v
+from d2v_scale.dist import free_port
+from helpers import BIN, ROOT, child_env, losses, run_d2v, run_group
 
 FT_PRESETS = ["vit_base_patch16_ft", "vit_large_patch16_ft", "vit_huge_patch14_ft"]
 
@@ -127,8 +128,14 @@ def test_finetune_run_validates_keeps_the_best_and_resumes_exactly(image_shards,
     out = run_d2v(args(tmp_path / "full")).stdout
     assert "vit_base_patch16_ft_debug | image_classification" in out and "ZeRO-3" in out and "4 classes" in out
     run_d2v(args(tmp_path / "split", "--run.stop_after=6"))
-    resumed = run_d2v(args(tmp_path / "split", "--resume", "auto")).stdout
-    assert "resumed from" in resumed and "step_00000006" in resumed
+    # the resume through the one-node launcher: its pre-flight, then the deepspeed launcher (1 rank)
+    env = child_env(INIT=str(enc), TRAIN=str(image_shards), VAL=str(image_shards / "index.json"), NPROC="1",
+                    DS_CONFIG="ds_configs/zero3.json", OUT=str(tmp_path / "split"), BIN=str(BIN), MASTER_PORT=str(free_port()))
+    res = run_group([ROOT / "launcher/finetune_local.sh", *args(tmp_path / "split")[13:]], timeout=200, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    resumed = res.stdout
+    assert resumed.startswith("ok:") and "resume from" in resumed and "resumed from" in resumed
+    assert "step_00000006" in resumed
     assert losses(tmp_path / "full") == losses(tmp_path / "split")           # mixup, RandAugment, drop path seeded
 
     full = tmp_path / "full"
