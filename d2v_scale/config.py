@@ -123,6 +123,10 @@ class OptimConfig:
     max_steps: int = 375_300     # optimizer steps of the whole schedule (fairseq max_update)
     min_lr: float = 0.0
     clip_grad: float = 4.0       # 0 = off; fills ds_config "gradient_clipping": "auto"
+    schedule: str = "cosine"     # cosine: warmup + cosine | tri_stage: fairseq's (warmup, hold, exponential decay)
+    phase_ratio: tuple[float, float, float] = (0.1, 0.4, 0.5)   # tri_stage: fractions of max_steps
+    init_lr_scale: float = 0.01  # tri_stage: lr at step 0, x lr
+    final_lr_scale: float = 0.05  # tri_stage: lr at the end of the decay, x lr
 
 
 @dataclass
@@ -202,6 +206,29 @@ class FinetuneConfig:
     recount: int = 1             # random erasing count (timm re_count)
     crop_pct: float = 0.875      # evaluation: resize to img_size / crop_pct, centre crop (224/256)
     eval_every: int = 0          # optimizer steps between validations; 0 = once per loader epoch
+    # audio_ctc: wav2vec 2.0 CTC fine-tuning (fairseq Wav2Vec2AsrConfig, wav2vec2_asr.py; the presets
+    # take the values of examples/wav2vec/config/finetuning/*.yaml)
+    mask_prob: float = 0.65      # time spans of the local features replaced by a learned mask embedding
+    mask_length: int = 10        # frames per time span
+    mask_channel_prob: float = 0.5    # channel spans zeroed
+    mask_channel_length: int = 64
+    freeze_finetune_updates: int = 0  # updates with the whole encoder frozen (only the head trains)
+    freeze_feature_encoder: bool = True   # feature_grad_mult 0.0: the CNN never trains
+    final_dropout: float = 0.0   # before the CTC head
+    layerdrop: float = 0.1       # encoder layerdrop during fine-tuning (replaces the pretraining value)
+    activation_dropout: float = 0.1   # dropout inside the MLPs during fine-tuning
+
+
+@dataclass
+class LMConfig:
+    """`--lm.*`: beam search over CTC outputs (flashlight's lexicon decoder through torchaudio's ctc_decoder)."""
+    kenlm: str = ""              # KenLM language model, binary or ARPA ("" = none; needs a lexicon)
+    lexicon: str = ""            # word<TAB>l e t t e r s | per line ("" = lexicon-free: letters, `|` between words)
+    weight: float = 2.0          # LM weight (flashlight lm_weight; fairseq's LibriSpeech 4-gram decoding: 2)
+    word_score: float = -1.0     # per-word insertion score (flashlight word_score; fairseq's: -1)
+    beam: int = 50               # beam size (fairseq --beam)
+    beam_threshold: float = 25.0
+    at_validation: bool = False  # also beam-decode every validation (val/wer_beam); greedy val/wer always
 
 
 @dataclass
@@ -215,6 +242,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
 
     def validate(self) -> "Config":
         m = self.model
@@ -241,6 +269,11 @@ class Config:
             raise ConfigError(f"teacher.overlap_ema={self.teacher.overlap_ema!r}: auto, true or false")
         if self.data.sampling not in ("split", "resample"):
             raise ConfigError(f"data.sampling={self.data.sampling!r}: split or resample")
+        if self.optim.schedule not in ("cosine", "tri_stage"):
+            raise ConfigError(f"--optim.schedule={self.optim.schedule!r}: cosine or tri_stage")
+        if self.optim.schedule == "tri_stage" and abs(sum(self.optim.phase_ratio) - 1) > 1e-6:
+            raise ConfigError(f"--optim.phase_ratio={self.optim.phase_ratio}: the warmup, hold and decay fractions "
+                              "must add up to 1 (fairseq's tri_stage)")
         if self.optim.min_lr > self.optim.lr:
             raise ConfigError(f"--optim.min_lr={self.optim.min_lr} is above --optim.lr={self.optim.lr}: the cosine "
                               "schedule decays from lr to min_lr")
@@ -379,6 +412,15 @@ _RANGES = [
     ("finetune.recount", _AT_LEAST_1, "an integer >= 1"),
     ("finetune.crop_pct", _finite(0, 1, lo_open=True), "in (0, 1]"),
     ("finetune.eval_every", _NON_NEGATIVE, "an integer >= 0 (0: once per loader epoch)"),
+    ("finetune.mask_prob", _finite(0, 1), "in [0, 1]"),
+    ("finetune.mask_length", _AT_LEAST_1, "an integer >= 1"),
+    ("finetune.mask_channel_prob", _finite(0, 1), "in [0, 1]"),
+    ("finetune.mask_channel_length", _AT_LEAST_1, "an integer >= 1"),
+    ("finetune.freeze_finetune_updates", _NON_NEGATIVE, "an integer >= 0"),
+    ("finetune.final_dropout", _PROB, "in [0, 1)"),
+    ("finetune.layerdrop", _PROB, "in [0, 1)"),
+    ("finetune.activation_dropout", _PROB, "in [0, 1)"),
+    ("lm.beam", _AT_LEAST_1, "an integer >= 1"),
 ]
 
 # names users bring from fairseq, MAE, timm or Hugging Face configs -> ours

@@ -72,9 +72,26 @@ def build_optimizer(model: nn.Module, cfg, offload: bool = False, groups: list[d
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
 
 
+def tri_stage_lr(step: int, cfg) -> float:
+    """fairseq `tri_stage_lr_scheduler.py` with phase_ratio: linear warmup from init_lr_scale x lr,
+    hold at lr, exponential decay to final_lr_scale x lr over the phases' shares of max_steps, then flat."""
+    warmup, hold, decay = (int(r * cfg.max_steps) for r in cfg.phase_ratio)
+    init_lr, final_lr = cfg.init_lr_scale * cfg.lr, cfg.final_lr_scale * cfg.lr
+    if step < warmup:
+        return init_lr + (cfg.lr - init_lr) / warmup * step
+    if step < warmup + hold:
+        return cfg.lr
+    if step <= warmup + hold + decay:
+        return cfg.lr * math.exp(math.log(cfg.final_lr_scale) / max(1, decay) * (step - warmup - hold))
+    return final_lr
+
+
 def lr_at(step: int, cfg) -> float:
     """Learning rate for the update that follows `step` completed updates: linear warmup from 0
-    over warmup_steps, then cosine to min_lr at max_steps (fairseq `cosine` with t_mult 1)."""
+    over warmup_steps, then cosine to min_lr at max_steps (fairseq `cosine` with t_mult 1); with
+    `schedule` tri_stage, fairseq's tri-stage schedule (`tri_stage_lr`)."""
+    if getattr(cfg, "schedule", "cosine") == "tri_stage":
+        return tri_stage_lr(step, cfg)
     if step < cfg.warmup_steps:
         return cfg.lr * step / cfg.warmup_steps
     span = max(1, cfg.max_steps - cfg.warmup_steps)

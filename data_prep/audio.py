@@ -3,7 +3,9 @@
 Every file is read with soundfile, mixed down to mono, resampled to 16 kHz with
 `torchaudio.functional.resample`, split into chunks of at most `max_seconds` (equal lengths, so no
 tiny tail), and each chunk stored as 16-bit flac. Chunks shorter than `min_seconds` are dropped and
-counted. A file soundfile cannot read (corrupt, not audio) raises; the driver skips and reports it.
+counted. A file with a transcript is one sample (its transcript cannot be split): longer than
+`max_seconds` it raises, like a file soundfile cannot read (corrupt, not audio); the driver skips
+and reports both.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from d2v_scale.data.format import AUDIO_EXT, CLASS_EXT, SAMPLE_RATE, SOURCE_EXT
+from d2v_scale.data.format import AUDIO_EXT, CLASS_EXT, SAMPLE_RATE, SOURCE_EXT, TRANSCRIPT_EXT
 
 
 def find_audio(src: str, exts: tuple[str, ...]) -> tuple[str, list[str]]:
@@ -46,10 +48,14 @@ def load_mono_16k(path: str | Path) -> np.ndarray:
 
 
 def encode_audio(root: str, rel: str, max_seconds: float, min_seconds: float,
-                 label: int | None = None) -> tuple[list[dict], int]:
-    """(flac chunk samples, number of chunks dropped as too short); every chunk carries `label`."""
+                 label: int | None = None, transcript: str | None = None) -> tuple[list[dict], int]:
+    """(flac chunk samples, number of chunks dropped as too short); every chunk carries `label`;
+    with a `transcript` the file is one sample carrying it."""
     wav = load_mono_16k(Path(root) / rel)
     max_len, min_len = int(max_seconds * SAMPLE_RATE), int(min_seconds * SAMPLE_RATE)
+    if transcript is not None and len(wav) > max_len:
+        raise ValueError(f"{len(wav) / SAMPLE_RATE:.1f} s with a transcript is longer than --max_seconds "
+                         f"{max_seconds}; a transcript cannot be split with the audio: raise --max_seconds")
     n_chunks = max(1, math.ceil(len(wav) / max_len))
     size = math.ceil(len(wav) / n_chunks)
     samples, dropped = [], 0
@@ -63,6 +69,8 @@ def encode_audio(root: str, rel: str, max_seconds: float, min_seconds: float,
         sample = {AUDIO_EXT: buf.getvalue(), SOURCE_EXT: f"{rel}#{i}"}
         if label is not None:
             sample[CLASS_EXT] = str(label)
+        if transcript is not None:
+            sample[TRANSCRIPT_EXT] = transcript
         samples.append(sample)
     return samples, dropped
 

@@ -6,6 +6,7 @@
   d2v-shard spm-train CORPUS MODEL_PREFIX --vocab_size N
   d2v-shard text SRC DST --spm MODEL [--tokens_per_sample 512]
   audio and text: [--labels FILE.tsv|folders]          class labels (`cls`, classes.json) for probes
+  audio: [--transcripts beside|manifest|FILE.tsv]      transcripts (`txt`, dict.ltr.txt) for CTC fine-tuning
   d2v-shard verify INDEX                               re-read, decode and checksum every shard
 
 DST is a local pattern (`out/train-%06d.tar`), a local directory (-> `shard-%06d.tar`), or
@@ -25,6 +26,7 @@ from pathlib import Path
 import fire
 import sentencepiece as spmlib
 
+from d2v_scale.data.letters import DICT_FILE, LetterDict
 from d2v_scale.errors import D2VError
 
 from .audio import encode_audio, find_audio, write_manifest
@@ -33,6 +35,7 @@ from .labels import classes_json, read_labels
 from .pipeline import Chunks, shard
 from .sink import normalize_pattern
 from .text import BlockPacker, DocumentBlocks, encode_text_file, find_text, train_spm
+from .transcripts import read_transcripts
 from .verify import verify as run_verify
 
 WORKERS = os.cpu_count() or 1
@@ -99,9 +102,12 @@ def _labels(spec: str | None, files: list[str]) -> tuple[dict[str, int] | None, 
 
 def audio(src: str, dst: str, ext: str = "wav,flac,ogg", max_seconds: float = 30.0, min_seconds: float = 1.0,
           maxcount: int = 2_000, maxsize: float = 1e9, workers: int = WORKERS, seed: int = 0,
-          overwrite: bool = False, labels: str | None = None) -> None:
+          overwrite: bool = False, labels: str | None = None, transcripts: str | None = None,
+          transcript_columns: str = "path,transcript") -> None:
     """A folder of wav/flac/ogg (recursive) or a .tsv manifest -> mono 16 kHz flac chunks; with
-    --labels FILE.tsv|folders every chunk carries its file's class (`cls`, classes.json)."""
+    --labels FILE.tsv|folders every chunk carries its file's class (`cls`, classes.json); with
+    --transcripts beside|manifest|FILE.tsv every file is one sample carrying its transcript (`txt`),
+    and the letter dictionary of them all is written beside the shards (dict.ltr.txt)."""
     _source(src)
     exts = tuple(ext.split(",")) if isinstance(ext, str) else tuple(ext)
     root, files = find_audio(src, exts)
@@ -110,11 +116,22 @@ def audio(src: str, dst: str, ext: str = "wav,flac,ogg", max_seconds: float = 30
     if max_seconds < min_seconds:
         _fail(f"--max_seconds {max_seconds} < --min_seconds {min_seconds}")
     label_of, classes = _labels(labels, files)
-    _run([(root, rel, max_seconds, min_seconds, label_of[rel] if label_of else None) for rel in files],
+    text_of, extras = {}, {"classes.json": classes_json(classes)} if classes else {}
+    if transcripts:
+        columns = tuple(transcript_columns.split(",")) if isinstance(transcript_columns, str) else tuple(transcript_columns)
+        if len(columns) != 2:
+            _fail(f"--transcript_columns {transcript_columns!r}: two column names, PATH_COLUMN,TEXT_COLUMN")
+        try:
+            text_of = read_transcripts(str(transcripts), src, root, files, columns)
+            extras[DICT_FILE] = LetterDict.build(text_of.values()).text().encode("utf-8")
+        except (ValueError, D2VError) as e:
+            _fail(str(e))
+    _run([(root, rel, max_seconds, min_seconds, label_of[rel] if label_of else None, text_of.get(rel))
+          for rel in files],
          encode_audio, dst, files, "audio chunks",
-         {"modality": "audio", "sample_rate": 16000, "max_seconds": max_seconds, "classes": len(classes)},
-         maxcount, maxsize, workers, seed, collector=Chunks(), overwrite=overwrite,
-         extras={"classes.json": classes_json(classes)} if classes else None)
+         {"modality": "audio", "sample_rate": 16000, "max_seconds": max_seconds, "classes": len(classes),
+          **({"transcripts": len(text_of)} if text_of else {})},
+         maxcount, maxsize, workers, seed, collector=Chunks(), overwrite=overwrite, extras=extras or None)
 
 
 def manifest(src: str, dest: str, valid_percent: float = 0.01, ext: str = "flac", seed: int = 42) -> None:

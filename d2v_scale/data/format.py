@@ -10,6 +10,7 @@ CLASS_EXT = "cls"             # optional integer class index (ImageNet layout), 
 AUDIO_EXT = "flac"            # mono 16 kHz flac
 TEXT_EXT = "ids.npy"          # one block of sentencepiece ids (uint16, or int32 for vocabularies > 65536)
 SOURCE_EXT = "src.txt"        # optional provenance of the sample (file it came from)
+TRANSCRIPT_EXT = "txt"        # optional transcript of an audio sample (utf-8, words single-spaced)
 
 SAMPLE_RATE = 16_000
 
