@@ -5,6 +5,8 @@
   d2v check ...          same arguments: validate config, ds_config, data and run directory, start nothing
   d2v finetune --task image_classification --init WEIGHTS_OR_RUN --train SHARDS --val SHARDS \\
             --ds_config ds_configs/zero2.json --out runs/ft [--preset vit_base_patch16_ft --finetune.layer_decay=0.75]
+  d2v finetune --task audio_ctc --init WEIGHTS_OR_RUN --train SHARDS --val SHARDS --out runs/asr   (transcribed shards)
+  d2v transcribe --init runs/asr/best.safetensors --audio FILES|FOLDER|SHARDS [--lm.lexicon LEX --lm.kenlm LM.bin]
   d2v probe --init WEIGHTS_OR_RUN --train SHARDS --val SHARDS [--how knn|linear|both] [--teacher | --random_init]
   d2v show_config --preset NAME [--key=value ...]
   d2v export RUN_DIR OUT.safetensors [--teacher]
@@ -23,7 +25,7 @@ import sys
 import fire
 
 from .checkpoint import make_universal
-from .config import ConfigError
+from .config import Config, ConfigError, apply_overrides
 from .errors import D2VError, one_line
 from .evaluate import probe as run_probe
 from .export import export_run
@@ -38,6 +40,7 @@ from .tools import plan as planner
 from .tools.demo import run_demo
 from .train import TrainingError
 from .train import train as run_train
+from .transcribe import transcribe as run_transcribe
 
 
 def _no_positional(command: str, words: tuple) -> None:
@@ -89,6 +92,23 @@ def probe(*words, init: str | None = None, train: str | None = None, val: str | 
         raise ConfigError("d2v probe needs --init WEIGHTS_OR_RUN_DIR")
     run_probe(init, train, val, how=how, teacher=teacher, tag=tag, k=k, temperature=temperature,
               batch_size=batch_size, num_workers=num_workers, epochs=epochs, random_init=random_init)
+
+
+def transcribe(*files, init: str | None = None, audio=None, decoder: str = "auto", batch_size: int = 8,
+               local_rank: int = -1, **overrides) -> None:
+    """Transcripts of audio files, folders or shards by a fine-tuned CTC model (greedy, or beam search
+    with --lm.lexicon [--lm.kenlm --lm.weight --lm.word_score])."""
+    if not init:
+        raise ConfigError("d2v transcribe needs --init FINETUNED (best.safetensors or run directory of "
+                          "`d2v finetune --task audio_ctc`)")
+    other = [k for k in overrides if not k.startswith("lm.")]
+    if other:
+        raise ConfigError(f"d2v transcribe: unknown option --{other[0]}; it takes --init, --audio, --decoder, "
+                          "--batch_size and --lm.* (lexicon, kenlm, weight, word_score, beam)")
+    lm = apply_overrides(Config(), overrides).lm
+    given = [audio] if isinstance(audio, str) else list(audio or [])
+    sources = [s for item in [*given, *files] for s in str(item).split(",") if s]
+    run_transcribe(init, sources, lm, decoder, batch_size)
 
 
 def check(*words, preset: str | None = None, data: str | None = None, ds_config: str | None = None,
@@ -178,7 +198,7 @@ def demo(**kwargs) -> None:
 COMMANDS = {"train": train, "finetune": finetune, "probe": probe, "check": check, "show_config": show_config,
             "export": export,
             "import-fairseq": import_fairseq, "import_fairseq": import_fairseq, "bench": bench, "demo": demo,
-            "reshard": reshard, "plan": plan}
+            "reshard": reshard, "plan": plan, "transcribe": transcribe}
 
 
 def main(argv: list[str] | None = None) -> None:

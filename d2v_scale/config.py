@@ -215,6 +215,8 @@ class FinetuneConfig:
     freeze_finetune_updates: int = 0  # updates with the whole encoder frozen (only the head trains)
     freeze_feature_encoder: bool = True   # feature_grad_mult 0.0: the CNN never trains
     final_dropout: float = 0.0   # before the CTC head
+    encoder_dropout: float = 0.0  # the encoder's dropout, prenet and post-MLP dropout during fine-tuning (fairseq `dropout`)
+    attention_dropout: float = 0.0  # attention dropout during fine-tuning
     layerdrop: float = 0.1       # encoder layerdrop during fine-tuning (replaces the pretraining value)
     activation_dropout: float = 0.1   # dropout inside the MLPs during fine-tuning
 
@@ -418,6 +420,8 @@ _RANGES = [
     ("finetune.mask_channel_length", _AT_LEAST_1, "an integer >= 1"),
     ("finetune.freeze_finetune_updates", _NON_NEGATIVE, "an integer >= 0"),
     ("finetune.final_dropout", _PROB, "in [0, 1)"),
+    ("finetune.encoder_dropout", _PROB, "in [0, 1)"),
+    ("finetune.attention_dropout", _PROB, "in [0, 1)"),
     ("finetune.layerdrop", _PROB, "in [0, 1)"),
     ("finetune.activation_dropout", _PROB, "in [0, 1)"),
     ("lm.beam", _AT_LEAST_1, "an integer >= 1"),

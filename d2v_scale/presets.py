@@ -152,6 +152,57 @@ def vit_huge_patch14_ft() -> Config:  # mae_imagenet_huge_clean.yaml
     return c
 
 
+# -- speech recognition (--task audio_ctc): fairseq examples/wav2vec/config/finetuning/*.yaml, the recipe
+# data2vec's speech models were fine-tuned with (Wav2Vec2AsrConfig defaults where a yaml says nothing).
+# Utterances are never cropped: max_sample_size takes LibriSpeech's longest (35 s).
+def audio_base_ctc() -> Config:  # base_100h.yaml
+    c = audio_base()
+    c.optim = OptimConfig(lr=3e-5, betas=(0.9, 0.98), eps=1e-8,   # lr [0.00003], adam_betas (0.9,0.98), adam_eps 1e-08
+                          weight_decay=0.0, clip_grad=0.0,           # adam's defaults: no weight decay, no clip_norm
+                          max_steps=80_000, warmup_steps=0,          # max_update 80000
+                          schedule="tri_stage", phase_ratio=(0.1, 0.4, 0.5),   # tri_stage, phase_ratio [0.1, 0.4, 0.5]
+                          init_lr_scale=0.01, final_lr_scale=0.05)   # init_lr_scale default, final_lr_scale 0.05
+    # max_tokens 3,200,000 samples (~16 LibriSpeech utterances of ~12.5 s) x 2 GPUs x update_freq 4
+    c.data = DataConfig(batch_size=16, global_batch=128, min_sample_size=16_000, max_sample_size=560_000,
+                        epoch_samples=14_270,                        # train-clean-100's 28,539 utterances over 2 ranks
+                        normalize=True)                              # as the data2vec encoder was pretrained
+    c.finetune = FinetuneConfig(
+        task="audio_ctc", mixup=0.0, cutmix=0.0, layer_decay=1.0, drop_path=0.0,
+        mask_prob=0.65, mask_length=10,                              # mask_prob 0.65, mask_length default 10
+        mask_channel_prob=0.5, mask_channel_length=64,               # mask_channel_prob 0.5, mask_channel_length 64
+        freeze_finetune_updates=0, freeze_feature_encoder=True,      # freeze_finetune_updates 0, feature_grad_mult 0.0
+        layerdrop=0.1, activation_dropout=0.1,                       # layerdrop 0.1, activation_dropout 0.1
+        final_dropout=0.0, encoder_dropout=0.0, attention_dropout=0.0,   # config defaults
+        eval_every=0)                                                # validated every epoch, best by wer
+    c.run = RunConfig(log_every=200, save_every=1_000, keep_last=1)  # log_interval 200, no_epoch_checkpoints
+    return c
+
+
+def audio_large_ctc() -> Config:  # vox_100h.yaml
+    c = audio_base_ctc()
+    c.model = audio_large().model
+    # max_tokens 1,280,000 samples (~6 utterances) x 4 GPUs x update_freq 5
+    c.data = dataclasses.replace(c.data, batch_size=6, global_batch=120, epoch_samples=7_135)
+    c.finetune = dataclasses.replace(c.finetune, mask_prob=0.5,      # mask_prob 0.5
+                                     freeze_finetune_updates=10_000)  # freeze_finetune_updates 10000
+    return c
+
+
+def _ctc_debug(fn, pretrain_debug):
+    """A CPU-sized schedule for a speech fine-tuning preset (same recipe, short); the debug twin's model."""
+    def make() -> Config:
+        c = fn()
+        c.model = pretrain_debug().model
+        c.optim = dataclasses.replace(c.optim, lr=5e-4, max_steps=300)
+        c.data = dataclasses.replace(c.data, batch_size=4, global_batch=0, epoch_samples=2000, min_sample_size=8_000,
+                                     max_sample_size=320_000)
+        c.finetune = dataclasses.replace(c.finetune, mask_channel_length=8,   # 64 of 64 channels would be all
+                                         freeze_finetune_updates=min(c.finetune.freeze_finetune_updates, 20))
+        c.run = dataclasses.replace(c.run, log_every=5, save_every=100, keep_last=2)
+        return c
+    return make
+
+
 def _debug(c: Config, **model) -> Config:
     """Shrink a preset to a CPU-sized twin: same recipe (masking, targets, EMA shape), tiny dims."""
     m = c.model
@@ -234,6 +285,13 @@ FINETUNE_PRESETS = {"vit_base_patch16": "vit_base_patch16_ft", "vit_large_patch1
 FINETUNE_BY_WIDTH = {768: "vit_base_patch16_ft", 1024: "vit_large_patch16_ft",   # imported fairseq weights
                      1280: "vit_huge_patch14_ft"}                               # carry no preset name
 
+PRESETS.update({"audio_base_ctc": audio_base_ctc, "audio_large_ctc": audio_large_ctc,
+                "audio_base_ctc_debug": _ctc_debug(audio_base_ctc, _audio_debug(audio_base)),
+                "audio_large_ctc_debug": _ctc_debug(audio_large_ctc, _audio_debug(audio_large))})
+FINETUNE_PRESETS.update({"audio_base": "audio_base_ctc", "audio_large": "audio_large_ctc",
+                         "audio_base_debug": "audio_base_ctc_debug", "audio_large_debug": "audio_large_ctc_debug"})
+FINETUNE_BY_MODALITY_WIDTH = {"audio": {768: "audio_base_ctc", 1024: "audio_large_ctc"}}   # widths of other modalities
+
 
 def finetune_preset_for(weights_cfg: dict) -> str | None:
     """The fine-tuning preset for the encoder a config dict describes: by the pretraining preset it
@@ -241,7 +299,9 @@ def finetune_preset_for(weights_cfg: dict) -> str | None:
     preset = weights_cfg.get("preset") or ""
     if preset in FINETUNE_PRESETS.values():          # a fine-tuned classifier: the same recipe again
         return preset
-    return FINETUNE_PRESETS.get(preset) or FINETUNE_BY_WIDTH.get(weights_cfg.get("model", {}).get("embed_dim"))
+    model = weights_cfg.get("model", {})
+    by_width = FINETUNE_BY_MODALITY_WIDTH.get(model.get("modality"), FINETUNE_BY_WIDTH)
+    return FINETUNE_PRESETS.get(preset) or by_width.get(model.get("embed_dim"))
 
 
 def get_preset(name: str) -> Config:

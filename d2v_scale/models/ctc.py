@@ -78,9 +78,10 @@ class CTCModel(nn.Module):
         return x
 
     def forward(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None, mask_seed: int | None = None,
-                frozen: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`mask_seed` (training): draw the time/channel masks and the layerdrop from it; `frozen`: the
-        encoder runs without gradients (freeze_finetune_updates), only the head trains."""
+                layer_seed: int | None = None, frozen: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Training: `mask_seed` draws this rank's time/channel masks, `layer_seed` the layerdrop (the same
+        on every rank: ZeRO-3 gathers the same blocks everywhere); `frozen`: the encoder runs without
+        gradients (freeze_finetune_updates), only the head trains."""
         with torch.no_grad() if frozen else contextlib.nullcontext():
             feats, frame_pad = self.encoder.local_features(source, padding_mask)   # (B, T, D), (B, T) | None
             feats = feats.to(self.mask_emb.dtype)
@@ -89,7 +90,8 @@ class CTCModel(nn.Module):
             layer_keep = None
             if self.training and mask_seed is not None:
                 feats = self.apply_mask(feats, frame_pad, mask_seed)
-                layer_keep = self.encoder.draw_layerdrop(mask_seed)
+            if self.training and layer_seed is not None:
+                layer_keep = self.encoder.draw_layerdrop(layer_seed)
             x, _ = self.encoder(feats, None, 1, frame_pad, layer_keep=layer_keep)  # (B, T, D)
         return self.head(self.final_dropout(x)), frame_pad                        # (B, T, V)
 

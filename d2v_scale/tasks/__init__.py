@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from ..config import Config, ConfigError
+from .audio_ctc import AudioCTC
 from .image import ImageClassification
 from .task import Task
 
-TASKS: dict[str, type[Task]] = {"image_classification": ImageClassification}
+TASKS: dict[str, type[Task]] = {"image_classification": ImageClassification, "audio_ctc": AudioCTC}
 
 
 def get_task(cfg: Config) -> Task:

@@ -1,0 +1,145 @@
+"""`d2v transcribe`: a CTC model fine-tuned by `d2v finetune --task audio_ctc` (its best.safetensors or
+run directory) -> one line `name<TAB>transcript` per utterance of --audio: audio files, folders of
+them, or shards (a .tar, an index.json or a folder of .tar). Greedy decoding, or beam search when
+--lm.lexicon / --lm.kenlm are given (`--decoder greedy|beam` forces one). References known (the
+shards' transcripts, a `.wrd`/`.txt` beside an audio file) give a closing WER/CER line.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+import torchaudio.functional as AF
+import webdataset as wds
+
+from .checkpoint import consolidated_state
+from .config import Config, ConfigError, from_dict
+from .data import find_shards, register
+from .data.format import AUDIO_EXT, SAMPLE_RATE, TRANSCRIPT_EXT
+from .data.letters import DICT_FILE, LetterDict, normalize
+from .evaluate.ctc_decode import BeamDecoder, error_rates, greedy_decode
+from .export import read_info, read_weights
+from .models import build_encoder
+from .models.ctc import CTCModel
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+
+
+def load_ctc(init: str | Path) -> tuple[CTCModel, LetterDict, Config]:
+    """A fine-tuned CTC model in eval mode, its letter dictionary and its config."""
+    path = Path(init)
+    if path.is_dir():
+        state, _ = consolidated_state(path, None, quiet=True)
+        cfg_dict = _config_dict(path / "config.json")
+        dict_path = path / DICT_FILE
+        if not dict_path.is_file():
+            raise ConfigError(f"--init {init}: no {DICT_FILE} in the run directory (d2v finetune --task audio_ctc "
+                              "writes it); give the run's best.safetensors instead")
+        letters = LetterDict.load(dict_path)
+    else:
+        state, _, cfg_dict = read_weights(path)
+        info = read_info(path)
+        if "letters" not in info:
+            raise ConfigError(f"--init {init} carries no letter dictionary: it is not a CTC model; give the "
+                              "best.safetensors or run directory of `d2v finetune --task audio_ctc`")
+        letters = LetterDict.parse(info["letters"], f"{init} (info)")
+    if "mask_emb" not in state or "head.weight" not in state:
+        raise ConfigError(f"--init {init} is not a CTC model (no mask_emb / head): give the best.safetensors or run "
+                          "directory of `d2v finetune --task audio_ctc`")
+    cfg = from_dict(cfg_dict)
+    model = CTCModel(build_encoder(cfg.model), cfg.model.embed_dim, len(letters))
+    model.load_state_dict(state)
+    return model.eval(), letters, cfg
+
+
+def _config_dict(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: a fine-tuning run directory holds its config.json")
+    return json.loads(path.read_text())
+
+
+def _wave(data, normalize_wave: bool) -> torch.Tensor:
+    wav, sr = sf.read(data, dtype="float32", always_2d=True)
+    x = torch.from_numpy(wav.mean(axis=1))                                      # (S,)
+    if sr != SAMPLE_RATE:
+        x = AF.resample(x, sr, SAMPLE_RATE)
+    return F.layer_norm(x, x.shape) if normalize_wave else x
+
+
+def _reference(audio: Path) -> str | None:
+    for ext in (".wrd", ".txt"):
+        if audio.with_suffix(ext).is_file():
+            return normalize(audio.with_suffix(ext).read_text(encoding="utf-8"))
+    return None
+
+
+def utterances(sources: list[str], normalize_wave: bool):
+    """(name, (S,) waveform, reference or None) for every utterance of the sources, in order."""
+    for src in sources:
+        p = Path(src)
+        if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES:
+            yield str(p), _wave(str(p), normalize_wave), _reference(p)
+        elif p.is_dir() and not any(p.glob("*.tar")):
+            files = sorted(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_SUFFIXES)
+            if not files:
+                raise ConfigError(f"--audio {src}: a folder without audio files ({', '.join(AUDIO_SUFFIXES)}) or shards")
+            for f in files:
+                yield str(f), _wave(str(f), normalize_wave), _reference(f)
+        else:
+            register()
+            shards = find_shards(src)
+            for sample in wds.tarfile_to_samples()(iter({"url": u} for u in shards.urls)):
+                if AUDIO_EXT not in sample:
+                    raise ConfigError(f"--audio {src}: sample {sample.get('__key__')} holds no .{AUDIO_EXT}; give "
+                                      "audio shards (d2v-shard audio)")
+                ref = sample.get(TRANSCRIPT_EXT)
+                yield (f"{sample['__url__']}:{sample['__key__']}", _wave(io.BytesIO(sample[AUDIO_EXT]), normalize_wave),
+                       normalize(ref.decode("utf-8")) if ref is not None else None)
+
+
+def _batches(items, batch_size: int):
+    buf = []
+    for item in items:
+        buf.append(item)
+        if len(buf) == batch_size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+@torch.no_grad()
+def transcribe(init: str, sources: list[str], lm, decoder: str = "auto", batch_size: int = 8,
+               out=print) -> dict:
+    """Print `name<TAB>transcript` per utterance; returns {"utterances", "decoder", and "wer"/"cer" when
+    every utterance had a reference}. lm: config.LMConfig."""
+    if decoder not in ("auto", "greedy", "beam"):
+        raise ConfigError(f"--decoder {decoder!r}: auto, greedy or beam")
+    if not sources:
+        raise ConfigError("d2v transcribe needs --audio FILES|FOLDER|SHARDS (comma-separated)")
+    model, letters, cfg = load_ctc(init)
+    use_beam = decoder == "beam" or (decoder == "auto" and bool(lm.lexicon or lm.kenlm))
+    beam = BeamDecoder(letters, lm) if use_beam else None
+    hyps, refs = [], []
+    for batch in _batches(utterances(sources, cfg.data.normalize), batch_size):
+        sizes = [len(w) for _, w, _ in batch]
+        source = torch.zeros(len(batch), max(sizes))                             # (B, S)
+        pad = torch.ones(len(batch), max(sizes), dtype=torch.bool)               # (B, S) True = pad
+        for i, (_, w, _) in enumerate(batch):
+            source[i, : len(w)], pad[i, : len(w)] = w, False
+        logits, frame_pad = model(source, pad)                                   # (B, T, V)
+        lengths = CTCModel.frame_lengths(logits, frame_pad)
+        texts = beam(logits, lengths) if beam is not None else greedy_decode(logits, lengths, letters)
+        for (name, _, ref), text in zip(batch, texts):
+            out(f"{name}\t{text}")
+            hyps.append(text)
+            refs.append(ref)
+    result = {"utterances": len(hyps), "decoder": "beam" if beam is not None else "greedy"}
+    if hyps and all(r is not None for r in refs):
+        result.update(error_rates(hyps, refs))
+        out(f"{result['decoder']}: WER {result['wer']:.2f} CER {result['cer']:.2f} over {len(hyps)} utterances")
+    return result
