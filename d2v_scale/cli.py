@@ -95,7 +95,7 @@ def probe(*words, init: str | None = None, train: str | None = None, val: str | 
 
 
 def transcribe(*files, init: str | None = None, audio=None, decoder: str = "auto", batch_size: int = 8,
-               local_rank: int = -1, **overrides) -> None:
+               tag: str | None = None, local_rank: int = -1, **overrides) -> None:
     """Transcripts of audio files, folders or shards by a fine-tuned CTC model (greedy, or beam search
     with --lm.lexicon [--lm.kenlm --lm.weight --lm.word_score])."""
     if not init:
@@ -104,11 +104,11 @@ def transcribe(*files, init: str | None = None, audio=None, decoder: str = "auto
     other = [k for k in overrides if not k.startswith("lm.")]
     if other:
         raise ConfigError(f"d2v transcribe: unknown option --{other[0]}; it takes --init, --audio, --decoder, "
-                          "--batch_size and --lm.* (lexicon, kenlm, weight, word_score, beam)")
+                          "--batch_size, --tag and --lm.* (lexicon, kenlm, weight, word_score, beam)")
     lm = apply_overrides(Config(), overrides).lm
     given = [audio] if isinstance(audio, str) else list(audio or [])
     sources = [s for item in [*given, *files] for s in str(item).split(",") if s]
-    run_transcribe(init, sources, lm, decoder, batch_size)
+    run_transcribe(init, sources, lm, decoder, batch_size, tag)
 
 
 def check(*words, preset: str | None = None, data: str | None = None, ds_config: str | None = None,

@@ -29,11 +29,12 @@ from .models.ctc import CTCModel
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 
 
-def load_ctc(init: str | Path) -> tuple[CTCModel, LetterDict, Config]:
-    """A fine-tuned CTC model in eval mode, its letter dictionary and its config."""
+def load_ctc(init: str | Path, tag: str | None = None) -> tuple[CTCModel, LetterDict, Config]:
+    """A fine-tuned CTC model in eval mode, its letter dictionary and its config (`tag`: a run
+    directory's checkpoint, default the newest)."""
     path = Path(init)
     if path.is_dir():
-        state, _ = consolidated_state(path, None, quiet=True)
+        state, _ = consolidated_state(path, tag, quiet=True)
         cfg_dict = _config_dict(path / "config.json")
         dict_path = path / DICT_FILE
         if not dict_path.is_file():
@@ -114,14 +115,14 @@ def _batches(items, batch_size: int):
 
 @torch.no_grad()
 def transcribe(init: str, sources: list[str], lm, decoder: str = "auto", batch_size: int = 8,
-               out=print) -> dict:
+               tag: str | None = None, out=print) -> dict:
     """Print `name<TAB>transcript` per utterance; returns {"utterances", "decoder", and "wer"/"cer" when
     every utterance had a reference}. lm: config.LMConfig."""
     if decoder not in ("auto", "greedy", "beam"):
         raise ConfigError(f"--decoder {decoder!r}: auto, greedy or beam")
     if not sources:
         raise ConfigError("d2v transcribe needs --audio FILES|FOLDER|SHARDS (comma-separated)")
-    model, letters, cfg = load_ctc(init)
+    model, letters, cfg = load_ctc(init, tag)
     use_beam = decoder == "beam" or (decoder == "auto" and bool(lm.lexicon or lm.kenlm))
     beam = BeamDecoder(letters, lm) if use_beam else None
     hyps, refs = [], []
