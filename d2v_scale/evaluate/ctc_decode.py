@@ -76,11 +76,9 @@ class BeamDecoder:
     def __init__(self, letters: LetterDict, lm: LMConfig):
         try:
             from torchaudio.models.decoder import ctc_decoder
-            decoder_ok = True
-        except ImportError:
-            decoder_ok = False
-        if not decoder_ok:
-            raise ConfigError("beam search needs flashlight-text: pip install 'd2v_scale[decode]' (flashlight-text)")
+        except (ImportError, RuntimeError, OSError):       # torchaudio says so when flashlight-text is missing
+            raise ConfigError("beam search needs flashlight-text: pip install 'd2v_scale[decode]' (or "
+                              "flashlight-text), or decode greedily (no --lm.lexicon / --lm.kenlm)") from None
         if lm.kenlm and not lm.lexicon:
             raise ConfigError("--lm.kenlm needs --lm.lexicon FILE (word<TAB>spelling per line): the word LM scores "
                               "lexicon words")
