@@ -38,8 +38,8 @@ def load_ctc(init: str | Path, tag: str | None = None) -> tuple[CTCModel, Letter
         cfg_dict = _config_dict(path / "config.json")
         dict_path = path / DICT_FILE
         if not dict_path.is_file():
-            raise ConfigError(f"--init {init}: no {DICT_FILE} in the run directory (d2v finetune --task audio_ctc "
-                              "writes it); give the run's best.safetensors instead")
+            raise ConfigError(f"--init {init} is not a CTC fine-tuning run (no {DICT_FILE} in it): give the run "
+                              "directory or best.safetensors of `d2v finetune --task audio_ctc`")
         letters = LetterDict.load(dict_path)
     else:
         state, _, cfg_dict = read_weights(path)

@@ -22,7 +22,7 @@ from d2v_scale.fairseq import from_fairseq
 from d2v_scale.models.ctc import CTCModel, span_mask
 from d2v_scale.optim import lr_at
 from d2v_scale.presets import get_preset
-from d2v_scale.pretrained import EncoderWeights, read_encoder
+from d2v_scale.pretrained import read_encoder
 from d2v_scale.tasks.audio_ctc import AudioCTC, ctc_loss
 from d2v_scale.tools.demo_data import espeak
 from data_prep.transcripts import read_transcripts
@@ -89,7 +89,7 @@ def test_letters_follow_fairseq_and_bad_transcripts_are_refused(spoken, tmp_path
     assert res.returncode != 0 and res.stderr.strip().count("\n") == 0 and "have no transcript" in res.stderr
 
 
-def test_masks_freezing_schedule_and_the_fairseq_encoder():
+def test_masks_freezing_schedule_and_the_fairseq_encoder(tmp_path):
     """compute_mask_indices' span count, mask_emb on masked frames, the CNN and (freeze_finetune_updates)
     the encoder without gradients, tri_stage's phases; the golden fairseq audio checkpoint in the model."""
     rng = np.random.RandomState(0)
@@ -97,10 +97,10 @@ def test_masks_freezing_schedule_and_the_fairseq_encoder():
     assert 0.4 < m[:100].mean() < 0.6 and not m[100:, 50:].any()                 # overlapping spans, padding untouched
     assert (span_mask((4, 30), [30] * 4, 0.0, 10, 2, rng).sum(1) >= 10).all()   # min_masks 2
 
-    g = torch.load(ASSETS / "audio_tiny.pt", weights_only=True)
-    fairseq = from_fairseq({"model": {**g["student_state_dict"], "_ema": g["teacher_state_dict"]},
-                            "cfg": {"model": json.loads(g["config"])}})
-    weights = EncoderWeights(fairseq.student.encoder.state_dict(), fairseq.cfg, {}, "audio_tiny.pt")
+    g = torch.load(ASSETS / "audio_tiny.pt", weights_only=True)              # as --init checkpoint_best.pt
+    ckpt = {"model": {**g["student_state_dict"], "_ema": g["teacher_state_dict"]}, "cfg": {"model": json.loads(g["config"])}}
+    torch.save(ckpt, tmp_path / "checkpoint_best.pt")
+    fairseq, weights = from_fairseq(ckpt), read_encoder(tmp_path / "checkpoint_best.pt")
     cfg = get_preset("audio_base_ctc_debug")
     cfg.model = weights.cfg.model
     task = AudioCTC(cfg)
