@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
 
 from d2v_scale.config import ConfigError, LMConfig
 from d2v_scale.data import DataError, find_shards
@@ -183,7 +184,6 @@ def test_spoken_commands_pretrain_finetune_transcribe(spoken, tmp_path):
     task = AudioCTC(cfg)
     task.letters = letters
     codec = task.val_codec()
-    import webdataset as wds
     items = [codec.decode(s) for s in wds.tarfile_to_samples()(iter({"url": u} for u in find_shards(str(shards)).urls))]
     batch = codec.collate(items)
     model = task.build_model(weights).eval()
