@@ -5,6 +5,8 @@
   d2v-shard manifest SRC DEST [--valid_percent 0.01]   wav2vec-style train.tsv / valid.tsv
   d2v-shard spm-train CORPUS MODEL_PREFIX --vocab_size N
   d2v-shard text SRC DST --spm MODEL [--tokens_per_sample 512]
+  d2v-shard glue FILE.tsv DST --spm MODEL (--task rte | --sentence1 COL [--sentence2 COL] --label COL)
+                                                       [--regression] [--label_names a,b] [--max_positions 512]
   audio and text: [--labels FILE.tsv|folders]          class labels (`cls`, classes.json) for probes
   audio: [--transcripts beside|manifest|FILE.tsv]      transcripts (`txt`, dict.ltr.txt) for CTC fine-tuning
   d2v-shard verify INDEX                               re-read, decode and checksum every shard
@@ -30,6 +32,7 @@ from d2v_scale.data.letters import DICT_FILE, LetterDict
 from d2v_scale.errors import D2VError
 
 from .audio import encode_audio, find_audio, write_manifest
+from .glue import encode_rows, label_values, layout_for, make_sample, read_rows
 from .image import encode_image, find_images
 from .labels import classes_json, read_labels
 from .pipeline import Chunks, shard
@@ -213,8 +216,45 @@ def verify(index: str, decode: bool = True) -> None:
         raise SystemExit(1)
 
 
+def glue(src: str, dst: str, spm: str, task: str | None = None, sentence1=None, sentence2=None, label=None,
+         header: bool | None = None, regression: bool = False, label_names=None, max_positions: int = 512,
+         maxcount: int = 10_000, maxsize: float = 1e9, seed: int = 0, overwrite: bool = False) -> None:
+    """A GLUE-format TSV -> `<s> a </s>[</s> b </s>]` sentencepiece ids + class (`cls`, classes.json) or
+    regression target per row, for `d2v finetune --task text_classification`. Columns by header name
+    (0-based positions with --header false), or a GLUE --task's layout (cola, sst2, mrpc, qqp, stsb,
+    mnli, qnli, rte)."""
+    path = _source(src)
+    if not path.is_file():
+        _fail(f"{src} is not a file: give one TSV (e.g. GLUE's RTE/train.tsv)")
+    if not Path(spm).exists():
+        _fail(f"--spm {spm} not found: give the sentencepiece model of the pretraining shards (their index.json "
+              "records it as 'spm')")
+    try:
+        layout = layout_for(task, sentence1, sentence2, label, header, regression, label_names)
+        rows = read_rows(src, layout)
+        values, names = label_values(rows, layout, src)
+        ids, cut = encode_rows(rows, spm, max_positions)
+    except ValueError as e:
+        _fail(str(e))
+    if rows.short:
+        print(f"d2v-shard: {src}: left out {rows.short} rows with fewer fields than the named columns need",
+              file=sys.stderr)
+    vocab = spmlib.SentencePieceProcessor(model_file=spm).get_piece_size()
+    is_regression = names is None
+    counts = [values.count(i) for i in range(len(names))] if names else []
+    meta = {"modality": "text", "spm": str(Path(spm).resolve()), "vocab_size": vocab, "classes": len(names or []),
+            "glue": {"task": (task or "").lower().replace("-", "").replace("_", ""), "regression": is_regression,
+                     "labels": names, "label_counts": counts, "metric": layout.metric, "pairs": layout.sentence2 is not None,
+                     "max_positions": max_positions, "truncated": cut, "short_rows": rows.short}}
+    _run([(x, y, is_regression, f"{path.name}:{n}", vocab) for x, y, n in zip(ids, values, rows.lines)], make_sample,
+         dst, [f"{path.name}:{n}" for n in rows.lines], "sentences", meta, maxcount, maxsize, 1, seed,
+         extras={"classes.json": classes_json(names)} if names else None, overwrite=overwrite)
+    if cut:
+        print(f"d2v-shard: {cut} rows were cut to --max_positions {max_positions} tokens", file=sys.stderr)
+
+
 COMMANDS = {"image": image, "audio": audio, "manifest": manifest, "spm-train": spm_train, "spm_train": spm_train,
-            "text": text, "verify": verify}
+            "text": text, "glue": glue, "verify": verify}
 
 
 def main(argv: list[str] | None = None) -> None:

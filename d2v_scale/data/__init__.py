@@ -13,7 +13,7 @@ from .image import ImageCodec, eval_transform, finetune_transform
 from .labels import Labelled, check_labels, class_names, sample_counts
 from .s3 import register
 from .shards import DataError, Shards, check_shards, check_url, find_shards, shard_list
-from .text import TextCodec
+from .text import SentenceCodec, TextCodec
 from .wds import Loader
 
 
@@ -61,6 +61,6 @@ def build_loader(cfg, rank: int, world: int, state: dict | None = None, urls: li
                   decode=codec.decode, collate=codec.collate, state=state, prepare=prepare)
 
 
-__all__ = ["AudioCodec", "DataError", "ImageCodec", "Labelled", "Loader", "Shards", "TextCodec", "build_codec",
+__all__ = ["AudioCodec", "DataError", "ImageCodec", "Labelled", "Loader", "SentenceCodec", "Shards", "TextCodec", "build_codec",
            "build_loader", "check_labels", "check_shards", "class_names", "eval_codec", "find_shards",
            "sample_counts", "shard_list", "synthetic_batch"]

@@ -11,6 +11,7 @@ AUDIO_EXT = "flac"            # mono 16 kHz flac
 TEXT_EXT = "ids.npy"          # one block of sentencepiece ids (uint16, or int32 for vocabularies > 65536)
 SOURCE_EXT = "src.txt"        # optional provenance of the sample (file it came from)
 TRANSCRIPT_EXT = "txt"        # optional transcript of an audio sample (utf-8, words single-spaced)
+TARGET_EXT = "target"         # a regression target (GLUE STS-B), decimal text, instead of a class
 
 SAMPLE_RATE = 16_000
 

@@ -5,6 +5,7 @@ from .audio import AudioEncoder, frames_for
 from .classifier import Classifier
 from .decoder import Decoder1d, Decoder2d
 from .image import ImageEncoder
+from .sentence import SentenceClassifier
 from .text import TextEncoder
 from .transformer import Block, Encoder, finetune_drop_path, pool_tokens
 
@@ -35,5 +36,5 @@ def token_grid(cfg, samples: int | None = None) -> tuple[int, ...]:
     return (cfg.data.tokens_per_sample,)
 
 
-__all__ = ["ENCODERS", "Block", "Classifier", "Encoder", "Decoder1d", "Decoder2d", "build_encoder", "build_decoder",
+__all__ = ["ENCODERS", "Block", "Classifier", "Encoder", "Decoder1d", "Decoder2d", "SentenceClassifier", "build_encoder", "build_decoder",
            "finetune_drop_path", "pool_tokens", "token_grid"]

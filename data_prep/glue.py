@@ -1,0 +1,171 @@
+"""GLUE-format TSVs -> labelled sentence(-pair) samples for `d2v finetune --task text_classification`.
+
+The rows' sentence columns are encoded with the pretraining run's sentencepiece model (fairseq's
+Dictionary layout: <s> 0, <pad> 1, </s> 2, <unk> 3) and joined as fairseq's `sentence_prediction` task
+does for RoBERTa and data2vec (init_token 0, separator_token 2): `<s> a </s>` or `<s> a </s></s> b </s>`,
+cut to max_positions (fairseq TruncateDataset, `truncate_sequence`). Columns are named on the command
+line or by a GLUE task's layout below (the files of the GLUE distribution, `examples/roberta/
+preprocess_GLUE_tasks.sh`); CoLA's train/dev files have no header, so its columns are positions.
+Classes are the sorted label names (or --label_names, or the task's), as classes.json beside.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from d2v_scale.data.format import CLASS_EXT, SOURCE_EXT, TARGET_EXT, TEXT_EXT
+
+BOS, PAD, EOS = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Layout:
+    sentence1: str | int
+    sentence2: str | int | None
+    label: str | int
+    header: bool = True
+    labels: tuple[str, ...] | None = None     # None: regression
+    metric: str = "accuracy"                  # fairseq best_checkpoint_metric of the data2vec yaml
+
+
+# the GLUE distribution's train.tsv / dev.tsv columns (fairseq preprocess_GLUE_tasks.sh picks the same)
+TASKS = {
+    "cola": Layout(3, None, 1, header=False, labels=("0", "1"), metric="mcc"),
+    "sst2": Layout("sentence", None, "label", labels=("0", "1")),
+    "mrpc": Layout("#1 String", "#2 String", "Quality", labels=("0", "1"), metric="acc_and_f1"),
+    "qqp": Layout("question1", "question2", "is_duplicate", labels=("0", "1"), metric="acc_and_f1"),
+    "stsb": Layout("sentence1", "sentence2", "score", labels=None, metric="pearson_and_spearman"),
+    "mnli": Layout("sentence1", "sentence2", "gold_label", labels=("contradiction", "entailment", "neutral")),
+    "qnli": Layout("question", "sentence", "label", labels=("entailment", "not_entailment")),
+    "rte": Layout("sentence1", "sentence2", "label", labels=("entailment", "not_entailment")),
+}
+
+
+@dataclass
+class Rows:
+    """The rows of one TSV that have every named column: texts, raw labels and their line numbers."""
+    first: list[str]
+    second: list[str] | None
+    labels: list[str]
+    lines: list[int]
+    short: int                                 # rows with fewer fields than the named columns need
+
+
+def layout_for(task: str | None, sentence1, sentence2, label, header: bool | None, regression: bool,
+               label_names) -> Layout:
+    """The task's layout, with any column / label option given on the command line taking precedence."""
+    if task:
+        key = task.lower().replace("-", "").replace("_", "")
+        if key not in TASKS:
+            raise ValueError(f"--task {task}: not a GLUE task; one of {', '.join(TASKS)}, or name the columns with "
+                             "--sentence1 COL [--sentence2 COL] --label COL")
+        base = TASKS[key]
+    elif sentence1 is None or label is None:
+        raise ValueError("name the columns: --sentence1 COL [--sentence2 COL] --label COL (header names, or "
+                         "0-based positions with --header false), or give a GLUE --task (" + ", ".join(TASKS) + ")")
+    else:
+        base = Layout(sentence1, sentence2, label, labels=())
+    names = tuple(str(n) for n in (label_names.split(",") if isinstance(label_names, str) else label_names)) \
+        if label_names else base.labels
+    if regression or (task and base.labels is None):
+        names = None
+    return Layout(sentence1 if sentence1 is not None else base.sentence1,
+                  sentence2 if sentence2 is not None else base.sentence2,
+                  label if label is not None else base.label,
+                  base.header if header is None else bool(header), names, base.metric)
+
+
+def read_rows(path: str, layout: Layout) -> Rows:
+    """The named columns of every row (tab-separated, no quoting: GLUE's files are csv.QUOTE_NONE)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot be read as UTF-8 text ({e})") from None
+    lines = text.splitlines()
+    if not lines:
+        raise ValueError(f"{path} is empty")
+    header = lines[0].split("\t") if layout.header else []
+    wanted = [("--sentence1", layout.sentence1), ("--label", layout.label)] + \
+        ([("--sentence2", layout.sentence2)] if layout.sentence2 is not None else [])
+    index = {}
+    for option, col in wanted:
+        if isinstance(col, int) or (isinstance(col, str) and col.isdigit() and not layout.header):
+            index[option] = int(col)
+        elif col in header:
+            index[option] = header.index(col)
+        elif layout.header:
+            raise ValueError(f"{path} has no column {col!r} ({option}); its columns are: {', '.join(header)}; "
+                             "name one of them, or give the GLUE --task whose file this is")
+        else:
+            raise ValueError(f"{option} {col!r}: {path} is read without a header (--header false), so name columns "
+                             "by 0-based position")
+    need = max(index.values()) + 1
+    first, second, labels, numbers, short = [], [] if layout.sentence2 is not None else None, [], [], 0
+    for n, line in enumerate(lines[1:] if layout.header else lines, 2 if layout.header else 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < need:
+            short += 1
+            continue
+        first.append(fields[index["--sentence1"]].strip())
+        if second is not None:
+            second.append(fields[index["--sentence2"]].strip())
+        labels.append(fields[index["--label"]].strip())
+        numbers.append(n)
+    if not labels:
+        raise ValueError(f"{path}: no row has the {need} fields the named columns need "
+                         f"({short} shorter rows); check the columns or --header")
+    return Rows(first, second, labels, numbers, short)
+
+
+def label_values(rows: Rows, layout: Layout, path: str) -> tuple[list, list[str] | None]:
+    """(class index or float target per row, class names or None for regression); ValueError on a bad value."""
+    col = layout.label
+    if layout.labels is None:
+        out = []
+        for value, n in zip(rows.labels, rows.lines):
+            try:
+                out.append(float(value))
+            except ValueError:
+                raise ValueError(f"{path}:{n}: the label column {col!r} holds {value[:40]!r}, not a number; a "
+                                 "regression task needs numeric labels (drop --regression for class labels)") from None
+        return out, None
+    names = list(layout.labels) or sorted(set(rows.labels))
+    index = {c: i for i, c in enumerate(names)}
+    for value, n in zip(rows.labels, rows.lines):
+        if value not in index:
+            raise ValueError(f"{path}:{n}: label {value[:40]!r} in column {col!r} is not one of the classes "
+                             f"{', '.join(names)}; give --label_names with every class (the same for train and dev)")
+    if len(names) < 2:
+        raise ValueError(f"{path}: the label column {col!r} holds one class ({names[0]}); classification needs "
+                         "two or more (or --regression for a numeric score)")
+    return [index[v] for v in rows.labels], names
+
+
+def join(a: list[int], b: list[int] | None, max_positions: int) -> np.ndarray:
+    """fairseq sentence_prediction: <s> a </s> [</s> b </s>], cut to max_positions."""
+    ids = [BOS, *a, EOS] + ([EOS, *b, EOS] if b is not None else [])
+    return np.asarray(ids[:max_positions], dtype=np.int64)
+
+
+def encode_rows(rows: Rows, spm_model: str, max_positions: int) -> tuple[list[np.ndarray], int]:
+    """The joined ids of every row, and how many were cut to max_positions."""
+    sp = spm.SentencePieceProcessor(model_file=spm_model)
+    first = sp.encode(rows.first)
+    second = sp.encode(rows.second) if rows.second is not None else [None] * len(first)
+    out = [join(a, b, max_positions) for a, b in zip(first, second)]
+    cut = sum(1 for a, b in zip(first, second) if 3 + len(a) + (len(b) + 2 if b is not None else 0) > max_positions)
+    return out, cut
+
+
+def make_sample(ids: np.ndarray, label, regression: bool, source: str, vocab: int) -> dict:
+    """One shard sample: ids as .npy (uint16 when the vocabulary fits), the class or target, provenance."""
+    out = io.BytesIO()
+    np.save(out, ids.astype(np.uint16 if vocab <= 1 << 16 else np.int32))
+    return {TEXT_EXT: out.getvalue(), (TARGET_EXT if regression else CLASS_EXT): repr(label) if regression
+            else str(label), SOURCE_EXT: source}
