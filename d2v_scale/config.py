@@ -124,6 +124,7 @@ class OptimConfig:
     min_lr: float = 0.0
     clip_grad: float = 4.0       # 0 = off; fills ds_config "gradient_clipping": "auto"
     schedule: str = "cosine"     # cosine: warmup + cosine | tri_stage: fairseq's (warmup, hold, exponential decay)
+                                 # | polynomial: warmup + straight line to min_lr (fairseq polynomial_decay, power 1)
     phase_ratio: tuple[float, float, float] = (0.1, 0.4, 0.5)   # tri_stage: fractions of max_steps
     init_lr_scale: float = 0.01  # tri_stage: lr at step 0, x lr
     final_lr_scale: float = 0.05  # tri_stage: lr at the end of the decay, x lr
@@ -219,6 +220,10 @@ class FinetuneConfig:
     attention_dropout: float = 0.0  # attention dropout during fine-tuning
     layerdrop: float = 0.1       # encoder layerdrop during fine-tuning (replaces the pretraining value)
     activation_dropout: float = 0.1   # dropout inside the MLPs during fine-tuning
+    # text_classification (fairseq data2vec_text_classification.py / sentence_prediction; tasks/text.py)
+    pooler_dropout: float = 0.0  # dropout of the RoBERTa classification head (Data2VecTextClassificationConfig)
+    metric: str = ""             # picks the best checkpoint: accuracy, mcc, f1, acc_and_f1, pearson, spearman,
+                                 # pearson_and_spearman ("" = the GLUE task's, recorded by d2v-shard glue)
 
 
 @dataclass
@@ -271,8 +276,8 @@ class Config:
             raise ConfigError(f"teacher.overlap_ema={self.teacher.overlap_ema!r}: auto, true or false")
         if self.data.sampling not in ("split", "resample"):
             raise ConfigError(f"data.sampling={self.data.sampling!r}: split or resample")
-        if self.optim.schedule not in ("cosine", "tri_stage"):
-            raise ConfigError(f"--optim.schedule={self.optim.schedule!r}: cosine or tri_stage")
+        if self.optim.schedule not in ("cosine", "tri_stage", "polynomial"):
+            raise ConfigError(f"--optim.schedule={self.optim.schedule!r}: cosine, tri_stage or polynomial")
         if self.optim.schedule == "tri_stage" and abs(sum(self.optim.phase_ratio) - 1) > 1e-6:
             raise ConfigError(f"--optim.phase_ratio={self.optim.phase_ratio}: the warmup, hold and decay fractions "
                               "must add up to 1 (fairseq's tri_stage)")
@@ -425,6 +430,7 @@ _RANGES = [
     ("finetune.layerdrop", _PROB, "in [0, 1)"),
     ("finetune.activation_dropout", _PROB, "in [0, 1)"),
     ("lm.beam", _AT_LEAST_1, "an integer >= 1"),
+    ("finetune.pooler_dropout", _PROB, "in [0, 1)"),
 ]
 
 # names users bring from fairseq, MAE, timm or Hugging Face configs -> ours

@@ -1,4 +1,4 @@
-"""AdamW parameter groups and the warmup + cosine learning-rate schedule (a pure function of step).
+"""AdamW parameter groups and the warmup + cosine (or polynomial) lr schedule (a pure function of step).
 
 fairseq's "adam" is decoupled-weight-decay AdamW; data2vec 2.0 intends no decay on 1-D params,
 biases, the CLS token and `alibi_scale` (it tags them with weight_decay_scale=0, which fairseq as
@@ -88,7 +88,8 @@ def tri_stage_lr(step: int, cfg) -> float:
 
 def lr_at(step: int, cfg) -> float:
     """Learning rate for the update that follows `step` completed updates: linear warmup from 0
-    over warmup_steps, then cosine to min_lr at max_steps (fairseq `cosine` with t_mult 1); with
+    over warmup_steps, then cosine to min_lr at max_steps (fairseq `cosine` with t_mult 1), or with
+    `schedule` polynomial a straight line to min_lr (fairseq `polynomial_decay`, power 1: GLUE); with
     `schedule` tri_stage, fairseq's tri-stage schedule (`tri_stage_lr`)."""
     if getattr(cfg, "schedule", "cosine") == "tri_stage":
         return tri_stage_lr(step, cfg)
@@ -96,6 +97,8 @@ def lr_at(step: int, cfg) -> float:
         return cfg.lr * step / cfg.warmup_steps
     span = max(1, cfg.max_steps - cfg.warmup_steps)
     t = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.schedule == "polynomial":
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 - t)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
 
 

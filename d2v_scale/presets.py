@@ -203,6 +203,39 @@ def _ctc_debug(fn, pretrain_debug):
     return make
 
 
+# -- fine-tuning text: fairseq examples/data2vec/config/v2/text_finetuning/<task>.yaml ----------------------
+# Every yaml: optimizer adam, adam_betas (0.9,0.98), adam_eps 1e-06, weight_decay 0.1; lr_scheduler
+# polynomial_decay (power 1, end lr 0); clip_norm 0.0; distributed_world_size 1 (batch_size is the global
+# batch); model data2vec_text_classification with its defaults (pooler_dropout 0.0, tanh); max_positions 512;
+# max_epoch 10. Per task (lr, max_update, warmup_updates, batch_size) as the yamls set them, and the GLUE
+# training rows (one loader epoch, so validation runs once per epoch as fairseq's does).
+GLUE_RECIPES = {
+    "cola": (2e-5, 5_336, 320, 16, 8_551),          # cola.yaml (best_checkpoint_metric mcc)
+    "sst2": (2e-5, 20_935, 1_256, 32, 67_349),      # sst_2.yaml (accuracy)
+    "mrpc": (2e-5, 2_296, 137, 16, 3_668),          # mrpc.yaml (acc_and_f1)
+    "qqp": (2e-5, 113_272, 28_318, 32, 363_846),    # qqp.yaml (acc_and_f1)
+    "stsb": (4e-5, 3_598, 214, 16, 5_749),          # sts_b.yaml (pearson_and_spearman; regression_target)
+    "mnli": (2e-5, 123_873, 7_432, 32, 392_702),    # mnli.yaml (accuracy; valid, valid1 = matched, mismatched)
+    "qnli": (2e-5, 33_112, 1_986, 32, 104_743),     # qnli.yaml (accuracy)
+    "rte": (2e-5, 2_036, 122, 16, 2_490),           # rte.yaml (accuracy)
+}
+
+
+def _glue(task: str):
+    def make() -> Config:
+        lr, steps, warmup, batch, rows = GLUE_RECIPES[task]
+        c = text_base()
+        c.optim = OptimConfig(lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1, warmup_steps=warmup,
+                              max_steps=steps, min_lr=0.0, clip_grad=0.0, schedule="polynomial")
+        c.data = DataConfig(batch_size=batch, global_batch=batch, num_workers=1, epoch_samples=rows)
+        c.finetune = FinetuneConfig(task="text_classification", layer_decay=1.0, drop_path=0.0,   # neither in the
+                                    mixup=0.0, cutmix=0.0, label_smoothing=0.0,                    # text recipe
+                                    pooler_dropout=0.0, eval_every=0)
+        c.run = RunConfig(save_every=max(1, rows // batch), keep_last=1, log_every=200)   # log_interval 200
+        return c
+    return make
+
+
 def _debug(c: Config, **model) -> Config:
     """Shrink a preset to a CPU-sized twin: same recipe (masking, targets, EMA shape), tiny dims."""
     m = c.model
@@ -275,13 +308,19 @@ PRESETS = {
     "vit_base_patch16_ft_debug": _ft_debug(vit_base_patch16_ft, _image_debug(vit_base_patch16, 4)),
     "vit_large_patch16_ft_debug": _ft_debug(vit_large_patch16_ft, _image_debug(vit_large_patch16, 4)),
     "vit_huge_patch14_ft_debug": _ft_debug(vit_huge_patch14_ft, _image_debug(vit_huge_patch14, 4)),
+    **{f"text_base_glue_{task}": _glue(task) for task in GLUE_RECIPES},
+    "text_base_glue": _glue("rte"),                                   # the recipe --init text_base picks: RTE's
+    "text_base_glue_debug": _ft_debug(_glue("rte"), _text_debug(text_base)),
 }
 
 # the fine-tuning recipe for the encoder a pretraining preset builds (d2v finetune picks it from --init)
 FINETUNE_PRESETS = {"vit_base_patch16": "vit_base_patch16_ft", "vit_large_patch16": "vit_large_patch16_ft",
                     "vit_huge_patch14": "vit_huge_patch14_ft", "vit_base_patch16_debug": "vit_base_patch16_ft_debug",
                     "vit_large_patch16_debug": "vit_large_patch16_ft_debug",
-                    "vit_huge_patch14_debug": "vit_huge_patch14_ft_debug"}
+                    "vit_huge_patch14_debug": "vit_huge_patch14_ft_debug",
+                    "text_base": "text_base_glue", "text_base_debug": "text_base_glue_debug",
+                    # the per-task GLUE recipes: fine-tuning presets as well (pass one with --preset)
+                    **{f"text_base_glue_{task}": f"text_base_glue_{task}" for task in GLUE_RECIPES}}
 FINETUNE_BY_WIDTH = {768: "vit_base_patch16_ft", 1024: "vit_large_patch16_ft",   # imported fairseq weights
                      1280: "vit_huge_patch14_ft"}                               # carry no preset name
 
@@ -300,6 +339,8 @@ def finetune_preset_for(weights_cfg: dict) -> str | None:
     if preset in FINETUNE_PRESETS.values():          # a fine-tuned classifier: the same recipe again
         return preset
     model = weights_cfg.get("model", {})
+    if model.get("modality") == "text":              # text weights of any width: the GLUE recipe
+        return FINETUNE_PRESETS.get(preset) or "text_base_glue"
     by_width = FINETUNE_BY_MODALITY_WIDTH.get(model.get("modality"), FINETUNE_BY_WIDTH)
     return FINETUNE_PRESETS.get(preset) or by_width.get(model.get("embed_dim"))
 

@@ -245,7 +245,7 @@ def glue(src: str, dst: str, spm: str, task: str | None = None, sentence1=None, 
     meta = {"modality": "text", "spm": str(Path(spm).resolve()), "vocab_size": vocab, "classes": len(names or []),
             "glue": {"task": (task or "").lower().replace("-", "").replace("_", ""), "regression": is_regression,
                      "labels": names, "label_counts": counts, "metric": layout.metric, "pairs": layout.sentence2 is not None,
-                     "max_positions": max_positions, "truncated": cut, "short_rows": rows.short}}
+                     "max_positions": max_positions, "longest": max(len(x) for x in ids), "truncated": cut, "short_rows": rows.short}}
     _run([(x, y, is_regression, f"{path.name}:{n}", vocab) for x, y, n in zip(ids, values, rows.lines)], make_sample,
          dst, [f"{path.name}:{n}" for n in rows.lines], "sentences", meta, maxcount, maxsize, 1, seed,
          extras={"classes.json": classes_json(names)} if names else None, overwrite=overwrite)

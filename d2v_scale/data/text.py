@@ -42,8 +42,8 @@ class SentenceCodec:
     """GLUE-style sentence(-pair) samples written by `d2v-shard glue`: one `<s> a </s>[</s> b </s>]`
     id sequence each, of any length up to max_positions, with a class (`cls`) or, for a regression task,
     a float target (`target`). decode -> (ids (T,), label); collate pads to the batch's longest with
-    <pad> -> {"source": (B, T), "padding_mask": (B, T) True = pad, "label": (B,) int64 | "target": (B,)
-    float32}, as fairseq's sentence_prediction task batches them (RightPadDataset)."""
+    <pad> -> {"source": (B, T), "padding_mask": (B, T) True = pad, "label": (B,) int64 classes, or float32
+    targets of a regression task}, as fairseq's sentence_prediction task batches them (RightPadDataset)."""
 
     def __init__(self, max_positions: int, vocab_size: int, num_classes: int = 0, regression: bool = False,
                  pad_idx: int = 1):
@@ -76,7 +76,7 @@ class SentenceCodec:
         labels = [y for _, y in items]
         if self.regression:
             return {"source": source, "padding_mask": source.eq(self.pad_idx),
-                    "target": torch.tensor(labels, dtype=torch.float32)}                 # (B,)
+                    "label": torch.tensor(labels, dtype=torch.float32)}                  # (B,) targets
         y = torch.tensor(labels, dtype=torch.int64)                                      # (B,)
         if self.num_classes and (int(y.max()) >= self.num_classes or int(y.min()) < 0):
             raise DataError(f"a sample has class {int(y.max())} but the head has {self.num_classes} classes: "
@@ -87,5 +87,4 @@ class SentenceCodec:
         """A batch of `<s> w </s>` (padding batches of evaluation, benchmarks)."""
         source = torch.tensor([[0, FIRST_WORD_ID, 2]] * batch_size)                      # (B, 3)
         out = {"source": source, "padding_mask": torch.zeros_like(source, dtype=torch.bool)}
-        key, dtype = ("target", torch.float32) if self.regression else ("label", torch.int64)
-        return {**out, key: torch.zeros(batch_size, dtype=dtype)}
+        return {**out, "label": torch.zeros(batch_size, dtype=torch.float32 if self.regression else torch.int64)}

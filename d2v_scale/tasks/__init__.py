@@ -5,8 +5,10 @@ from ..config import Config, ConfigError
 from .audio_ctc import AudioCTC
 from .image import ImageClassification
 from .task import Task
+from .text import TextClassification
 
-TASKS: dict[str, type[Task]] = {"image_classification": ImageClassification, "audio_ctc": AudioCTC}
+TASKS: dict[str, type[Task]] = {"image_classification": ImageClassification, "audio_ctc": AudioCTC,
+                                "text_classification": TextClassification}
 
 
 def get_task(cfg: Config) -> Task:
