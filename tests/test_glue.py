@@ -211,6 +211,13 @@ def test_pretrained_text_encoder_finetunes_to_tell_licenses_apart(corpus_dir, sp
     for split, tsv in (("train", train), ("dev", dev)):
         shard_glue(tsv, tmp_path / split, "--spm", spm_model, "--sentence1", "passage", "--label", "license",
                    "--max_positions", 64)
+    with pytest.raises(DataError, match="pre/index.json: not sentence shards of `d2v-shard glue`"):
+        plan_for(tmp_path / "pt", tmp_path / "pre", tmp_path / "dev", tmp_path)          # pretraining blocks
+    shard_glue(train, tmp_path / "binary", "--spm", spm_model, "--sentence1", "passage", "--label", "license",
+               "--max_positions", 64, "--label_names", "GPL-3,MPL-2.0,Apache-2.0")
+    with pytest.raises(DataError, match="--train holds classes GPL-3, MPL-2.0, Apache-2.0 but --val holds classes "
+                                        "Apache-2.0, GPL-3, MPL-2.0: shard both TSVs with the same"):
+        plan_for(tmp_path / "pt", tmp_path / "binary", tmp_path / "dev", tmp_path)
     counts = json.loads((tmp_path / "dev" / "index.json").read_text())["glue"]["label_counts"]
     chance = 100 * max(counts) / sum(counts)                                   # the majority class: 1/3
 
