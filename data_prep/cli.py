@@ -32,7 +32,7 @@ from d2v_scale.data.letters import DICT_FILE, LetterDict
 from d2v_scale.errors import D2VError
 
 from .audio import encode_audio, find_audio, write_manifest
-from .glue import encode_rows, label_values, layout_for, make_sample, read_rows
+from .glue import encode_rows, label_values, layout_for, make_sample, read_rows, task_metric
 from .image import encode_image, find_images
 from .labels import classes_json, read_labels
 from .pipeline import Chunks, shard
@@ -244,8 +244,9 @@ def glue(src: str, dst: str, spm: str, task: str | None = None, sentence1=None, 
     counts = [values.count(i) for i in range(len(names))] if names else []
     meta = {"modality": "text", "spm": str(Path(spm).resolve()), "vocab_size": vocab, "classes": len(names or []),
             "glue": {"task": (task or "").lower().replace("-", "").replace("_", ""), "regression": is_regression,
-                     "labels": names, "label_counts": counts, "metric": layout.metric, "pairs": layout.sentence2 is not None,
-                     "max_positions": max_positions, "longest": max(len(x) for x in ids), "truncated": cut, "short_rows": rows.short}}
+                     "labels": names, "label_counts": counts, "metric": task_metric(layout.metric, names),
+                     "pairs": layout.sentence2 is not None, "max_positions": max_positions,
+                     "longest": max(len(x) for x in ids), "truncated": cut, "short_rows": rows.short}}
     _run([(x, y, is_regression, f"{path.name}:{n}", vocab) for x, y, n in zip(ids, values, rows.lines)], make_sample,
          dst, [f"{path.name}:{n}" for n in rows.lines], "sentences", meta, maxcount, maxsize, 1, seed,
          extras={"classes.json": classes_json(names)} if names else None, overwrite=overwrite)

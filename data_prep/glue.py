@@ -147,6 +147,16 @@ def label_values(rows: Rows, layout: Layout, path: str) -> tuple[list, list[str]
     return [index[v] for v in rows.labels], names
 
 
+def task_metric(metric: str, names: list[str] | None) -> str:
+    """The metric that picks the best checkpoint: the task's, unless the labels make it meaningless
+    (a regression of a classification task's file, F1 beyond two classes)."""
+    if names is None:
+        return metric if metric in ("pearson", "spearman", "pearson_and_spearman") else "pearson_and_spearman"
+    if metric in ("pearson", "spearman", "pearson_and_spearman") or (len(names) != 2 and metric in ("f1", "acc_and_f1")):
+        return "accuracy"
+    return metric
+
+
 def join(a: list[int], b: list[int] | None, max_positions: int) -> np.ndarray:
     """fairseq sentence_prediction: <s> a </s> [</s> b </s>], cut to max_positions."""
     ids = [BOS, *a, EOS] + ([EOS, *b, EOS] if b is not None else [])

@@ -58,7 +58,8 @@ def license_tsvs(out: Path, words: int = 12) -> tuple[Path, Path]:
     for name in LICENSES:
         for para in re.split(r"\n\s*\n", Path("/usr/share/common-licenses", name).read_text()):
             w = para.split()
-            by[name] = by.get(name, []) + [" ".join(w[i:i + words]) for i in range(0, len(w), words) if len(w[i:i + words]) >= 6]
+            chunks = [" ".join(w[i:i + words]) for i in range(0, len(w), words)]
+            by[name] = by.get(name, []) + [c for c in chunks if len(c.split()) >= 6]
     n, rng = min(len(v) for v in by.values()), random.Random(0)
     rows = [(s, name) for name in LICENSES for s in rng.sample(by[name], n)]
     rng.shuffle(rows)
@@ -125,6 +126,10 @@ def test_shard_glue_joins_pairs_as_roberta_and_refuses_bad_tsvs(corpus_dir, spm_
     assert "has no column 'sentence'" in refusal(rte, tmp_path / "x", "--spm", spm_model, "--task", "sst2")
     assert "label 'not_entailment' in column 'label' is not one of the classes 0, 1" in refusal(
         rte, tmp_path / "x", "--spm", spm_model, "--task", "rte", "--label_names", "0,1")
+    shard_glue(rte, tmp_path / "score", "--spm", spm_model, "--sentence1", "sentence1", "--label", "index", "--regression")
+    glue = json.loads((tmp_path / "score" / "index.json").read_text())["glue"]
+    assert glue["regression"] and glue["labels"] is None and glue["metric"] == "pearson_and_spearman"
+    assert sorted(float(x["target"]) for x in samples(tmp_path / "score")) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
     shard_glue(rte, tmp_path / "again", "--spm", spm_model, "--task", "rte")
     assert "--overwrite" in refusal(rte, tmp_path / "again", "--spm", spm_model, "--task", "rte")
 
@@ -141,7 +146,8 @@ def test_regression_loss_metrics_and_the_golden_text_checkpoint(corpus_dir, tmp_
     """STS-B layout -> one-output head, MSE loss, Pearson/Spearman picking the best; the fairseq golden
     text checkpoint (vocabulary 100) is the encoder of the sentence classifier, its features unchanged."""
     g = torch.load(ASSETS / "text_tiny.pt", weights_only=True)
-    ckpt = {"model": {**g["student_state_dict"], "_ema": g["teacher_state_dict"]}, "cfg": {"model": json.loads(g["config"])}}
+    ckpt = {"model": {**g["student_state_dict"], "_ema": g["teacher_state_dict"]},
+            "cfg": {"model": json.loads(g["config"])}}
     torch.save(ckpt, tmp_path / "checkpoint_best.pt")
     s = sentences(corpus_dir, 400, seed=1)                  # plain ASCII: few enough characters for 100 pieces
     (tmp_path / "plain.txt").write_text("\n".join(s) + "\n")

@@ -57,7 +57,8 @@ class TextClassification(Task):
         _, train = glue_shards(cfg.data.path, "--train", cfg.data.allow_pipe)
         val, held = glue_shards(f.val, "--val", cfg.data.allow_pipe)
         if bool(train["regression"]) != bool(held["regression"]) or train.get("labels") != held.get("labels"):
-            kind = lambda g: "regression targets" if g["regression"] else f"classes {', '.join(g['labels'])}"  # noqa: E731
+            def kind(g: dict) -> str:
+                return "regression targets" if g["regression"] else f"classes {', '.join(g['labels'])}"
             raise DataError(f"--train holds {kind(train)} but --val holds {kind(held)}: shard both TSVs with the same "
                             "--task (or the same --label_names / --regression)")
         for source, g in (("--train", train), ("--val", held)):
@@ -74,8 +75,8 @@ class TextClassification(Task):
         chosen = f.metric or train.get("metric") or ("pearson_and_spearman" if self.regression else "accuracy")
         allowed = METRICS[4:] if self.regression else METRICS[:2] + (METRICS[2:4] if self.num_classes == 2 else ())
         if chosen not in allowed:
-            raise ConfigError(f"--finetune.metric={chosen!r}: a {'regression' if self.regression else f'{self.num_classes}-class'}"
-                              f" task reports {', '.join(allowed)}")
+            what = "regression" if self.regression else f"{self.num_classes}-class"
+            raise ConfigError(f"--finetune.metric={chosen!r}: a {what} task reports {', '.join(allowed)}")
         self.metric = f"val/{chosen}"
         head = weights.head.get("head.out_proj.weight")
         if weights.head and (head is None or head.shape[0] != self.num_classes):
