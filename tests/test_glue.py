@@ -24,7 +24,8 @@ from d2v_scale.evaluate.glue_metrics import classification_metrics, matthews_cor
 from d2v_scale.export import write_weights
 from d2v_scale.fairseq import from_fairseq
 from d2v_scale.preflight import finetune_preflight
-from d2v_scale.presets import GLUE_RECIPES, build_config, get_preset
+from d2v_scale.presets import GLUE_RECIPES, build_config, finetune_preset_for, get_preset
+from d2v_scale.pretrained import read_config
 from d2v_scale.tools.demo_data import sentences
 from data_prep.cli import main as d2v_shard
 from data_prep.text import train_spm
@@ -157,6 +158,7 @@ def test_regression_loss_metrics_and_the_golden_text_checkpoint(corpus_dir, tmp_
         f"{i}\tmain\tf\t2012\t{i}\tx\ty\t{s[i]}\t{s[i + 12]}\t{i % 6 * 0.9:.3f}\n" for i in range(12)))
     shard_glue(sts, tmp_path / "sts", "--spm", model_file, "--task", "stsb")
 
+    assert finetune_preset_for(read_config(tmp_path / "checkpoint_best.pt")) == "text_base_glue"   # not by width
     cfg, plan = plan_for(tmp_path / "checkpoint_best.pt", tmp_path / "sts", tmp_path / "sts", tmp_path)
     task = plan.task
     assert task.regression and task.num_classes == 1 and task.metric == "val/pearson_and_spearman"
