@@ -152,7 +152,9 @@ def task_metric(metric: str, names: list[str] | None) -> str:
     (a regression of a classification task's file, F1 beyond two classes)."""
     if names is None:
         return metric if metric in ("pearson", "spearman", "pearson_and_spearman") else "pearson_and_spearman"
-    if metric in ("pearson", "spearman", "pearson_and_spearman") or (len(names) != 2 and metric in ("f1", "acc_and_f1")):
+    if metric in ("pearson", "spearman", "pearson_and_spearman"):
+        return "accuracy"
+    if len(names) != 2 and metric in ("f1", "acc_and_f1"):
         return "accuracy"
     return metric
 

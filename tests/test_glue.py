@@ -127,7 +127,8 @@ def test_shard_glue_joins_pairs_as_roberta_and_refuses_bad_tsvs(corpus_dir, spm_
     assert "has no column 'sentence'" in refusal(rte, tmp_path / "x", "--spm", spm_model, "--task", "sst2")
     assert "label 'not_entailment' in column 'label' is not one of the classes 0, 1" in refusal(
         rte, tmp_path / "x", "--spm", spm_model, "--task", "rte", "--label_names", "0,1")
-    shard_glue(rte, tmp_path / "score", "--spm", spm_model, "--sentence1", "sentence1", "--label", "index", "--regression")
+    shard_glue(rte, tmp_path / "score", "--spm", spm_model, "--sentence1", "sentence1", "--label", "index",
+               "--regression")
     glue = json.loads((tmp_path / "score" / "index.json").read_text())["glue"]
     assert glue["regression"] and glue["labels"] is None and glue["metric"] == "pearson_and_spearman"
     assert sorted(float(x["target"]) for x in samples(tmp_path / "score")) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]

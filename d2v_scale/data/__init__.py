@@ -61,6 +61,6 @@ def build_loader(cfg, rank: int, world: int, state: dict | None = None, urls: li
                   decode=codec.decode, collate=codec.collate, state=state, prepare=prepare)
 
 
-__all__ = ["AudioCodec", "DataError", "ImageCodec", "Labelled", "Loader", "SentenceCodec", "Shards", "TextCodec", "build_codec",
-           "build_loader", "check_labels", "check_shards", "class_names", "eval_codec", "find_shards",
+__all__ = ["AudioCodec", "DataError", "ImageCodec", "Labelled", "Loader", "SentenceCodec", "Shards", "TextCodec",
+           "build_codec", "build_loader", "check_labels", "check_shards", "class_names", "eval_codec", "find_shards",
            "sample_counts", "shard_list", "synthetic_batch"]

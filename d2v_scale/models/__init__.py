@@ -36,5 +36,5 @@ def token_grid(cfg, samples: int | None = None) -> tuple[int, ...]:
     return (cfg.data.tokens_per_sample,)
 
 
-__all__ = ["ENCODERS", "Block", "Classifier", "Encoder", "Decoder1d", "Decoder2d", "SentenceClassifier", "build_encoder", "build_decoder",
-           "finetune_drop_path", "pool_tokens", "token_grid"]
+__all__ = ["ENCODERS", "Block", "Classifier", "Encoder", "Decoder1d", "Decoder2d", "SentenceClassifier",
+           "build_encoder", "build_decoder", "finetune_drop_path", "pool_tokens", "token_grid"]
