@@ -17,7 +17,7 @@ from ..evaluate import EvalShards, EvalStream, eval_shards
 from ..evaluate.features import eval_loader
 from ..models import Classifier
 from ..pretrained import EncoderWeights, finetune_encoder
-from .task import Task
+from .task import Task, with_head
 
 
 def build_mixup(cfg, num_classes: int) -> Mixup | None:
@@ -68,10 +68,7 @@ class ImageClassification(Task):
         """The pretrained encoder + a new head, or the weights' head when they are a classifier."""
         f = self.cfg.finetune
         encoder = finetune_encoder(weights, f.drop_path, self.cfg.run.seed)
-        model = Classifier(encoder, weights.cfg.model.embed_dim, self.num_classes, f.pool)
-        if weights.head:
-            model.load_state_dict({**{f"encoder.{k}": v for k, v in weights.encoder.items()}, **weights.head})
-        return model
+        return with_head(Classifier(encoder, weights.cfg.model.embed_dim, self.num_classes, f.pool), weights)
 
     def train_codec(self) -> Labelled:
         m, f = self.cfg.model, self.cfg.finetune

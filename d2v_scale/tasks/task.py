@@ -70,3 +70,11 @@ class Task:
         if best is None:
             return True
         return value > best if self.higher_is_better else value < best
+
+
+def with_head(model: nn.Module, weights: EncoderWeights) -> nn.Module:
+    """`model` (encoder + a new head) with the weights' own head when they are a fine-tuned model of
+    the same task (a classifier fine-tuned again): encoder and head loaded together, strictly."""
+    if weights.head:
+        model.load_state_dict({**{f"encoder.{k}": v for k, v in weights.encoder.items()}, **weights.head})
+    return model

@@ -19,7 +19,7 @@ from ..evaluate import EvalShards, EvalStream, extract
 from ..evaluate.glue_metrics import classification_metrics, regression_metrics
 from ..models import SentenceClassifier
 from ..pretrained import EncoderWeights, finetune_encoder
-from .task import Task
+from .task import Task, with_head
 
 SHARD_FIX = "make them with `d2v-shard glue FILE.tsv DST --spm MODEL --task rte` (or --sentence1/--label COL)"
 # the data2vec 2.0 yamls' checkpoint.best_checkpoint_metric (examples/data2vec/config/v2/text_finetuning/)
@@ -96,10 +96,7 @@ class TextClassification(Task):
         """The pretrained encoder + a new head (the weights' own when they are a sentence classifier)."""
         f = self.cfg.finetune
         encoder = finetune_encoder(weights, f.drop_path, self.cfg.run.seed)
-        model = SentenceClassifier(encoder, weights.cfg.model.embed_dim, self.num_classes, f.pooler_dropout)
-        if weights.head:
-            model.load_state_dict({**{f"encoder.{k}": v for k, v in weights.encoder.items()}, **weights.head})
-        return model
+        return with_head(SentenceClassifier(encoder, weights.cfg.model.embed_dim, self.num_classes, f.pooler_dropout), weights)
 
     def _codec(self) -> SentenceCodec:
         t = self.cfg.model.text
