@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,6 +68,20 @@ def shm_segments() -> set[str]:
     """DeepSpeed CPU all-reduce segments of this user in /dev/shm (RAM: 69 MB per rank)."""
     shm = Path("/dev/shm")
     return {p.name for p in shm.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")} if shm.is_dir() else set()
+
+
+def rewound(run_dir: Path, dest: Path, step: int) -> Path:
+    """A copy of `run_dir` as it stood at its checkpoint of `step` (later checkpoints left out, `latest`
+    naming it, metrics and TensorBoard as they are): resuming it must retrace the uninterrupted run's
+    steps, and its metrics must lose the rows past `step` on the way. One launch cheaper than a run
+    stopped at `step` (the stop itself is tested with signals and --run.stop_after elsewhere)."""
+    tag = f"step_{step:08d}"
+
+    def later(folder: str, names: list[str]) -> list[str]:
+        return [n for n in names if Path(folder).name == "checkpoints" and n.startswith("step_") and n != tag]
+    shutil.copytree(run_dir, dest, ignore=later)
+    (dest / "checkpoints" / "latest").write_text(tag)
+    return dest
 
 
 def losses(run_dir: Path) -> list[float]:

@@ -3,6 +3,8 @@ transcript sources of d2v-shard audio and their refusals, wav2vec 2.0's masks an
 tri-stage schedule, the golden fairseq encoder inside the CTC model, and one run on sentences spoken
 by espeak-ng: d2v-shard with transcripts -> d2v train -> d2v finetune -> d2v transcribe, greedy and
 beam search with a lexicon and an n-gram LM built here."""
+import contextlib
+import io
 import json
 import math
 import random
@@ -15,6 +17,7 @@ import pytest
 import torch
 import webdataset as wds
 
+from d2v_scale import cli
 from d2v_scale.config import ConfigError, LMConfig
 from d2v_scale.data import DataError, find_shards
 from d2v_scale.data.letters import LetterDict, letters_to_text, to_letters
@@ -226,15 +229,15 @@ def test_spoken_commands_pretrain_finetune_transcribe(spoken, tmp_path):
     write_lexicon({w for t in texts for w in t.split()}, tmp_path / "lexicon.txt")
     arpa = write_arpa(texts, tmp_path / "lm.arpa")
 
-    def wer_at_200(*args):
-        res = run_d2v(["transcribe", "--init", str(ft), "--tag", "step_00000200", "--audio", str(shards), *args],
-                      timeout=120).stdout
-        return float(res.split(": WER ")[1].split()[0])
+    def wer_at_200(**lm):                     # in this process: the command was run above already
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            cli.transcribe(init=str(ft), tag="step_00000200", audio=str(shards), **{f"lm.{k}": v for k, v in lm.items()})
+        return float(out.getvalue().split(": WER ")[1].split()[0])
     half = wer_at_200()
     assert half == pytest.approx(val[0]["val/wer"], abs=0.01)                   # printed to 2 decimals
-    lexicon_only = wer_at_200("--lm.lexicon", str(tmp_path / "lexicon.txt"))
-    with_lm = wer_at_200("--lm.lexicon", str(tmp_path / "lexicon.txt"), "--lm.kenlm", str(arpa), "--lm.weight=1.0",
-                         "--lm.word_score=0", "--lm.beam=20")
+    lexicon_only = wer_at_200(lexicon=str(tmp_path / "lexicon.txt"))
+    with_lm = wer_at_200(lexicon=str(tmp_path / "lexicon.txt"), kenlm=str(arpa), weight=1.0, word_score=0, beam=20)
     assert with_lm <= half and lexicon_only <= half, (half, lexicon_only, with_lm)
     print(f"\nCTC loss {curve[0]:.2f} -> {curve[-1]:.2f}; greedy WER/CER {before['wer']:.1f}/{before['cer']:.1f} -> "
           f"{val[-1]['val/wer']:.1f}/{val[-1]['val/cer']:.1f}; step 200: greedy WER {half:.1f}, beam + lexicon "

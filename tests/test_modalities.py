@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from helpers import BIN, child_env, losses, run_d2v
+from helpers import BIN, child_env, losses, rewound, run_d2v
 
 RECIPES = {
     "audio": (["--max_seconds", 3, "--min_seconds", 1, "--maxcount", 5],
@@ -36,7 +36,7 @@ def test_two_rank_zero3_from_s3_with_resume(modality, s3, speech_dir, corpus_dir
     env = child_env(**s3.env())
     out = run_d2v(args + ["--out", str(tmp_path / "full")], nproc=2, env=env).stdout
     assert "world 2" in out and "ZeRO-3" in out
-    run_d2v(args + ["--out", str(tmp_path / "split"), "--run.stop_after=4"], nproc=2, env=env)
+    rewound(tmp_path / "full", tmp_path / "split", 4)
     run_d2v(args + ["--out", str(tmp_path / "split"), "--resume", "auto"], nproc=2, env=env)
     full = losses(tmp_path / "full")
     assert full == losses(tmp_path / "split")

@@ -15,10 +15,10 @@ from d2v_scale.flops import count_flops, step_flops_per_sample
 from d2v_scale.masking import AheadMasks, MaskInfo, block_mask, step_masks
 from d2v_scale.models import ENCODERS, token_grid
 from d2v_scale.models.decoder import Conv1dChannelsLast, ConvBlock
-from d2v_scale.presets import PRESETS, get_preset
+from d2v_scale.presets import FINETUNE_PRESETS, PRESETS, get_preset
 from d2v_scale.teacher import ReplicatedTeacher
 
-DEBUG = [p for p in PRESETS if p.endswith("_debug")]
+DEBUG = [p for p in PRESETS if p.endswith("_debug") and p not in FINETUNE_PRESETS.values()]   # pretraining twins
 
 
 @pytest.mark.parametrize("name", DEBUG)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from d2v_scale.checkpoint import weights_only_loads
-from helpers import BIN, TRAIN_ARGS, losses, run_d2v, run_group, shm_segments
+from helpers import BIN, TRAIN_ARGS, losses, rewound, run_d2v, run_group, shm_segments
 
 
 def train_args(data, out, ds="zero3", steps=8, *extra):
@@ -25,7 +25,7 @@ def test_two_rank_zero3_run_resume_and_export(image_shards, tmp_path):
     out = run_d2v(train_args(image_shards, full), nproc=2).stdout
     assert shm_segments() == shm_before        # DeepSpeed's CPU all-reduce segments do not outlive the run
     assert "world 2" in out and "ZeRO-3" in out
-    run_d2v(train_args(image_shards, split, "zero3", 8, "--run.stop_after=4"), nproc=2)
+    rewound(full, split, 4)
     resumed = run_d2v(train_args(image_shards, split, "zero3", 8, "--resume", "auto"), nproc=2).stdout
     assert "resumed from" in resumed and "step_00000004" in resumed
     assert losses(full) == losses(split)                          # bitwise: fp32, same seeds, same data
@@ -58,8 +58,7 @@ def test_two_rank_zero3_run_resume_and_export(image_shards, tmp_path):
 @pytest.mark.timeout(300)
 def test_one_rank_resume_equals_uninterrupted(image_shards, tmp_path):
     run_d2v(train_args(image_shards, tmp_path / "a", "zero2", 6))
-    run_d2v(train_args(image_shards, tmp_path / "b", "zero2", 6, "--run.stop_after=4"))
-    run_d2v(train_args(image_shards, tmp_path / "b", "zero2", 6, "--resume", "auto"))
+    run_d2v(train_args(image_shards, rewound(tmp_path / "a", tmp_path / "b", 4), "zero2", 6, "--resume", "auto"))
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
 
