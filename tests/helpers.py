@@ -81,6 +81,9 @@ def rewound(run_dir: Path, dest: Path, step: int) -> Path:
         return [n for n in names if Path(folder).name == "checkpoints" and n.startswith("step_") and n != tag]
     shutil.copytree(run_dir, dest, ignore=later)
     (dest / "checkpoints" / "latest").write_text(tag)
+    best = dest / "checkpoints" / "best"                 # fine-tuning: the best so far cannot be later
+    if best.is_file() and not (dest / "checkpoints" / best.read_text().strip()).is_dir():
+        best.write_text(tag)
     return dest
 
 

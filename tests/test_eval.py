@@ -198,8 +198,8 @@ def test_refusals_name_the_problem_and_the_fix(image_dir, image_shards, tmp_path
     with pytest.raises(DataError, match="its index says the shards have no class labels"):
         probe(str(enc), str(tmp_path / "unlabelled" / "index.json"), str(image_shards))
     text = random_encoder(tmp_path / "text.safetensors", "text_base_debug", vocab_size=500)
-    with pytest.raises(DataError, match="holds image samples but the encoder is a text encoder"):
-        probe(str(text), str(image_shards), str(image_shards))
+    with pytest.raises(DataError, match="holds image samples \\(its index says so\\) but the encoder is a text"):
+        probe(str(text), str(image_shards), str(image_shards))          # a d2v-shard folder: read through its index
     with pytest.raises(DataError, match="holds image samples \\(its index says so\\) but the encoder is a text"):
         probe(str(text), str(image_shards / "index.json"), str(image_shards))
     with pytest.raises(ConfigError, match="--how"):

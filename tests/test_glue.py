@@ -8,6 +8,7 @@ import json
 import random
 import re
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from d2v_scale.d2v import Data2Vec
 from d2v_scale.data import DataError, SentenceCodec
 from d2v_scale.dist import Dist
 from d2v_scale.evaluate import EvalStream
+from d2v_scale.evaluate.probe import probe
 from d2v_scale.evaluate.glue_metrics import classification_metrics, matthews_corr, ranks, regression_metrics
 from d2v_scale.export import write_weights
 from d2v_scale.fairseq import from_fairseq
@@ -29,7 +31,7 @@ from d2v_scale.pretrained import read_config
 from d2v_scale.tools.demo_data import sentences
 from data_prep.cli import main as d2v_shard
 from data_prep.text import train_spm
-from helpers import ROOT, losses, run_d2v
+from helpers import ROOT, losses, rewound, run_d2v
 
 ASSETS = ROOT / "tests" / "assets"
 LICENSES = ("Apache-2.0", "GPL-3", "MPL-2.0")
@@ -220,7 +222,7 @@ def test_pretrained_text_encoder_finetunes_to_tell_licenses_apart(corpus_dir, sp
     for split, tsv in (("train", train), ("dev", dev)):
         shard_glue(tsv, tmp_path / split, "--spm", spm_model, "--sentence1", "passage", "--label", "license",
                    "--max_positions", 64)
-    with pytest.raises(DataError, match="pre/index.json: not sentence shards of `d2v-shard glue`"):
+    with pytest.raises(DataError, match="pre: not sentence shards of `d2v-shard glue`"):
         plan_for(tmp_path / "pt", tmp_path / "pre", tmp_path / "dev", tmp_path)          # pretraining blocks
     shard_glue(train, tmp_path / "binary", "--spm", spm_model, "--sentence1", "passage", "--label", "license",
                "--max_positions", 64, "--label_names", "GPL-3,MPL-2.0,Apache-2.0")
@@ -234,10 +236,10 @@ def test_pretrained_text_encoder_finetunes_to_tell_licenses_apart(corpus_dir, sp
         return ["finetune", "--task", "text_classification", "--init", str(init), "--train", str(tmp_path / "train"),
                 "--val", str(tmp_path / "dev"), "--ds_config", "ds_configs/zero2.json", "--out", str(out),
                 "--optim.max_steps=100", "--optim.lr=1e-3", "--finetune.eval_every=50", "--data.num_workers=1",
-                "--run.log_every=10", "--run.save_every=50", "--run.keep_last=1", *extra]
+                "--run.log_every=10", "--run.save_every=50", "--run.keep_last=2", *extra]
     out = run_d2v(args(tmp_path / "full", tmp_path / "pt")).stdout
     assert "text_base_glue_debug | text_classification" in out and "3 classes (Apache-2.0, GPL-3, MPL-2.0)" in out
-    run_d2v(args(tmp_path / "split", tmp_path / "pt", "--run.stop_after=50"))
+    rewound(tmp_path / "full", tmp_path / "split", 50)
     assert "resumed from" in run_d2v(args(tmp_path / "split", tmp_path / "pt", "--resume", "auto")).stdout
     assert losses(tmp_path / "full") == losses(tmp_path / "split")
 
@@ -246,3 +248,9 @@ def test_pretrained_text_encoder_finetunes_to_tell_licenses_apart(corpus_dir, sp
     assert best > chance + 10, (best, chance)
     clf = d2v_scale.load_encoder(tmp_path / "full" / "best.safetensors")
     assert clf.head_state["head.out_proj.weight"].shape == (3, 64) and clf.modality == "text"
+
+    # the probes read sentence shards as sentences (every sample decoded, none skipped as a text block)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        res = probe(str(tmp_path / "pt"), str(tmp_path / "train"), str(tmp_path / "dev"), how="knn", num_workers=0)
+    assert not [w for w in seen if "skipping" in str(w.message)] and 0 < res["mean"]["knn_top1"] <= 100

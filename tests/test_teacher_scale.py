@@ -21,7 +21,7 @@ def probe(tmp_path, nproc, placement, ds_config, overlap="auto"):
            str(free_port()), str(PROBE), str(prefix), placement, str(ds_config), overlap]
     res = run_group(cmd, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    return json.loads(prefix.with_suffix(".json").read_text()), torch.load(str(prefix) + ".teacher.pt")
+    return json.loads(prefix.with_suffix(".json").read_text()), torch.load(str(prefix) + ".teacher.pt", weights_only=True)
 
 
 @pytest.fixture(scope="module")

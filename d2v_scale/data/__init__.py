@@ -29,10 +29,13 @@ def build_codec(cfg) -> ImageCodec | AudioCodec | TextCodec:
     raise DataError(f"unknown modality {m.modality!r}")
 
 
-def eval_codec(cfg, num_classes: int = 0) -> Labelled:
+def eval_codec(cfg, num_classes: int = 0, sentences: bool = False) -> Labelled | SentenceCodec:
     """Labelled samples without randomness, for evaluation: images resized and centre-cropped, audio
-    padded to the longest utterance of a batch (with its padding mask) instead of cropped, text as is."""
+    padded to the longest utterance of a batch (with its padding mask) instead of cropped, text as is:
+    blocks of `d2v-shard text`, or (`sentences`) the variable-length samples of `d2v-shard glue`."""
     m = cfg.model
+    if m.modality == "text" and sentences:
+        return SentenceCodec(m.text.max_positions, m.text.vocab_size, num_classes, pad_idx=m.text.pad_idx)
     if m.modality == "image":
         codec = ImageCodec(m.image.img_size, cfg.data.crop_scale, m.image.in_chans,
                            transform=eval_transform(m.image.img_size, cfg.finetune.crop_pct))

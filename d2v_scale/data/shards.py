@@ -77,6 +77,8 @@ def find_shards(path: str, allow_pipe: bool = False) -> Shards:
     if path.startswith(REMOTE):
         return Shards(_remote_urls(path, allow_pipe))
     if is_local(path) and local_path(path).is_dir():
+        if (local_path(path) / "index.json").is_file():          # d2v-shard's folder: its index says what it holds
+            return find_shards(str(local_path(path) / "index.json"), allow_pipe)
         urls = sorted(str(p) for p in local_path(path).glob("*.tar"))
         if not urls:
             raise DataError(f"--data {path}: the directory has no .tar shards; make some with `d2v-shard`")

@@ -27,6 +27,7 @@ class EvalShards:
     counts: list[int]            # samples per shard
     num_classes: int             # 0: unknown (from the labels seen)
     source: str                  # the option they came from, for messages
+    sentences: bool = False      # text: variable-length samples of `d2v-shard glue`, not fixed blocks
 
     @property
     def samples(self) -> int:
@@ -41,7 +42,8 @@ def eval_shards(path: str, modality: str, source: str, allow_pipe: bool = False)
     counts = sample_counts(shards)
     if sum(counts) < 2:
         raise DataError(f"{source} {path} holds {sum(counts)} samples; evaluation needs at least 2")
-    return EvalShards(shards.urls, counts, num_classes, source)
+    sentences = modality == "text" and isinstance(shards.index.get("glue"), dict)
+    return EvalShards(shards.urls, counts, num_classes, source, sentences)
 
 
 class EvalStream(torch.utils.data.IterableDataset):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..data import eval_codec
+from ..data import DataError, eval_codec
 from ..dist import Dist
 from .features import EvalShards, EvalStream, extract, pooled
 from .knn import accuracy, knn_scores
@@ -41,7 +41,10 @@ class KnnMonitor:
     def __init__(self, cfg: Config, dist: Dist, bank: EvalShards, queries: EvalShards | None = None):
         e = cfg.eval
         self.cfg, self.dist, self.bank, self.queries = cfg, dist, bank, queries
-        codec = eval_codec(cfg, max(bank.num_classes, queries.num_classes if queries else 0))
+        if queries and queries.sentences != bank.sentences:
+            raise DataError(f"{bank.source} and {queries.source}: one holds sentences of `d2v-shard glue`, the other "
+                            "text blocks of `d2v-shard text`; use shards of one kind")
+        codec = eval_codec(cfg, max(bank.num_classes, queries.num_classes if queries else 0), bank.sentences)
         self.streams = [EvalStream(s, codec, e.batch_size, dist.rank, dist.world) for s in (bank, queries) if s]
         self.seconds = 0.0                      # time spent, for the throughput the trainer reports
 

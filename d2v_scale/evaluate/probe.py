@@ -39,7 +39,10 @@ def probe(init: str, train: str, val: str, how: str = "both", teacher: bool = Fa
     dist = dist_mod.init() if world > 1 else dist_mod.single()
     encoder = PretrainedEncoder(weights).to(dist.device).eval()
     pools = ("mean", "cls") if encoder.num_extra_tokens else ("mean",)
-    codec = eval_codec(weights.cfg)
+    if bank.sentences != queries.sentences:
+        raise DataError(f"--train {train} and --val {val}: one holds sentences of `d2v-shard glue`, the other text "
+                        "blocks of `d2v-shard text`; probe with shards of one kind")
+    codec = eval_codec(weights.cfg, sentences=bank.sentences)
 
     def forward(x, pad):
         return pooled(encoder.encoder, x, pad, pools)

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..data import DataError, SentenceCodec, check_shards, find_shards, sample_counts
-from ..data.shards import is_local, local_path
 from ..dist import Dist
 from ..evaluate import EvalShards, EvalStream, extract
 from ..evaluate.glue_metrics import classification_metrics, regression_metrics
@@ -28,8 +27,6 @@ METRICS = ("accuracy", "mcc", "f1", "acc_and_f1", "pearson", "spearman", "pearso
 
 def glue_shards(path: str, source: str, allow_pipe: bool = False) -> tuple[EvalShards, dict]:
     """Checked `d2v-shard glue` shards and the index's "glue" record (labels, regression, metric)."""
-    if is_local(path) and local_path(path).is_dir() and (local_path(path) / "index.json").is_file():
-        path = str(local_path(path) / "index.json")
     shards = find_shards(path, allow_pipe)
     glue = shards.index.get("glue")
     if not isinstance(glue, dict):
