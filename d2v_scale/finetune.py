@@ -17,6 +17,7 @@ import torch
 
 from . import checkpoint
 from . import dist as dist_mod
+from . import runlock
 from .config import Config
 from .data import build_loader
 from .dist import Dist, all_reduce_sum, print0
@@ -63,8 +64,13 @@ def validate(engine, task: Task, stream: EvalStream, dist: Dist, dtype: torch.dt
 
 def finetune(cfg: Config, ds_overrides: dict | None = None) -> dict:
     plan = finetune_preflight(cfg, ds_overrides, int(os.environ.get("WORLD_SIZE", "1")), every_shard=False)
-    ds, resumed, task = plan.ds, plan.resume, plan.task
     dist = dist_mod.init()
+    with runlock.hold(Path(cfg.run.out), dist):            # one run per --out, released on any exit
+        return _finetune(cfg, plan, dist)
+
+
+def _finetune(cfg: Config, plan, dist: Dist) -> dict:
+    ds, resumed, task = plan.ds, plan.resume, plan.task
     run_dir = Path(cfg.run.out)
     if dist.is_main:
         for said in plan.notes + checkpoint.open_run(run_dir, cfg.to_dict(), ds, resumed) + (

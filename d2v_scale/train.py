@@ -16,6 +16,7 @@ import torch
 
 from . import checkpoint
 from . import dist as dist_mod
+from . import runlock
 from .config import Config
 from .data import build_loader
 from .dist import Dist, all_reduce_sum, print0
@@ -87,8 +88,13 @@ def train_step(engine, teacher, batch: dict, cfg: Config, step: int, micro: int,
 def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
     # every check before the ranks wait on each other; nothing is written before it passed
     plan = preflight(cfg, ds_overrides, int(os.environ.get("WORLD_SIZE", "1")), every_shard=False)
-    ds, resumed = plan.ds, plan.resume
     dist = dist_mod.init()
+    with runlock.hold(Path(cfg.run.out), dist):            # one run per --out, released on any exit
+        return _train(cfg, plan, dist)
+
+
+def _train(cfg: Config, plan, dist: Dist) -> dict:
+    ds, resumed = plan.ds, plan.resume
     run_dir = Path(cfg.run.out)
     if dist.is_main:
         for said in checkpoint.open_run(run_dir, cfg.to_dict(), ds, resumed) + (
