@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -274,7 +275,12 @@ COMMANDS = {"image": image, "audio": audio, "manifest": manifest, "spm-train": s
             "text": text, "glue": glue, "verify": verify}
 
 
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)      # unwinds like Ctrl-C: the open shard is removed, no index is written
+
+
 def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         fire.Fire(COMMANDS, command=argv if argv is not None else sys.argv[1:], name="d2v-shard")
     except OSError as e:

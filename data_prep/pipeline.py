@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -97,7 +98,8 @@ def shard(items: list[tuple], fn, dst: str, *, keys: list[str], maxcount: int, m
     sink = ShardSink(dst, maxcount=maxcount, maxsize=maxsize, meta=meta, index=index, overwrite=overwrite)
     try:                             # no file yet: the first sample opens the first shard
         with sink:
-            pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
+            pool = mp.get_context("fork").Pool(workers, signal.signal, (signal.SIGTERM, signal.SIG_DFL)) \
+                if workers > 1 else None
             try:
                 results = pool.imap(_call, jobs, chunksize=4) if pool else map(_call, jobs)
                 for key, out, err in results:

@@ -58,3 +58,28 @@ def test_an_interrupt_at_any_line_leaves_no_partial_shard(tmp_path):
         for name in left:                           # every shard on disk is complete
             with tarfile.open(out / name) as tf:
                 assert len(tf.getmembers()) == 2, (n, name)   # 2 samples of one member each
+
+
+def test_sigterm_cleans_up_as_ctrl_c_does(tmp_path):
+    """A scheduler's or `kill`'s SIGTERM (workers running) ends `d2v-shard` as Ctrl-C does."""
+    import signal
+    import subprocess
+    import time
+
+    from d2v_scale.tools.demo_data import make_images
+    from helpers import BIN, child_env
+    src = make_images(tmp_path / "img", 100, size=32, seed=1)
+    for png in list(src.glob("*/*.png")):                    # 3,000 inputs: the signal lands mid-run
+        for k in range(29):
+            (png.parent / f"{png.stem}_{k}.png").hardlink_to(png)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([str(BIN / "d2v-shard"), "image", str(src), str(out), "--maxcount", "50", "--workers", "2"],
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("shard-*.tar")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode == 143
+    assert not (out / "index.json").exists() and not list(out.glob("*.partial")), sorted(p.name for p in out.iterdir())
+    assert list(out.glob("shard-*.tar"))
