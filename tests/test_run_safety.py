@@ -134,3 +134,41 @@ def test_named_outputs_never_replace_an_existing_file(tmp_path):
     assert (tmp_path / "spm.model").stat().st_size > 0 and (tmp_path / "spm.vocab").read_text() != "v"
     assert not list(tmp_path.rglob("*.partial*"))
 
+
+@pytest.mark.timeout(600)
+def test_a_full_disk_during_a_save_ends_in_one_line_and_keeps_the_last_checkpoint(image_shards, tmp_path):
+    """A real ENOSPC: the run dir on a small tmpfs, filled (up to 1 MiB) once the first checkpoint is in."""
+    import shutil
+    from d2v_scale.checkpoint import validate
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs (a real full disk)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(disk)], check=True)
+    try:
+        run = disk / "run"
+        proc = subprocess.Popen([sys.executable, "-m", "d2v_scale.cli", *train_args(image_shards, run, 12),
+                                 "--run.save_every=6"], cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            while not (run / "checkpoints" / "latest").exists() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.05)
+            free = shutil.disk_usage(disk).free
+            with open(disk / "filler", "wb") as f:                # leaves 1 MiB: metrics rows fit, a checkpoint not
+                f.write(b"\0" * (free - (1 << 20)))
+            out, _ = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        assert proc.returncode not in (0, None), out[-3000:]
+        tmp = run / "checkpoints" / "step_00000012.tmp"
+        lines = [l for l in out.splitlines() if l.startswith("d2v: error:")]
+        assert len(lines) == 1 and "Traceback" not in out, out[-4000:]
+        assert f"no space left on the device writing checkpoint {tmp} (" in lines[0] and "MiB free of 48 MiB" in lines[0]
+        assert f"the last complete checkpoint is {run / 'checkpoints' / 'step_00000006'}" in lines[0]
+        assert not tmp.exists() and not list((run / "checkpoints").glob("*.tmp"))
+        assert validate(run / "checkpoints" / "step_00000006") is None
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
