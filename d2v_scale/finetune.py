@@ -19,7 +19,7 @@ from . import checkpoint
 from . import dist as dist_mod
 from . import runlock
 from .config import Config
-from .data import build_loader
+from .data import DataError, build_loader
 from .dist import Dist, all_reduce_sum, print0
 from .dsconfig import zero_stage
 from .engine import build_finetune_engine
@@ -103,6 +103,10 @@ def _finetune(cfg: Config, plan, dist: Dist) -> dict:
     try:
         last_saved, best = _loop(engine, task, loader, val, cfg, dist, dtype, metrics, signals, run_dir, stop,
                                  every, best)
+    except DataError as e:                    # the data stopped (an object store down): name the checkpoint
+        latest = checkpoint.latest_tag(run_dir / checkpoint.CKPT_DIR)
+        raise DataError(f"{e}. The last complete checkpoint is {run_dir / checkpoint.CKPT_DIR / latest if latest else 'none'}; "
+                        "rerun with --resume auto once the data can be read") from None
     except (RuntimeError, torch.distributed.DistBackendError) as e:
         if not is_comm_failure(e):
             raise
