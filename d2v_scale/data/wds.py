@@ -71,12 +71,13 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _shard_order(self, rng: random.Random, w: int, W: int, progress: dict):
         mine = self.urls if self.sampling == "resample" else self.urls[self.rank * W + w:: self.world * W]
+        patience = max(2 * len(mine), 20)
         first = True
         progress.setdefault("read", 0)
         while True:
             if not first:                                  # samples read in the pass that just ended
                 progress["last_pass"] = progress["read"] - progress["read_at_pass"]
-                if progress["last_pass"] == 0:             # not one shard of a whole pass could be read
+                if progress["last_pass"] == 0 and progress.get("last_error"):   # no shard of a whole pass read
                     raise DataError(
                         f"worker {w} of rank {self.rank}: each of its {len(mine)} shards in {where(mine[0])} "
                         f"gave no sample in a whole pass (last: {progress.get('last_error') or 'no samples'}); "
@@ -84,6 +85,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             progress["read_at_pass"], first = progress["read"], False
             order = [rng.choice(mine) for _ in mine] if self.sampling == "resample" else rng.sample(mine, len(mine))
             for url in order:
+                if progress["opened"] - progress["opened_at_sample"] > patience:
+                    raise DataError(f"worker {w} of rank {self.rank}: {patience} shards in a row gave no "
+                                    f"sample (e.g. {url}); check the shards with `d2v-shard verify`")
                 progress["opened"] += 1
                 yield {"url": url}
 
