@@ -66,8 +66,12 @@ class StopSignals:
 
     def requested(self) -> bool:
         """A stop signal arrived on this rank and no step has agreed on it yet (the data loader asks
-        while it waits for a batch that does not come)."""
-        return bool(self.flags.sum() > 0) and not self._stopping
+        while it waits for a batch that does not come). True means the caller stops now and
+        checkpoints: the deadline is off from here, as after `acknowledge`."""
+        if self.flags.sum() > 0 and not self._stopping:
+            self.acknowledge()
+            return True
+        return False
 
     def acknowledge(self) -> None:
         """Every rank agreed to stop at this step: the checkpoint follows, no deadline any more, and
