@@ -18,6 +18,7 @@ any newer one that does not and falls back past it. Every file is read with torc
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -95,15 +96,21 @@ def save(engine, teacher, run_dir: Path, step: int, client_state: dict, data_sta
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)          # leftovers of an interrupted save
     _barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state=client_state, save_latest=False)
-    if teacher is not None:
-        save_teacher(teacher, tmp, rank)
-    (tmp / f"data_rank{rank}.json").write_text(json.dumps(data_state))
-    if rank == 0:
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        stage = engine.zero_optimization_stage()
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "world": world, "zero_stage": stage,
-                                                   "universal": False, "teacher": teacher is not None}))
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state=client_state, save_latest=False)
+        if teacher is not None:
+            save_teacher(teacher, tmp, rank)
+        (tmp / f"data_rank{rank}.json").write_text(json.dumps(data_state))
+        if rank == 0:
+            world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+            stage = engine.zero_optimization_stage()
+            (tmp / "meta.json").write_text(json.dumps({"step": step, "world": world, "zero_stage": stage,
+                                                       "universal": False, "teacher": teacher is not None}))
+    except (OSError, RuntimeError) as e:
+        if not disk_full(e, ckpt_dir):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)          # no half-written checkpoint stays behind
+        raise no_space(ckpt_dir, tmp) from None
     _barrier()
     final = ckpt_dir / tag
     if rank == 0:
@@ -121,6 +128,32 @@ def save(engine, teacher, run_dir: Path, step: int, client_state: dict, data_sta
         _prune(ckpt_dir, keep_last)
     _barrier()
     return final
+
+
+def disk_full(e: BaseException, folder: Path) -> bool:
+    """A write failed for want of space: ENOSPC/EDQUOT, or torch's stream writer failing on a nearly full
+    disk (its RuntimeErrors, "file write failed" then "unexpected pos", carry no errno)."""
+    chain = [e]
+    while chain[-1].__context__ is not None and len(chain) < 8:
+        chain.append(chain[-1].__context__)
+    if any(getattr(x, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(x) for x in chain):
+        return True
+    try:
+        usage = shutil.disk_usage(folder)
+    except OSError:
+        return False
+    return isinstance(e, RuntimeError) and usage.free < max(64 << 20, usage.total // 100)
+
+
+def no_space(ckpt_dir: Path, path: Path) -> CheckpointError:
+    """The one line of a checkpoint that did not fit (said after its partial files were removed)."""
+    usage = shutil.disk_usage(ckpt_dir)
+    latest = latest_tag(ckpt_dir)
+    return CheckpointError(
+        f"no space left on the device writing checkpoint {path} ({usage.free / 2**20:.0f} MiB free of "
+        f"{usage.total / 2**20:.0f} MiB after removing it); the last complete checkpoint is "
+        f"{ckpt_dir / latest if latest else 'none'}. Free space there (or keep fewer with --run.keep_last), then "
+        f"rerun with --resume auto")
 
 
 def _free_name(path: Path) -> Path:

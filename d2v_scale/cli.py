@@ -9,8 +9,8 @@
   d2v transcribe --init runs/asr/best.safetensors --audio FILES|FOLDER|SHARDS [--lm.lexicon LEX --lm.kenlm LM.bin]
   d2v probe --init WEIGHTS_OR_RUN --train SHARDS --val SHARDS [--how knn|linear|both] [--teacher | --random_init]
   d2v show_config --preset NAME [--key=value ...]
-  d2v export RUN_DIR OUT.safetensors [--teacher]
-  d2v import-fairseq CKPT OUT.safetensors
+  d2v export RUN_DIR OUT.safetensors [--teacher] [--overwrite]
+  d2v import-fairseq CKPT OUT.safetensors [--overwrite]
   d2v reshard RUN_DIR    convert the newest checkpoint for resuming at another world size
   d2v plan --preset vit_huge_patch14 --nodes 8 --gpus_per_node 8 --zero 3 --offload_teacher --micro_batch 16
   d2v bench step|data|ema ...
@@ -149,9 +149,10 @@ def show_config(preset: str | None = None, from_json: str | None = None, **overr
     print(json.dumps(cfg.to_dict(), indent=2))
 
 
-def export(run_dir: str, out: str, teacher: bool = False, tag: str | None = None) -> None:
-    """Consolidated fp32 student encoder (and, with --teacher, the EMA teacher) as safetensors."""
-    print(json.dumps(export_run(run_dir, out, teacher=teacher, tag=tag), indent=1))
+def export(run_dir: str, out: str, teacher: bool = False, tag: str | None = None, overwrite: bool = False) -> None:
+    """Consolidated fp32 student encoder (and, with --teacher, the EMA teacher) as safetensors; an
+    existing OUT is replaced only with --overwrite, and never a file inside a run's checkpoints/."""
+    print(json.dumps(export_run(run_dir, out, teacher=teacher, tag=tag, overwrite=overwrite), indent=1))
 
 
 def reshard(run_dir: str, tag: str | None = None) -> None:
@@ -160,9 +161,10 @@ def reshard(run_dir: str, tag: str | None = None) -> None:
     print(f"wrote {out}; `--resume auto` now resumes from it at any number of ranks")
 
 
-def import_fairseq(ckpt: str, out: str) -> None:
-    """A fairseq data2vec 2.0 checkpoint -> a d2v_scale weights file (for --run.init_from)."""
-    print(json.dumps(run_import_fairseq(ckpt, out), indent=1))
+def import_fairseq(ckpt: str, out: str, overwrite: bool = False) -> None:
+    """A fairseq data2vec 2.0 checkpoint -> a d2v_scale weights file (for --run.init_from); an existing
+    OUT is replaced only with --overwrite."""
+    print(json.dumps(run_import_fairseq(ckpt, out, overwrite), indent=1))
 
 
 def bench(kind: str = "step", local_rank: int = -1, **kwargs) -> None:

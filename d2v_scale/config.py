@@ -140,6 +140,7 @@ class DataConfig:
     epoch_samples: int = 10_000  # samples per rank per epoch (same on every rank: no uneven tails)
     sampling: str = "split"      # split: shards split by rank/worker | resample: drawn with replacement
     allow_pipe: bool = False     # permit webdataset `pipe:` URLs (they run shell commands)
+    stall_timeout_s: float = 600.0  # no batch for this long (object store down): stop, naming it
     crop_scale: tuple[float, float] = (0.2, 1.0)   # image RandomResizedCrop scale
     sample_rate: int = 16_000
     min_sample_size: int = 32_000   # audio crop bounds in samples (2 s .. 20 s)
@@ -402,6 +403,7 @@ _RANGES = [
     ("run.stop_after", _NON_NEGATIVE, "an integer >= 0"),
     ("run.peak_tflops", _NON_NEGATIVE, "a finite number >= 0"),
     ("run.stop_timeout_s", _POSITIVE, "a finite number of seconds > 0"),
+    ("data.stall_timeout_s", _POSITIVE, "a finite number of seconds > 0"),
     ("eval.every", _NON_NEGATIVE, "an integer >= 0 (0 = off)"),
     ("eval.k", _AT_LEAST_1, "an integer >= 1"),
     ("eval.temperature", _POSITIVE, "a finite number > 0"),

@@ -13,7 +13,6 @@ The config travels in the file's metadata as JSON (with `info`: classes, accurac
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -22,38 +21,32 @@ from safetensors.torch import load_file, save_file
 
 from .checkpoint import CKPT_DIR, consolidated_state, read_teacher_state
 from .errors import D2VError, one_line
+from .outputs import OutputError, atomic, check_output
 
 
 class WeightsError(D2VError, ValueError):
     """A weights file that cannot be read or written where asked."""
 
 
-def check_writable(path: str | Path) -> Path:
-    """`path` as a Path if a file can be written there; WeightsError with the fix otherwise."""
-    path = Path(path)
-    if path.is_dir():
-        raise WeightsError(f"{path} is a directory; give a file name, e.g. {path / 'encoder.safetensors'}")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise WeightsError(f"cannot write {path}: {parent} is a file, not a directory; choose another output path")
-    if not os.access(parent, os.W_OK):
-        raise WeightsError(f"cannot write {path}: {parent} is not writable; choose another output path")
-    return path
+def check_writable(path: str | Path, overwrite: bool = True) -> Path:
+    """`path` as a Path if a weights file can be written there (outputs.check_output: never inside a
+    run's checkpoints; an existing file only with `overwrite`); WeightsError with the fix otherwise."""
+    try:
+        return check_output(path, overwrite)
+    except OutputError as e:
+        raise WeightsError(str(e)) from None
 
 
 def write_weights(path: str | Path, tensors: dict[str, torch.Tensor], cfg_dict: dict, kind: str,
                   info: dict | None = None) -> None:
-    """kind: encoder | model | classifier. Written as `.partial` and renamed (atomic)."""
+    """kind: encoder | model | classifier. Written as `.partial` and renamed (atomic; no `.partial` is
+    left by a failed or interrupted write)."""
     path = check_writable(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
     meta = {"format": f"d2v_scale/{kind}-v1", "config": json.dumps(cfg_dict)}
     if info:
         meta["info"] = json.dumps(info)
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    tmp.replace(path)
+    with atomic(path) as tmp:
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
 
 
 def _metadata(path: str | Path) -> dict:
@@ -99,9 +92,13 @@ def read_weights(path: str | Path) -> tuple[dict, dict, dict]:
                        "`d2v export` or `d2v import-fairseq`")
 
 
-def export_run(run_dir: str | Path, out: str | Path, teacher: bool = False, tag: str | None = None) -> dict:
-    """`d2v export`: a run's checkpoint (read through checkpoint.py) -> encoder weights files."""
-    check_writable(out)
+def export_run(run_dir: str | Path, out: str | Path, teacher: bool = False, tag: str | None = None,
+               overwrite: bool = False) -> dict:
+    """`d2v export`: a run's checkpoint (read through checkpoint.py) -> encoder weights files; an
+    existing OUT (or OUT.teacher.safetensors) only replaced with `overwrite`."""
+    check_writable(out, overwrite)
+    if teacher:
+        check_writable(Path(out).with_suffix(".teacher.safetensors"), overwrite)
     state, tag = consolidated_state(Path(run_dir), tag)
     cfg_path = Path(run_dir) / "config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}

@@ -221,9 +221,10 @@ def load_fairseq_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def import_fairseq(ckpt: str | Path, out: str | Path) -> dict:
-    """`d2v import-fairseq`: a fairseq checkpoint -> a d2v_scale weights file (student + teacher)."""
-    check_writable(out)
+def import_fairseq(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> dict:
+    """`d2v import-fairseq`: a fairseq checkpoint -> a d2v_scale weights file (student + teacher); an
+    existing OUT only replaced with `overwrite`."""
+    check_writable(out, overwrite)
     model = from_fairseq(load_fairseq_checkpoint(ckpt))
     tensors = dict(model.student.state_dict())
     tensors.update({f"teacher.{k}": v for k, v in model.teacher.state_dict().items()})

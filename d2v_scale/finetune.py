@@ -17,8 +17,9 @@ import torch
 
 from . import checkpoint
 from . import dist as dist_mod
+from . import runlock
 from .config import Config
-from .data import build_loader
+from .data import DataError, build_loader
 from .dist import Dist, all_reduce_sum, print0
 from .dsconfig import zero_stage
 from .engine import build_finetune_engine
@@ -63,8 +64,13 @@ def validate(engine, task: Task, stream: EvalStream, dist: Dist, dtype: torch.dt
 
 def finetune(cfg: Config, ds_overrides: dict | None = None) -> dict:
     plan = finetune_preflight(cfg, ds_overrides, int(os.environ.get("WORLD_SIZE", "1")), every_shard=False)
-    ds, resumed, task = plan.ds, plan.resume, plan.task
     dist = dist_mod.init()
+    with runlock.hold(Path(cfg.run.out), dist):            # one run per --out, released on any exit
+        return _finetune(cfg, plan, dist)
+
+
+def _finetune(cfg: Config, plan, dist: Dist) -> dict:
+    ds, resumed, task = plan.ds, plan.resume, plan.task
     run_dir = Path(cfg.run.out)
     if dist.is_main:
         for said in plan.notes + checkpoint.open_run(run_dir, cfg.to_dict(), ds, resumed) + (
@@ -97,6 +103,10 @@ def finetune(cfg: Config, ds_overrides: dict | None = None) -> dict:
     try:
         last_saved, best = _loop(engine, task, loader, val, cfg, dist, dtype, metrics, signals, run_dir, stop,
                                  every, best)
+    except DataError as e:                    # the data stopped (an object store down): name the checkpoint
+        latest = checkpoint.latest_tag(run_dir / checkpoint.CKPT_DIR)
+        raise DataError(f"{e}. The last complete checkpoint is {run_dir / checkpoint.CKPT_DIR / latest if latest else 'none'}; "
+                        "rerun with --resume auto once the data can be read") from None
     except (RuntimeError, torch.distributed.DistBackendError) as e:
         if not is_comm_failure(e):
             raise

@@ -3,7 +3,9 @@
 SIGUSR1 (Slurm's pre-timeout warning, `#SBATCH --signal=USR1@300`, or `scancel --signal=USR1`) means
 "checkpoint and come back": the job saves, rank 0 asks Slurm to requeue it, and the requeued job
 resumes from that checkpoint by itself (`--resume auto`). SIGTERM (scancel, preemption, the end of
-the time limit, the deepspeed launcher stopping its ranks) means "checkpoint and stop".
+the time limit, the deepspeed launcher stopping its ranks) means "checkpoint and stop". A signal that
+arrives while the data source delivers nothing (an object-store outage) does not wait for a step that
+cannot come: the loader raises DataStalled and the last completed step is checkpointed.
 A handler only records the signal; the flags travel with the all-reduce every micro-step already
 does (the masked-token count), so all ranks see the same decision at the same step and no rank
 blocks in a collective the others never enter. The sums of step t are read on the host at step t+1
@@ -61,6 +63,15 @@ class StopSignals:
         this step's, starts its way to the host. Every rank reads the same sums at the same step."""
         ready, self._pending = self._pending, _HostCopy(summed)
         return ready.value() if ready is not None else torch.zeros(2)
+
+    def requested(self) -> bool:
+        """A stop signal arrived on this rank and no step has agreed on it yet (the data loader asks
+        while it waits for a batch that does not come). True means the caller stops now and
+        checkpoints: the deadline is off from here, as after `acknowledge`."""
+        if self.flags.sum() > 0 and not self._stopping:
+            self.acknowledge()
+            return True
+        return False
 
     def acknowledge(self) -> None:
         """Every rank agreed to stop at this step: the checkpoint follows, no deadline any more, and

@@ -26,6 +26,7 @@ from .masking import check_mask
 from .models import token_grid
 from .presets import FINETUNE_PRESETS
 from .pretrained import EncoderWeights, read_encoder
+from .runlock import check_free
 from .tasks import TASKS, Task, get_task
 
 
@@ -75,6 +76,7 @@ def check_run(cfg: Config, ds_overrides: dict | None, world: int) -> tuple[dict,
     validate_ds_config(ds, cfg.run.ds_config)
     run_dir = Path(cfg.run.out)
     check_out_dir(run_dir)
+    check_free(run_dir)                             # another run holds --out: say so before anything else
     resume = find_resume(run_dir, cfg.run.resume, world)
     changed = check_same_model(cfg, resume)
     if resume is not None and resume.universal:

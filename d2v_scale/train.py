@@ -16,8 +16,10 @@ import torch
 
 from . import checkpoint
 from . import dist as dist_mod
+from . import runlock
 from .config import Config
-from .data import build_loader
+from .data import DataError, build_loader
+from .data.wds import DataStalled
 from .dist import Dist, all_reduce_sum, print0
 from .dsconfig import matmul_dtype, zero_stage
 from .engine import build_engine
@@ -87,8 +89,13 @@ def train_step(engine, teacher, batch: dict, cfg: Config, step: int, micro: int,
 def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
     # every check before the ranks wait on each other; nothing is written before it passed
     plan = preflight(cfg, ds_overrides, int(os.environ.get("WORLD_SIZE", "1")), every_shard=False)
-    ds, resumed = plan.ds, plan.resume
     dist = dist_mod.init()
+    with runlock.hold(Path(cfg.run.out), dist):            # one run per --out, released on any exit
+        return _train(cfg, plan, dist)
+
+
+def _train(cfg: Config, plan, dist: Dist) -> dict:
+    ds, resumed = plan.ds, plan.resume
     run_dir = Path(cfg.run.out)
     if dist.is_main:
         for said in checkpoint.open_run(run_dir, cfg.to_dict(), ds, resumed) + (
@@ -127,8 +134,22 @@ def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
                           lambda: checkpoint.latest_tag(run_dir / checkpoint.CKPT_DIR))
     if restart_banner():
         print0(restart_banner())
+    loader.stop_pending = signals.requested
     try:
         last_saved = _loop(engine, teacher, loader, cfg, dist, dtype, metrics, signals, run_dir, stop, encoder, monitor)
+    except DataStalled as e:                  # a stop signal while no data comes: keep the last completed step
+        step, latest = engine.global_steps, checkpoint.latest_tag(run_dir / checkpoint.CKPT_DIR)
+        signals.acknowledge()
+        print0(f"d2v: {e}: checkpointing the last completed step ({step})")
+        last_saved = run_dir / checkpoint.CKPT_DIR / latest if latest == f"step_{step:08d}" else checkpoint.save(
+            engine, teacher, run_dir, step, {"step": step, "preset": cfg.preset, "ema_updates": teacher.updates},
+            loader.boundary_state(engine.gradient_accumulation_steps()), dist.rank, cfg.run.keep_last)
+        metrics.close(step, run_dir, str(last_saved))
+        raise stopped(signals.flags, step, last_saved, dist.is_main) from None
+    except DataError as e:                    # the data stopped (an object store down): name the checkpoint
+        latest = checkpoint.latest_tag(run_dir / checkpoint.CKPT_DIR)
+        raise DataError(f"{e}. The last complete checkpoint is {run_dir / checkpoint.CKPT_DIR / latest if latest else 'none'}; "
+                        "rerun with --resume auto once the data can be read") from None
     except (RuntimeError, torch.distributed.DistBackendError) as e:
         if not is_comm_failure(e):
             raise

@@ -20,6 +20,7 @@ import torch
 import torchaudio.functional as AF
 
 from d2v_scale.data.format import AUDIO_EXT, CLASS_EXT, SAMPLE_RATE, SOURCE_EXT, TRANSCRIPT_EXT
+from d2v_scale.outputs import atomic
 
 
 def find_audio(src: str, exts: tuple[str, ...]) -> tuple[str, list[str]]:
@@ -85,7 +86,8 @@ def write_manifest(src: str, dest: str, valid_percent: float, exts: tuple[str, .
     out.mkdir(parents=True, exist_ok=True)
     counts = {"train": 0, "valid": 0, "unreadable": []}
     root_abs = str(Path(root).resolve())
-    with open(out / "train.tsv", "w") as train, open(out / "valid.tsv", "w") as valid:
+    with atomic(out / "train.tsv") as train_tmp, atomic(out / "valid.tsv") as valid_tmp, \
+            open(train_tmp, "w") as train, open(valid_tmp, "w") as valid:     # renamed when complete
         print(root_abs, file=train)
         print(root_abs, file=valid)
         for rel in files:

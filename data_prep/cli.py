@@ -2,8 +2,8 @@
 
   d2v-shard image SRC DST [--max_size PX]              image folder or ImageNet train layout
   d2v-shard audio SRC DST [--ext wav,flac,ogg] [--max_seconds 30] [--min_seconds 1]   folder or .tsv
-  d2v-shard manifest SRC DEST [--valid_percent 0.01]   wav2vec-style train.tsv / valid.tsv
-  d2v-shard spm-train CORPUS MODEL_PREFIX --vocab_size N
+  d2v-shard manifest SRC DEST [--valid_percent 0.01]   wav2vec-style train.tsv / valid.tsv [--overwrite]
+  d2v-shard spm-train CORPUS MODEL_PREFIX --vocab_size N [--overwrite]
   d2v-shard text SRC DST --spm MODEL [--tokens_per_sample 512]
   d2v-shard glue FILE.tsv DST --spm MODEL (--task rte | --sentence1 COL [--sentence2 COL] --label COL)
                                                        [--regression] [--label_names a,b] [--max_positions 512]
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import sentencepiece as spmlib
 
 from d2v_scale.data.letters import DICT_FILE, LetterDict
 from d2v_scale.errors import D2VError
+from d2v_scale.outputs import OutputError, check_output
 
 from .audio import encode_audio, find_audio, write_manifest
 from .glue import encode_rows, label_values, layout_for, make_sample, read_rows, task_metric
@@ -137,9 +139,22 @@ def audio(src: str, dst: str, ext: str = "wav,flac,ogg", max_seconds: float = 30
          maxcount, maxsize, workers, seed, collector=Chunks(), overwrite=overwrite, extras=extras or None)
 
 
-def manifest(src: str, dest: str, valid_percent: float = 0.01, ext: str = "flac", seed: int = 42) -> None:
-    """train.tsv / valid.tsv (root line, then path<TAB>frames) as fairseq's wav2vec_manifest writes them."""
+def _outputs(paths: list[Path], overwrite: bool) -> None:
+    """Files written under a name the user gave: refused if they exist (without --overwrite) or lie
+    inside a run's checkpoints."""
+    for p in paths:
+        try:
+            check_output(p, overwrite)
+        except OutputError as e:
+            _fail(str(e))
+
+
+def manifest(src: str, dest: str, valid_percent: float = 0.01, ext: str = "flac", seed: int = 42,
+             overwrite: bool = False) -> None:
+    """train.tsv / valid.tsv (root line, then path<TAB>frames) as fairseq's wav2vec_manifest writes them;
+    existing ones are replaced only with --overwrite."""
     _source(src)
+    _outputs([Path(dest) / "train.tsv", Path(dest) / "valid.tsv"], overwrite)
     try:
         counts = write_manifest(src, dest, valid_percent, tuple(ext.split(",")), seed)
     except ValueError as e:
@@ -149,9 +164,11 @@ def manifest(src: str, dest: str, valid_percent: float = 0.01, ext: str = "flac"
 
 
 def spm_train(corpus: str, model_prefix: str, vocab_size: int = 8000, model_type: str = "unigram",
-              seed: int = 0) -> None:
-    """A sentencepiece model with fairseq's special-token layout (bos 0, pad 1, eos 2, unk 3)."""
+              seed: int = 0, overwrite: bool = False) -> None:
+    """A sentencepiece model with fairseq's special-token layout (bos 0, pad 1, eos 2, unk 3);
+    an existing MODEL_PREFIX.model/.vocab is replaced only with --overwrite."""
     _source(corpus)
+    _outputs([Path(model_prefix + ".model"), Path(model_prefix + ".vocab")], overwrite)
     try:
         path = train_spm(corpus, model_prefix, vocab_size, model_type, seed=seed)
     except (ValueError, RuntimeError) as e:
@@ -258,7 +275,12 @@ COMMANDS = {"image": image, "audio": audio, "manifest": manifest, "spm-train": s
             "text": text, "glue": glue, "verify": verify}
 
 
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)      # unwinds like Ctrl-C: the open shard is removed, no index is written
+
+
 def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         fire.Fire(COMMANDS, command=argv if argv is not None else sys.argv[1:], name="d2v-shard")
     except OSError as e:

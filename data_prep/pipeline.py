@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -94,33 +95,39 @@ def shard(items: list[tuple], fn, dst: str, *, keys: list[str], maxcount: int, m
     jobs = [(fn, keys[i], items[i]) for i in order]
     errors, written = [], 0
     progress = _Progress(len(jobs), desc)
-    with ShardSink(dst, maxcount=maxcount, maxsize=maxsize, meta=meta, index=index, overwrite=overwrite) as sink:
-        pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
-        try:
-            results = pool.imap(_call, jobs, chunksize=4) if pool else map(_call, jobs)
-            for key, out, err in results:
-                if err is not None:
-                    errors.append({"input": key, "error": err})
-                else:
-                    for sample in collector.feed(out, key):
-                        sample["__key__"] = f"{written:09d}"
-                        sink.write(sample)
-                        written += 1
-                progress.update(written, len(errors))
-            for sample in collector.finish():
-                sample["__key__"] = f"{written:09d}"
-                sink.write(sample)
-                written += 1
-        finally:
-            progress.close()
-            if pool:
-                pool.terminate()
-        if written == 0:
-            raise ValueError(f"no sample could be made from {len(jobs)} inputs; first error: "
-                             f"{errors[0]['error'] if errors else 'none'}")
-        sink.meta.update({"inputs": len(jobs), "skipped_inputs": len(errors), **collector.stats()})
-        for name, data in (extras or {}).items():
-            sink.write_extra(name, data)
+    sink = ShardSink(dst, maxcount=maxcount, maxsize=maxsize, meta=meta, index=index, overwrite=overwrite)
+    try:                             # no file yet: the first sample opens the first shard
+        with sink:
+            pool = mp.get_context("fork").Pool(workers, signal.signal, (signal.SIGTERM, signal.SIG_DFL)) \
+                if workers > 1 else None
+            try:
+                results = pool.imap(_call, jobs, chunksize=4) if pool else map(_call, jobs)
+                for key, out, err in results:
+                    if err is not None:
+                        errors.append({"input": key, "error": err})
+                    else:
+                        for sample in collector.feed(out, key):
+                            sample["__key__"] = f"{written:09d}"
+                            sink.write(sample)
+                            written += 1
+                    progress.update(written, len(errors))
+                for sample in collector.finish():
+                    sample["__key__"] = f"{written:09d}"
+                    sink.write(sample)
+                    written += 1
+            finally:
+                progress.close()
+                if pool:
+                    pool.terminate()
+            if written == 0:
+                raise ValueError(f"no sample could be made from {len(jobs)} inputs; first error: "
+                                 f"{errors[0]['error'] if errors else 'none'}")
+            sink.meta.update({"inputs": len(jobs), "skipped_inputs": len(errors), **collector.stats()})
+            for name, data in (extras or {}).items():
+                sink.write_extra(name, data)
+    except BaseException:            # interrupted anywhere, entering or leaving `with` too: no `.partial` stays
+        sink.abort()
+        raise
     result = sink.index
     if sink.uploader is not None:
         result["upload_mb_per_s"] = sink.uploader.bytes / 1e6 / max(sink.uploader.seconds, 1e-9)

@@ -89,9 +89,10 @@ class ShardSink:
         self.meta = meta or {}
         self.shards: list[dict] = []
         self._files: dict[str, object] = {}
+        self._partials: set[str] = set()     # `.partial` paths this sink may have created and not renamed
         self._count = 0
-        self.writer = wds.ShardWriter(self.pattern, maxcount=maxcount, maxsize=maxsize, post=self._finished,
-                                      opener=self._open, verbose=0, mtime=0.0)
+        self._limits = (maxcount, maxsize)
+        self.writer = None              # made by the first write, inside `with`: its first shard is cleaned up
 
     def _old_outputs(self) -> list[str]:
         """Shards of this pattern (and leftovers of an interrupted run) and the index already there."""
@@ -128,17 +129,23 @@ class ShardSink:
         return str(Path(self.tmpdir) / Path(fname).name) if self.remote else fname
 
     def _open(self, fname: str):
-        f = open(self._local_path(fname) + ".partial", "wb")
+        partial = self._local_path(fname) + ".partial"
+        self._partials.add(partial)     # before it exists: an interrupt at any moment leaves it on the list
+        f = open(partial, "wb")
         self._files[fname] = f
         return f
 
     def _finished(self, fname: str) -> None:
-        self._files.pop(fname).close()
+        self._files[fname].close()
         partial, final = self._local_path(fname) + ".partial", self._local_path(fname)
         if self._count == 0:            # ShardWriter opens the next shard eagerly; drop it if empty
             os.remove(partial)
+        else:
+            os.replace(partial, final)
+        self._partials.discard(partial)  # only once it is gone: abort() removes what is still listed
+        del self._files[fname]
+        if self._count == 0:
             return
-        os.replace(partial, final)
         record = {"url": fname, "samples": self._count, "bytes": os.path.getsize(final),
                   "sha256": sha256_file(final)}
         if self.remote:
@@ -150,6 +157,9 @@ class ShardSink:
 
     # API ----------------------------------------------------------------------------------------
     def write(self, sample: dict) -> None:
+        if self.writer is None:         # ShardWriter opens its first shard as it is made
+            self.writer = wds.ShardWriter(self.pattern, maxcount=self._limits[0], maxsize=self._limits[1],
+                                          post=self._finished, opener=self._open, verbose=0, mtime=0.0)
         self.writer.write(sample)  # may finish the previous shard first (-> _finished resets _count)
         self._count += 1
 
@@ -159,11 +169,15 @@ class ShardSink:
         if self.remote:
             self.uploader.put_bytes(url, data)
         else:
-            Path(url).write_bytes(data)
+            self._partials.add(url + ".partial")
+            Path(url + ".partial").write_bytes(data)
+            os.replace(url + ".partial", url)
+            self._partials.discard(url + ".partial")
         return url
 
     def close(self) -> dict:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
         if self.remote:
             self.uploader.wait()
         index = {"format": "d2v_scale/shards-v1", **self.meta,
@@ -175,19 +189,29 @@ class ShardSink:
             self.uploader.close()
         else:
             tmp = self.index_url + ".partial"
+            self._partials.add(tmp)
             Path(tmp).write_bytes(data)
             os.replace(tmp, self.index_url)
+            self._partials.discard(tmp)
         return index
 
     def abort(self) -> None:
-        """Leave completed shards, remove the open partial, write no index."""
+        """Leave completed shards, remove every partial (open, being closed or renamed), write no index."""
+        tar = getattr(self.writer, "tarstream", None)
+        if tar is not None:             # let the tar stream go before its file (no flush into a closed file later)
+            try:
+                tar.close()
+            except Exception:  # noqa: BLE001 - interrupted mid-sample: the file is removed below anyway
+                pass
         for f in self._files.values():
             f.close()
-            try:
-                os.remove(f.name)
-            except OSError:
-                pass
         self._files.clear()
+        for partial in sorted(self._partials):
+            try:
+                os.remove(partial)
+            except FileNotFoundError:
+                pass
+        self._partials.clear()
         if self.remote:
             self.uploader.close()
 
@@ -195,8 +219,12 @@ class ShardSink:
         return self
 
     def __exit__(self, exc_type, *rest):
-        if exc_type is None:
-            self.index = self.close()
-        else:
+        if exc_type is not None:
             self.abort()
+            return False
+        try:
+            self.index = self.close()
+        except BaseException:           # interrupted while the last shard or the index is written
+            self.abort()
+            raise
         return False

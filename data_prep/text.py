@@ -9,6 +9,7 @@ layout (bos 0, pad 1, eos 2, unk 3), so a d2v_scale text model lines up with fai
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import sys
@@ -69,10 +70,18 @@ def train_spm(corpus: str, model_prefix: str, vocab_size: int, model_type: str =
                     yield line
 
     spm.set_random_generator_seed(seed)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=sentences(), model_prefix=model_prefix, vocab_size=vocab_size, model_type=model_type,
-        character_coverage=1.0, bos_id=BOS, pad_id=PAD, eos_id=EOS, unk_id=UNK,
-        input_sentence_size=max_sentences, shuffle_input_sentence=True, num_threads=2, minloglevel=2)
+    tmp = model_prefix + ".partial"                   # PREFIX.partial.{model,vocab}, renamed when complete
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences(), model_prefix=tmp, vocab_size=vocab_size, model_type=model_type,
+            character_coverage=1.0, bos_id=BOS, pad_id=PAD, eos_id=EOS, unk_id=UNK,
+            input_sentence_size=max_sentences, shuffle_input_sentence=True, num_threads=2, minloglevel=2)
+        os.replace(tmp + ".vocab", model_prefix + ".vocab")
+        os.replace(tmp + ".model", model_prefix + ".model")      # last: a .model is always complete
+    except BaseException:
+        for ext in (".model", ".vocab"):
+            Path(tmp + ext).unlink(missing_ok=True)
+        raise
     return model_prefix + ".model"
 
 

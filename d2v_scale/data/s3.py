@@ -286,3 +286,18 @@ def head(url: str) -> int:
             except Exception as e2:  # noqa: BLE001
                 msg = explain(e2, f"s3://{bucket}/")
         raise S3Error(msg) from None
+
+
+def where(url: str) -> str:
+    """Where a shard is read from, for a message: the S3 endpoint (no credentials), the http(s) host, or
+    the local folder."""
+    parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        try:
+            endpoint = client().meta.endpoint_url
+        except Exception:  # noqa: BLE001 - a message must not fail
+            endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
+        return f"s3://{parsed.netloc}/ at endpoint {endpoint}"
+    if parsed.scheme in ("http", "https"):
+        return f"{parsed.scheme}://{parsed.hostname}{f':{parsed.port}' if parsed.port else ''}"
+    return str(Path(parsed.path if parsed.scheme else url).parent)

@@ -24,23 +24,29 @@ import os
 import random
 import signal
 import threading
+import time
 import warnings
 
 import torch
 import webdataset as wds
 
+from .s3 import where
 from .shards import DataError
+
+POLL_S = 2.0     # how often the training process looks up from a wait for a batch
 
 
 class ErrorCounter:
     """webdataset exception handler: warn (rate-limited), count, continue."""
 
-    def __init__(self, what: str):
-        self.what = what
+    def __init__(self, what: str, progress: dict | None = None):
+        self.what, self.progress = what, progress
         self.count = 0
 
     def __call__(self, exn: Exception) -> bool:
         self.count += 1
+        if self.progress is not None:                  # the reason a stream that stops names
+            self.progress["last_error"] = f"{exn}"[:300]
         if self.count <= 5 or self.count % 100 == 0:
             warnings.warn(f"skipping {self.what} ({self.count} so far): {exn!r:.300}", stacklevel=2)
         return True
@@ -71,6 +77,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         while True:
             if not first:                                  # samples read in the pass that just ended
                 progress["last_pass"] = progress["read"] - progress["read_at_pass"]
+                if progress["last_pass"] == 0 and progress.get("last_error"):   # no shard of a whole pass read
+                    raise DataError(
+                        f"worker {w} of rank {self.rank}: each of its {len(mine)} shards in {where(mine[0])} "
+                        f"gave no sample in a whole pass (last: {progress.get('last_error') or 'no samples'}); "
+                        f"{_fix(mine[0])}")
             progress["read_at_pass"], first = progress["read"], False
             order = [rng.choice(mine) for _ in mine] if self.sampling == "resample" else rng.sample(mine, len(mine))
             for url in order:
@@ -95,8 +106,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         rng = random.Random(hash((self.seed, self.epoch, self.rank, w)))
         n_batches = self.batches // W + (1 if w < self.batches % W else 0)        # round-robin share
         done = self.skip_batches // W + (1 if w < self.skip_batches % W else 0)   # already delivered
-        read_errors, decode_errors = ErrorCounter("unreadable shard"), ErrorCounter("undecodable sample")
         progress = {"opened": 0, "opened_at_sample": 0, "read": 0, "read_at_pass": 0, "last_pass": 0}
+        read_errors, decode_errors = ErrorCounter("unreadable shard", progress), ErrorCounter("undecodable sample")
         samples = wds.tarfile_to_samples(handler=read_errors)(self._shard_order(rng, w, W, progress))
         samples = _mark_progress(samples, progress)
         if self.shuffle_buffer > 1:
@@ -133,6 +144,17 @@ class ShardStream(torch.utils.data.IterableDataset):
                 reported = read_errors.count
                 yield batch
                 buf, skipped, done = [], 0, done + 1
+
+
+def _fix(url: str) -> str:
+    if "://" in url and not url.startswith("file://"):
+        return "is the object store up and reachable? (AWS_ENDPOINT_URL, credentials, network)"
+    return "check the shards with `d2v-shard verify`"
+
+
+class DataStalled(DataError):
+    """A stop signal arrived while the data source delivered nothing: the training loop checkpoints
+    the last completed step instead of waiting for a batch that may never come."""
 
 
 def init_worker(worker_id: int) -> None:
@@ -186,6 +208,8 @@ class Loader:
         self.state = {"epoch": 0, "batches": 0, "samples_seen": 0, "skipped": 0, "read_errors": 0}
         if state:
             self.state.update(state)
+        self.start = self.state["epoch"] * per_rank_batches + self.state["batches"]   # a step boundary
+        self.stop_pending = lambda: False     # the training loop's signals: a stop asked for while stalled
 
     def state_dict(self) -> dict:
         return dict(self.state)
@@ -199,6 +223,7 @@ class Loader:
         return torch.utils.data.DataLoader(
             ds, batch_size=None, num_workers=self.cfg.num_workers, worker_init_fn=init_worker,
             persistent_workers=False, prefetch_factor=4 if self.cfg.num_workers > 0 else None,
+            timeout=POLL_S if self.cfg.num_workers > 0 else 0,           # returns to `_next` while waiting
             pin_memory=torch.cuda.is_available(),
             multiprocessing_context="fork" if self.cfg.num_workers > 0 and os.name == "posix" else None)
 
@@ -210,7 +235,7 @@ class Loader:
             got = 0
             batches = iter(self._epoch_loader(st["epoch"], st["batches"]))
             try:
-                for batch in batches:
+                while (batch := self._next(batches, first=got == 0)) is not None:
                     if "error" in batch:
                         raise DataError(batch["error"])
                     got += 1
@@ -226,3 +251,36 @@ class Loader:
                                 "(every shard unreadable or every sample undecodable?); see the warnings above")
             if st["batches"] < self.batches_per_epoch:
                 raise DataError(f"rank {self.rank} ran out of samples mid-epoch; see the warnings above")
+
+    def _next(self, batches, first: bool):
+        """The next batch (None at the end of the epoch). While none arrives: a stop signal raises
+        DataStalled (the loop checkpoints its last completed step), and `data.stall_timeout_s`
+        without one stops the run naming where the shards are read from (not for an epoch's first
+        batch: a resume replays its part of the epoch first, and an unreadable pass stops it anyway)."""
+        t0 = time.monotonic()
+        while True:
+            try:
+                return next(batches)
+            except StopIteration:
+                return None
+            except RuntimeError as e:
+                if "timed out" not in str(e):
+                    raise
+            waited = time.monotonic() - t0
+            if self.stop_pending():
+                raise DataStalled(f"rank {self.rank}: no batch for {waited:.0f} s from {where(self.urls[0])}")
+            if waited > self.cfg.stall_timeout_s and not first:
+                raise DataError(
+                    f"rank {self.rank}: no batch for {waited:.0f} s (--data.stall_timeout_s "
+                    f"{self.cfg.stall_timeout_s:g}) from {where(self.urls[0])}: {_fix(self.urls[0])} (the "
+                    "warnings above name the shards that failed)")
+
+    def boundary_state(self, accumulation: int) -> dict:
+        """The position at the last completed optimizer step: the micro-batches of a step left half
+        done (gradient accumulation) are given back, so a resume replays them."""
+        st = dict(self.state)
+        pos = st["epoch"] * self.batches_per_epoch + st["batches"]
+        back = (pos - self.start) % max(1, accumulation)
+        st["epoch"], st["batches"] = divmod(pos - back, self.batches_per_epoch)
+        st["samples_seen"] -= back * self.batch_size
+        return st
