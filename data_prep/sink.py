@@ -2,7 +2,9 @@
 
 Each shard is written to a `.partial` file and renamed (or uploaded) only once complete, and the
 index JSON (shard URLs, sample counts, bytes, sha256) is written after every shard is in place,
-so an interrupted run never leaves an index that points at a missing or half-written shard.
+so an interrupted run never leaves an index that points at a missing or half-written shard; a local
+destination holds `d2v-shard.incomplete` from the start until the index is in place, so that a folder
+of an interrupted run is refused as `--data` instead of read as complete.
 Tar members carry a fixed mtime, so the same input gives byte-identical shards.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import webdataset as wds
 
+from d2v_scale.data.format import INCOMPLETE
 from d2v_scale.errors import D2VError
 
 from .s3_upload import Uploader, UploadError
@@ -86,6 +89,9 @@ class ShardSink:
             _check_local_dir(parent)
             self.uploader = None
         self._clear_old_shards(overwrite)
+        if not self.remote:                     # until the index is in place: `--data` refuses the folder
+            (Path(self.pattern).parent / INCOMPLETE).write_text(
+                f"d2v-shard is writing {Path(self.pattern).name} here, or was interrupted; index.json comes last\n")
         self.meta = meta or {}
         self.shards: list[dict] = []
         self._files: dict[str, object] = {}
@@ -177,6 +183,7 @@ class ShardSink:
             tmp = self.index_url + ".partial"
             Path(tmp).write_bytes(data)
             os.replace(tmp, self.index_url)
+            (Path(self.pattern).parent / INCOMPLETE).unlink(missing_ok=True)
         return index
 
     def abort(self) -> None:
