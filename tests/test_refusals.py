@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from webdataset.shardlists import expand_urls
 
-from d2v_scale.config import ConfigError
+from d2v_scale.config import ConfigError, TextConfig
 from d2v_scale.d2v import Data2Vec
 from d2v_scale.data import DataError, ImageCodec, build_codec, find_shards
 from d2v_scale.data.braces import count
@@ -22,6 +22,7 @@ from d2v_scale.evaluate.probe import probe
 from d2v_scale.export import write_weights
 from d2v_scale.preflight import finetune_preflight, preflight
 from d2v_scale.presets import build_config, get_preset
+from d2v_scale.pretrained import read_encoder
 from data_prep.cli import main as d2v_shard
 from data_prep.sink import ShardSink
 
@@ -239,6 +240,10 @@ def test_another_modalitys_keys_and_shard_sizes_below_one_are_refused(image_dir,
         build_config("vit_base_patch16_debug", None, **{"model.text.vocab_size": 100})
     with pytest.raises(ConfigError, match=r"--model.image.\* is set but this config builds the audio encoder"):
         build_config("audio_base_debug", None, **{"model.image.img_size": 64})
+    cfg = get_preset("vit_base_patch16_debug")                          # weights written when it was accepted
+    cfg.model.text = TextConfig(vocab_size=100)
+    write_weights(tmp_path / "old.safetensors", Data2Vec(cfg.model).encoder.state_dict(), cfg.to_dict(), "encoder")
+    assert read_encoder(tmp_path / "old.safetensors").cfg.validate().model.text is None       # still load
     for bad in (0, -5):
         assert f"--maxcount {bad}: must be a number >= 1" in refusal("image", image_dir, tmp_path / "o",
                                                                       "--maxcount", bad)
