@@ -2,9 +2,9 @@
 
 Each shard is written to a `.partial` file and renamed (or uploaded) only once complete, and the
 index JSON (shard URLs, sample counts, bytes, sha256) is written after every shard is in place,
-so an interrupted run never leaves an index that points at a missing or half-written shard; a local
-destination holds `d2v-shard.incomplete` from the start until the index is in place, so that a folder
-of an interrupted run is refused as `--data` instead of read as complete.
+so an interrupted run never leaves an index that points at a missing or half-written shard; the
+destination (folder or prefix) holds `d2v-shard.incomplete` from the start until the index is in
+place, so that the shards of an interrupted run are refused as `--data` instead of read as complete.
 Tar members carry a fixed mtime, so the same input gives byte-identical shards.
 """
 from __future__ import annotations
@@ -89,9 +89,12 @@ class ShardSink:
             _check_local_dir(parent)
             self.uploader = None
         self._clear_old_shards(overwrite)
-        if not self.remote:                     # until the index is in place: `--data` refuses the folder
-            (Path(self.pattern).parent / INCOMPLETE).write_text(
-                f"d2v-shard is writing {Path(self.pattern).name} here, or was interrupted; index.json comes last\n")
+        self.marker = self.pattern.rsplit("/", 1)[0] + "/" + INCOMPLETE   # until the index is in place:
+        note = f"d2v-shard is writing {self.pattern.rsplit('/', 1)[-1]} here, or was interrupted; index.json comes last\n"
+        if self.remote:                                                  # `--data` refuses the folder
+            self.uploader.put_bytes(self.marker, note.encode())
+        else:
+            Path(self.marker).write_text(note)
         self.meta = meta or {}
         self.shards: list[dict] = []
         self._files: dict[str, object] = {}
@@ -178,12 +181,13 @@ class ShardSink:
         data = (json.dumps(index, indent=1) + "\n").encode()
         if self.remote:
             self.uploader.put_bytes(self.index_url, data)
+            self.uploader.delete([self.marker])
             self.uploader.close()
         else:
             tmp = self.index_url + ".partial"
             Path(tmp).write_bytes(data)
             os.replace(tmp, self.index_url)
-            (Path(self.pattern).parent / INCOMPLETE).unlink(missing_ok=True)
+            Path(self.marker).unlink(missing_ok=True)
         return index
 
     def abort(self) -> None:

@@ -235,6 +235,24 @@ def test_check_refuses_a_folder_d2v_shard_did_not_finish(image_shards, tmp_path)
     assert not (image_shards / "d2v-shard.incomplete").exists()         # a finished run leaves no marker
 
 
+def test_an_unfinished_prefix_on_s3_is_refused_too(s3, image_shards):
+    tar = (image_shards / "img-000000.tar").read_bytes()
+    with pytest.raises(KeyboardInterrupt):
+        with ShardSink("s3://d2v-test/cut/shard-%06d.tar", maxcount=2) as sink:
+            for i in range(5):
+                sink.write({"__key__": f"{i:09d}", "png": tar[:10]})
+            sink.uploader.wait()                                        # the two finished shards are up
+            raise KeyboardInterrupt
+    for data in ("s3://d2v-test/cut/", "s3://d2v-test/cut/shard-{000000..000001}.tar"):
+        with pytest.raises(DataError, match=r"d2v-shard has not finished s3://d2v-test/cut/ \(d2v-shard.incomplete"):
+            find_shards(data)
+    with ShardSink("s3://d2v-test/whole/shard-%06d.tar", maxcount=2) as sink:     # finished: no marker
+        for i in range(3):
+            sink.write({"__key__": f"{i:09d}", "png": tar[:10]})
+    assert len(find_shards("s3://d2v-test/whole/").urls) == 2
+    assert len(find_shards("s3://d2v-test/whole/index.json").urls) == 2
+
+
 def test_another_modalitys_keys_and_shard_sizes_below_one_are_refused(image_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"--model.text.\* is set but this config builds the image encoder"):
         build_config("vit_base_patch16_debug", None, **{"model.text.vocab_size": 100})

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 from ..errors import D2VError
 from .braces import BraceError, expand
 from .format import INCOMPLETE
-from .s3 import HTTPReader, S3Error, list_objects, list_shards, read_bytes, read_head, split_url
+from .s3 import HTTPReader, S3Error, list_objects, read_bytes, read_head, split_url
 
 SCHEMES = ("", "file", "s3", "http", "https")
 REMOTE = ("s3://", "http://", "https://")
@@ -99,10 +99,13 @@ def _check_finished(folder: Path, source: str) -> None:
     a `.partial` shard without an index (left by a writer older than the marker)."""
     partial = sorted(p.name for p in folder.glob("*.tar.partial"))
     if (folder / INCOMPLETE).exists() or (partial and not (folder / "index.json").exists()):
-        sign = INCOMPLETE if (folder / INCOMPLETE).exists() else partial[0]
-        raise DataError(f"--data {source}: d2v-shard has not finished {folder} ({sign} is there, its index.json "
-                        "comes last): it was interrupted or still runs; rerun the same d2v-shard command with "
-                        "--overwrite (or wait for it), then train on the folder")
+        raise _unfinished(source, folder, INCOMPLETE if (folder / INCOMPLETE).exists() else partial[0])
+
+
+def _unfinished(source: str, where, sign: str) -> DataError:
+    return DataError(f"--data {source}: d2v-shard has not finished {where} ({sign} is there, its index.json comes "
+                     "last): it was interrupted or still runs; rerun the same d2v-shard command with --overwrite "
+                     "(or wait for it), then train on the folder")
 
 
 def _expand(path: str) -> list[str]:
@@ -156,6 +159,8 @@ def _check_s3(urls: list[str], source: str) -> None:
             present = set(list_objects(f"s3://{bucket}/{prefix}", suffix=""))
         except S3Error as e:
             raise DataError(f"--data: {e}") from None
+        if prefix + INCOMPLETE in present:
+            raise _unfinished(source, f"s3://{bucket}/{prefix}", INCOMPLETE)
         missing = sorted(keys - present)
         if missing:
             raise DataError(f"--data {source}: {len(missing)} of {len(urls)} shards are not in the bucket "
@@ -167,7 +172,11 @@ def _remote_urls(path: str, allow_pipe: bool) -> list[str]:
     all exist and the first http shard must answer before training starts."""
     try:
         if path.endswith("/") and path.startswith("s3://"):
-            urls = list_shards(path)
+            bucket, prefix = split_url(path)
+            keys = list_objects(path, suffix="")
+            if prefix.rstrip("/") + "/" + INCOMPLETE in keys:
+                raise _unfinished(path, path, INCOMPLETE)
+            urls = [f"s3://{bucket}/{k}" for k in keys if k.endswith(".tar")]
             if not urls:
                 raise DataError(f"--data {path}: no .tar objects under that prefix")
         else:
