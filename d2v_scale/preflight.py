@@ -5,8 +5,9 @@ silently ignore), the shards (schemes, existence, tar headers, the index's modal
 sample's), the masks on the token grid, the `--run.init_from` weights (names and shapes against the
 model), the run directory (a writable directory; checkpoints there need `--resume`), the
 checkpoint to resume from (newest that reads back) and the model it was trained with; the labelled
-shards of the kNN monitor (the same class names in `--eval.val`); for fine-tuning (`finetune_preflight`) the --init weights, their
-modality and head, and the labels of the training and validation shards. `d2v check` runs this in
+shards of the kNN monitor (the same class names in `--eval.val`); for fine-tuning
+(`finetune_preflight`) the --init weights, their modality and head, and the labels of the training
+and validation shards (the same class names). `d2v check` runs this in
 one process before any launcher starts ranks; `d2v train` and `d2v finetune` run it on every rank
 before the ranks wait on each other. Nothing here writes to the run directory.
 """

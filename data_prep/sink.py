@@ -90,7 +90,8 @@ class ShardSink:
             self.uploader = None
         self._clear_old_shards(overwrite)
         self.marker = self.pattern.rsplit("/", 1)[0] + "/" + INCOMPLETE   # until the index is in place:
-        note = f"d2v-shard is writing {self.pattern.rsplit('/', 1)[-1]} here, or was interrupted; index.json comes last\n"
+        note = (f"d2v-shard is writing {self.pattern.rsplit('/', 1)[-1]} here, or was interrupted; "
+                "index.json comes last\n")
         if self.remote:                                                  # `--data` refuses the folder
             self.uploader.put_bytes(self.marker, note.encode())
         else:

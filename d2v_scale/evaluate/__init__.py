@@ -9,5 +9,5 @@ from .linear import linear_probe
 from .monitor import KnnMonitor
 from .probe import probe
 
-__all__ = ["EvalShards", "EvalStream", "KnnMonitor", "accuracy", "check_same_classes", "eval_shards", "extract", "knn_scores",
-           "linear_probe", "pooled", "probe"]
+__all__ = ["EvalShards", "EvalStream", "KnnMonitor", "accuracy", "check_same_classes", "eval_shards", "extract",
+           "knn_scores", "linear_probe", "pooled", "probe"]
