@@ -142,6 +142,7 @@ class DataConfig:
     allow_pipe: bool = False     # permit webdataset `pipe:` URLs (they run shell commands)
     stall_timeout_s: float = 600.0  # no batch for this long (object store down): stop, naming it
     crop_scale: tuple[float, float] = (0.2, 1.0)   # image RandomResizedCrop scale
+    max_image_pixels: int = 64_000_000   # images above width x height are skipped undecoded (decompression bombs)
     sample_rate: int = 16_000
     min_sample_size: int = 32_000   # audio crop bounds in samples (2 s .. 20 s)
     max_sample_size: int = 320_000
@@ -258,6 +259,11 @@ class Config:
             raise ConfigError(f"model.modality={m.modality!r}: choose one of {', '.join(MODALITIES)}")
         if getattr(m, m.modality) is None:
             raise ConfigError(f"model.{m.modality} is not set for modality {m.modality!r}")
+        for other in MODALITIES:
+            if other != m.modality and getattr(m, other) is not None:
+                raise ConfigError(f"--model.{other}.* is set but this config builds the {m.modality} encoder, "
+                                  f"which never reads the {other} section: drop those flags, or pick a {other} "
+                                  f"preset (e.g. --preset {_OTHER_PRESET[other]})")
         for key, ok, want in _RANGES:
             value = self
             for part in key.split("."):
@@ -330,6 +336,9 @@ class Config:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
+_OTHER_PRESET = {"image": "vit_base_patch16", "audio": "audio_base", "text": "text_base"}
+
+
 class ConfigError(D2VError, ValueError):
     """A configuration problem, reported before any rank starts work."""
 
@@ -374,6 +383,7 @@ _RANGES = [
     ("data.sample_rate", _AT_LEAST_1, "an integer >= 1"),
     ("data.min_sample_size", _AT_LEAST_1, "an integer >= 1"),
     ("data.tokens_per_sample", _finite(2), "an integer >= 2"),
+    ("data.max_image_pixels", _AT_LEAST_1, "an integer >= 1 (width x height of the largest image decoded)"),
     ("mask.clone_batch", _AT_LEAST_1, "an integer >= 1"),
     ("mask.mask_length", _AT_LEAST_1, "an integer >= 1"),
     ("mask.mask_noise_std", _NON_NEGATIVE, "a finite number >= 0"),

@@ -92,6 +92,30 @@ def read_weights(path: str | Path) -> tuple[dict, dict, dict]:
                        "`d2v export` or `d2v import-fairseq`")
 
 
+def read_weight_shapes(path: str | Path) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """(student, teacher) {name: shape} of a weights file as `read_weights` would name them, from the
+    file's header alone (no tensor is read): what a pre-flight compares with the model it will build."""
+    if not Path(path).is_file():
+        raise WeightsError(f"weights file {path} not found (write one with `d2v export` or `d2v import-fairseq`)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise WeightsError(f"{path} is not a readable safetensors file ({one_line(e)[:160]}); "
+                           "write it with `d2v export` or `d2v import-fairseq`") from None
+    kind = meta.get("format", "")
+    if kind.startswith("d2v_scale/encoder"):
+        return {f"encoder.{k}": v for k, v in shapes.items()}, {}
+    if kind.startswith("d2v_scale/model"):
+        return ({k: v for k, v in shapes.items() if not k.startswith("teacher.")},
+                {k[len("teacher."):]: v for k, v in shapes.items() if k.startswith("teacher.")})
+    if kind.startswith("d2v_scale/classifier"):
+        return shapes, {}
+    raise WeightsError(f"{path} is not a d2v_scale weights file (metadata format {kind!r}); write it with "
+                       "`d2v export` or `d2v import-fairseq`")
+
+
 def export_run(run_dir: str | Path, out: str | Path, teacher: bool = False, tag: str | None = None,
                overwrite: bool = False) -> dict:
     """`d2v export`: a run's checkpoint (read through checkpoint.py) -> encoder weights files; an

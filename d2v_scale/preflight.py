@@ -1,11 +1,13 @@
 """Everything a run checks before any rank starts work, and the settings it resolves on the way.
 
 The config's values, the DeepSpeed config (DeepSpeed's own validation, and keys DeepSpeed would
-silently ignore), the shards (schemes, existence, tar headers, the index's modality), the masks on
-the token grid, the run directory (a writable directory; checkpoints there need `--resume`), the
+silently ignore), the shards (schemes, existence, tar headers, the index's modality, the first
+sample's), the masks on the token grid, the `--run.init_from` weights (names and shapes against the
+model), the run directory (a writable directory; checkpoints there need `--resume`), the
 checkpoint to resume from (newest that reads back) and the model it was trained with; the labelled
-shards of the kNN monitor; for fine-tuning (`finetune_preflight`) the --init weights, their
-modality and head, and the labels of the training and validation shards. `d2v check` runs this in
+shards of the kNN monitor (the same class names in `--eval.val`); for fine-tuning
+(`finetune_preflight`) the --init weights, their modality and head, and the labels of the training
+and validation shards (the same class names). `d2v check` runs this in
 one process before any launcher starts ranks; `d2v train` and `d2v finetune` run it on every rank
 before the ranks wait on each other. Nothing here writes to the run directory.
 """
@@ -16,12 +18,16 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from .checkpoint import ResumePoint, find_resume
 from .config import Config, ConfigError, from_json
-from .data import DataError, Shards, check_shards, find_shards
+from .d2v import Data2Vec
+from .data import DataError, Shards, check_first_sample, check_shards, find_shards
 from .dsconfig import resolve_ds_config, validate_ds_config
 from .errors import one_line
-from .evaluate import EvalShards, eval_shards
+from .evaluate import EvalShards, check_same_classes, eval_shards
+from .export import read_weight_shapes
 from .masking import check_mask
 from .models import token_grid
 from .presets import FINETUNE_PRESETS
@@ -50,11 +56,13 @@ def preflight(cfg: Config, ds_overrides: dict | None, world: int, every_shard: b
     shards = check_data(cfg, cfg.data.path, world, every_shard)
     resolve_from_data(cfg, shards)
     check_mask(cfg.mask, token_grid(cfg, cfg.data.min_sample_size))
+    check_init_from(cfg)
     bank = queries = None
     if cfg.eval.data:
         bank = eval_shards(cfg.eval.data, cfg.model.modality, "--eval.data", cfg.data.allow_pipe)
         if cfg.eval.val:
             queries = eval_shards(cfg.eval.val, cfg.model.modality, "--eval.val", cfg.data.allow_pipe)
+            check_same_classes(bank, queries)
     ds, resume, changed = check_run(cfg, ds_overrides, world)
     return Preflight(shards, ds, resume, changed, bank, queries)
 
@@ -63,6 +71,7 @@ def check_data(cfg: Config, path: str, world: int, every_shard: bool = True, sou
     """The training shards: they exist, are tar archives of the model's modality, and split over the ranks."""
     shards = find_shards(path, cfg.data.allow_pipe)
     check_shards(shards, cfg.model.modality, path, every_local=every_shard)
+    check_first_sample(shards, cfg.model.modality, f"{source} {path}")
     W = max(1, cfg.data.num_workers)
     if cfg.data.sampling == "split" and len(shards.urls) < world * W:
         raise DataError(f"{source}: {len(shards.urls)} shards cannot be split over {world} ranks x {W} workers: make "
@@ -143,6 +152,31 @@ def resolve_from_data(cfg: Config, shards: Shards) -> None:
         return
     raise ConfigError("model.text.vocab_size is unknown: pass --data INDEX.json written by `d2v-shard text` "
                       "(it records the sentencepiece vocabulary) or set --model.text.vocab_size")
+
+
+def check_init_from(cfg: Config) -> None:
+    """--run.init_from: a d2v_scale weights file whose tensors (names and shapes, read from its header)
+    fit the model this config builds, student and teacher, as `engine.load_init_weights` will load them."""
+    path = cfg.run.init_from
+    if not path:
+        return
+    student, teacher = read_weight_shapes(path)
+    with torch.device("meta"):                                  # shapes only: no memory, no init
+        want = {k: tuple(v.shape) for k, v in Data2Vec(cfg.model, cfg.mask.mask_noise_std).state_dict().items()}
+    encoder = {k[len("encoder."):]: v for k, v in want.items() if k.startswith("encoder.")}
+    unexpected = sorted(set(student) - set(want))
+    missing = sorted(k for k in want if k.startswith("encoder.") and k not in student)
+    shapes = [f"{k} {student[k]} (model {want[k]})" for k in sorted(set(student) & set(want)) if student[k] != want[k]]
+    if teacher:
+        unexpected += sorted(f"teacher.{k}" for k in set(teacher) - set(encoder))
+        missing += sorted(f"teacher.{k}" for k in set(encoder) - set(teacher))
+        shapes += [f"teacher.{k} {teacher[k]} (model {encoder[k]})" for k in sorted(set(teacher) & set(encoder))
+                   if teacher[k] != encoder[k]]
+    if unexpected or missing or shapes:
+        found = "; ".join(f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for what, keys in
+                          (("shapes differ", shapes), ("missing", missing), ("unexpected", unexpected)) if keys)
+        raise ConfigError(f"--run.init_from {path} does not fit the model of this config ({found}); give the weights "
+                          "of the same --preset (d2v export of its run, or d2v import-fairseq of its checkpoint)")
 
 
 # -- the run directory --------------------------------------------------------------------------------

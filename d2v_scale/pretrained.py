@@ -38,9 +38,12 @@ def _config(cfg_dict: dict, path) -> Config:
         raise WeightsError(f"{path} carries no model config; write it with `d2v export` from a run directory "
                            "(its config.json travels in the file)")
     try:
-        return from_dict(cfg_dict)
+        cfg = from_dict(cfg_dict)
     except (ConfigError, TypeError, ValueError) as e:
         raise WeightsError(f"{path}: its config cannot be read ({one_line(e)[:200]})") from None
+    for other in {"image", "audio", "text"} - {cfg.model.modality}:
+        setattr(cfg.model, other, None)          # another modality's section (once accepted, never read)
+    return cfg
 
 
 def _from_run(run_dir: Path, teacher: bool, tag: str | None) -> EncoderWeights:

@@ -1,12 +1,14 @@
 """d2v-shard: turn image folders, audio collections and text corpora into WebDataset shards.
 
-  d2v-shard image SRC DST [--max_size PX]              image folder or ImageNet train layout
+  d2v-shard image SRC DST [--max_size PX] [--labels auto|none] [--max_pixels 64000000]
+                                                       image folder or ImageNet train layout
   d2v-shard audio SRC DST [--ext wav,flac,ogg] [--max_seconds 30] [--min_seconds 1]   folder or .tsv
   d2v-shard manifest SRC DEST [--valid_percent 0.01]   wav2vec-style train.tsv / valid.tsv [--overwrite]
   d2v-shard spm-train CORPUS MODEL_PREFIX --vocab_size N [--overwrite]
   d2v-shard text SRC DST --spm MODEL [--tokens_per_sample 512]
   d2v-shard glue FILE.tsv DST --spm MODEL (--task rte | --sentence1 COL [--sentence2 COL] --label COL)
                                                        [--regression] [--label_names a,b] [--max_positions 512]
+                                                       [--skip_bad_rows]   rows of another field count
   audio and text: [--labels FILE.tsv|folders]          class labels (`cls`, classes.json) for probes
   audio: [--transcripts beside|manifest|FILE.tsv]      transcripts (`txt`, dict.ltr.txt) for CTC fine-tuning
   d2v-shard verify INDEX                               re-read, decode and checksum every shard
@@ -29,6 +31,7 @@ from pathlib import Path
 import fire
 import sentencepiece as spmlib
 
+from d2v_scale.data.image import MAX_IMAGE_PIXELS
 from d2v_scale.data.letters import DICT_FILE, LetterDict
 from d2v_scale.errors import D2VError
 from d2v_scale.outputs import OutputError, check_output
@@ -59,10 +62,20 @@ def _summary(index: dict, what: str) -> None:
     print(f"wrote {index['samples']} {what} in {len(index['shards'])} shards ({index['bytes'] / 1e6:.1f} MB); "
           f"skipped {index.get('skipped_inputs', 0)} of {index.get('inputs', '?')} inputs"
           + (f" (listed in {index['skipped_report']})" if index.get("skipped_report") else "") + extra)
+    for err in index.get("errors", [])[:3]:
+        print(f"d2v-shard: skipped {err['input']}: {err['error']}", file=sys.stderr)
+
+
+def _at_least(lo: float, **values) -> None:
+    """Refuse a numeric option below `lo` (or not a number) with its name."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= lo:
+            _fail(f"--{name} {value!r}: must be a number >= {lo:g}")
 
 
 def _run(items, fn, dst, keys, what, meta, maxcount, maxsize, workers, seed, collector=None, extras=None,
          overwrite=False):
+    _at_least(1, maxcount=maxcount, maxsize=maxsize, workers=workers)
     try:
         index = shard(items, fn, normalize_pattern(dst), keys=keys, maxcount=maxcount, maxsize=maxsize,
                       workers=workers, seed=seed, desc=what, meta=meta, collector=collector, extras=extras,
@@ -81,19 +94,26 @@ def _source(src: str) -> Path:
 
 
 def image(src: str, dst: str, maxcount: int = 10_000, maxsize: float = 1e9, workers: int = WORKERS,
-          max_size: int | None = None, seed: int = 0, overwrite: bool = False) -> None:
-    """An image folder, or an ImageNet train layout (class subfolders -> `cls` + classes.json)."""
+          max_size: int | None = None, seed: int = 0, overwrite: bool = False, labels: str = "auto",
+          max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """An image folder, or an ImageNet train layout (class subfolders -> `cls` + classes.json; `--labels
+    none`: no labels). Images above --max_pixels (width x height) are skipped without being decoded."""
     root = _source(src)
     if not root.is_dir():
         _fail(f"{src} is not a directory of images")
-    files, classes = find_images(src)
+    _at_least(1, max_pixels=max_pixels, **({"max_size": max_size} if max_size is not None else {}))
+    try:
+        files, classes = find_images(src, str(labels))
+    except ValueError as e:
+        _fail(str(e))
     if not files:
         _fail(f"{src} contains no images (.jpg, .jpeg, .png, .webp, .bmp)")
     extras = {"classes.json": (json.dumps({c: i for i, c in enumerate(classes)}, indent=1) + "\n").encode()} \
         if classes else None
-    _run([(src, rel, label, max_size) for rel, label in files], encode_image, dst, [rel for rel, _ in files],
-         "images", {"modality": "image", "classes": len(classes or [])}, maxcount, maxsize, workers, seed,
-         extras=extras, overwrite=overwrite)
+    _run([(src, rel, label, max_size, int(max_pixels)) for rel, label in files], encode_image, dst,
+         [rel for rel, _ in files], "images",
+         {"modality": "image", "classes": len(classes or []), "max_pixels": int(max_pixels)}, maxcount, maxsize,
+         workers, seed, extras=extras, overwrite=overwrite)
 
 
 def _labels(spec: str | None, files: list[str]) -> tuple[dict[str, int] | None, list[str]]:
@@ -235,11 +255,13 @@ def verify(index: str, decode: bool = True) -> None:
 
 def glue(src: str, dst: str, spm: str, task: str | None = None, sentence1=None, sentence2=None, label=None,
          header: bool | None = None, regression: bool = False, label_names=None, max_positions: int = 512,
-         maxcount: int = 10_000, maxsize: float = 1e9, seed: int = 0, overwrite: bool = False) -> None:
+         maxcount: int = 10_000, maxsize: float = 1e9, seed: int = 0, overwrite: bool = False,
+         skip_bad_rows: bool | None = None) -> None:
     """A GLUE-format TSV -> `<s> a </s>[</s> b </s>]` sentencepiece ids + class (`cls`, classes.json) or
     regression target per row, for `d2v finetune --task text_classification`. Columns by header name
     (0-based positions with --header false), or a GLUE --task's layout (cola, sst2, mrpc, qqp, stsb,
-    mnli, qnli, rte)."""
+    mnli, qnli, rte). Rows must have the header's field count (a tab inside a field would shift the label);
+    --skip_bad_rows leaves such rows out instead (the default for qqp, as fairseq's preprocessing does)."""
     path = _source(src)
     if not path.is_file():
         _fail(f"{src} is not a file: give one TSV (e.g. GLUE's RTE/train.tsv)")
@@ -247,15 +269,15 @@ def glue(src: str, dst: str, spm: str, task: str | None = None, sentence1=None, 
         _fail(f"--spm {spm} not found: give the sentencepiece model of the pretraining shards (their index.json "
               "records it as 'spm')")
     try:
-        layout = layout_for(task, sentence1, sentence2, label, header, regression, label_names)
+        layout = layout_for(task, sentence1, sentence2, label, header, regression, label_names, skip_bad_rows)
         rows = read_rows(src, layout)
         values, names = label_values(rows, layout, src)
         ids, cut = encode_rows(rows, spm, max_positions)
     except ValueError as e:
         _fail(str(e))
-    if rows.short:
-        print(f"d2v-shard: {src}: left out {rows.short} rows with fewer fields than the named columns need",
-              file=sys.stderr)
+    if rows.left_out:
+        print(f"d2v-shard: {src}: left out {len(rows.left_out)} rows whose field count is not the header's (lines "
+              f"{', '.join(map(str, rows.left_out[:10]))}{' ...' if len(rows.left_out) > 10 else ''})", file=sys.stderr)
     vocab = spmlib.SentencePieceProcessor(model_file=spm).get_piece_size()
     is_regression = names is None
     counts = [values.count(i) for i in range(len(names))] if names else []
@@ -263,7 +285,7 @@ def glue(src: str, dst: str, spm: str, task: str | None = None, sentence1=None, 
             "glue": {"task": (task or "").lower().replace("-", "").replace("_", ""), "regression": is_regression,
                      "labels": names, "label_counts": counts, "metric": task_metric(layout.metric, names),
                      "pairs": layout.sentence2 is not None, "max_positions": max_positions,
-                     "longest": max(len(x) for x in ids), "truncated": cut, "short_rows": rows.short}}
+                     "longest": max(len(x) for x in ids), "truncated": cut, "rows_left_out": len(rows.left_out)}}
     _run([(x, y, is_regression, f"{path.name}:{n}", vocab) for x, y, n in zip(ids, values, rows.lines)], make_sample,
          dst, [f"{path.name}:{n}" for n in rows.lines], "sentences", meta, maxcount, maxsize, 1, seed,
          extras={"classes.json": classes_json(names)} if names else None, overwrite=overwrite)

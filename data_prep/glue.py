@@ -30,6 +30,7 @@ class Layout:
     header: bool = True
     labels: tuple[str, ...] | None = None     # None: regression
     metric: str = "accuracy"                  # fairseq best_checkpoint_metric of the data2vec yaml
+    skip_bad_rows: bool = False               # leave out rows of another field count (else refuse the file)
 
 
 # the GLUE distribution's train.tsv / dev.tsv columns (fairseq preprocess_GLUE_tasks.sh picks the same)
@@ -37,7 +38,8 @@ TASKS = {
     "cola": Layout(3, None, 1, header=False, labels=("0", "1"), metric="mcc"),
     "sst2": Layout("sentence", None, "label", labels=("0", "1")),
     "mrpc": Layout("#1 String", "#2 String", "Quality", labels=("0", "1"), metric="acc_and_f1"),
-    "qqp": Layout("question1", "question2", "is_duplicate", labels=("0", "1"), metric="acc_and_f1"),
+    "qqp": Layout("question1", "question2", "is_duplicate", labels=("0", "1"), metric="acc_and_f1",
+                  skip_bad_rows=True),        # preprocess_GLUE_tasks.sh drops QQP's rows of another field count
     "stsb": Layout("sentence1", "sentence2", "score", labels=None, metric="pearson_and_spearman"),
     "mnli": Layout("sentence1", "sentence2", "gold_label", labels=("contradiction", "entailment", "neutral")),
     "qnli": Layout("question", "sentence", "label", labels=("entailment", "not_entailment")),
@@ -47,16 +49,16 @@ TASKS = {
 
 @dataclass
 class Rows:
-    """The rows of one TSV that have every named column: texts, raw labels and their line numbers."""
+    """The rows of one TSV: texts, raw labels and their line numbers."""
     first: list[str]
     second: list[str] | None
     labels: list[str]
     lines: list[int]
-    short: int                                 # rows with fewer fields than the named columns need
+    left_out: list[int]                        # line numbers of rows of another field count (skip_bad_rows)
 
 
 def layout_for(task: str | None, sentence1, sentence2, label, header: bool | None, regression: bool,
-               label_names) -> Layout:
+               label_names, skip_bad_rows: bool | None = None) -> Layout:
     """The task's layout, with any column / label option given on the command line taking precedence."""
     if task:
         key = task.lower().replace("-", "").replace("_", "")
@@ -76,11 +78,16 @@ def layout_for(task: str | None, sentence1, sentence2, label, header: bool | Non
     return Layout(sentence1 if sentence1 is not None else base.sentence1,
                   sentence2 if sentence2 is not None else base.sentence2,
                   label if label is not None else base.label,
-                  base.header if header is None else bool(header), names, base.metric)
+                  base.header if header is None else bool(header), names, base.metric,
+                  base.skip_bad_rows if skip_bad_rows is None else bool(skip_bad_rows))
 
 
 def read_rows(path: str, layout: Layout) -> Rows:
-    """The named columns of every row (tab-separated, no quoting: GLUE's files are csv.QUOTE_NONE)."""
+    """The named columns of every row. Tab-separated without quoting, as the GLUE files are written (csv
+    QUOTE_NONE: MNLI's sentences hold bare `"`) and read (fairseq's `cut -f`, the GLUE loaders). Every row
+    must have the header's field count (headerless files: the first row's): a tab inside a field would
+    shift the label column, so such a file is refused with the line, or with `skip_bad_rows` (QQP's
+    recipe, as fairseq's `awk NF==6`) those rows are left out and their lines returned."""
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
@@ -104,13 +111,23 @@ def read_rows(path: str, layout: Layout) -> Rows:
             raise ValueError(f"{option} {col!r}: {path} is read without a header (--header false), so name columns "
                              "by 0-based position")
     need = max(index.values()) + 1
-    first, second, labels, numbers, short = [], [] if layout.sentence2 is not None else None, [], [], 0
-    for n, line in enumerate(lines[1:] if layout.header else lines, 2 if layout.header else 1):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) < need:
-            short += 1
+    body = [(n, line.split("\t")) for n, line in enumerate(lines[1:] if layout.header else lines,
+                                                           2 if layout.header else 1) if line.strip()]
+    width = len(header) if layout.header else (len(body[0][1]) if body else 0)
+    if width < need:
+        raise ValueError(f"{path}: rows have {width} fields but the named columns need {need}; check the columns "
+                         "or --header")
+    bad = [n for n, fields in body if len(fields) != width]
+    if bad and not layout.skip_bad_rows:
+        n, fields = next((n, f) for n, f in body if n == bad[0])
+        raise ValueError(f"{path}:{n}: {len(fields)} fields where the {'header' if layout.header else 'first row'} "
+                         f"has {width} ({len(bad)} such rows, lines {', '.join(map(str, bad[:5]))}"
+                         f"{' ...' if len(bad) > 5 else ''}): a tab inside a field shifts the columns (the file is "
+                         "read tab-separated, unquoted, as GLUE's are); fix those rows, or pass --skip_bad_rows to "
+                         "leave them out")
+    first, second, labels, numbers = [], [] if layout.sentence2 is not None else None, [], []
+    for n, fields in body:
+        if len(fields) != width:
             continue
         first.append(fields[index["--sentence1"]].strip())
         if second is not None:
@@ -118,9 +135,9 @@ def read_rows(path: str, layout: Layout) -> Rows:
         labels.append(fields[index["--label"]].strip())
         numbers.append(n)
     if not labels:
-        raise ValueError(f"{path}: no row has the {need} fields the named columns need "
-                         f"({short} shorter rows); check the columns or --header")
-    return Rows(first, second, labels, numbers, short)
+        raise ValueError(f"{path}: no row with the {width} fields of the header ({len(bad)} rows of another count); "
+                         "check the file or --header")
+    return Rows(first, second, labels, numbers, bad)
 
 
 def label_values(rows: Rows, layout: Layout, path: str) -> tuple[list, list[str] | None]:

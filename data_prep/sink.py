@@ -2,7 +2,9 @@
 
 Each shard is written to a `.partial` file and renamed (or uploaded) only once complete, and the
 index JSON (shard URLs, sample counts, bytes, sha256) is written after every shard is in place,
-so an interrupted run never leaves an index that points at a missing or half-written shard.
+so an interrupted run never leaves an index that points at a missing or half-written shard; the
+destination (folder or prefix) holds `d2v-shard.incomplete` from the start until the index is in
+place, so that the shards of an interrupted run are refused as `--data` instead of read as complete.
 Tar members carry a fixed mtime, so the same input gives byte-identical shards.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import webdataset as wds
 
+from d2v_scale.data.format import INCOMPLETE
 from d2v_scale.errors import D2VError
 
 from .s3_upload import Uploader, UploadError
@@ -86,6 +89,13 @@ class ShardSink:
             _check_local_dir(parent)
             self.uploader = None
         self._clear_old_shards(overwrite)
+        self.marker = self.pattern.rsplit("/", 1)[0] + "/" + INCOMPLETE   # until the index is in place:
+        note = (f"d2v-shard is writing {self.pattern.rsplit('/', 1)[-1]} here, or was interrupted; "
+                "index.json comes last\n")
+        if self.remote:                                                  # `--data` refuses the folder
+            self.uploader.put_bytes(self.marker, note.encode())
+        else:
+            Path(self.marker).write_text(note)
         self.meta = meta or {}
         self.shards: list[dict] = []
         self._files: dict[str, object] = {}
@@ -186,6 +196,7 @@ class ShardSink:
         data = (json.dumps(index, indent=1) + "\n").encode()
         if self.remote:
             self.uploader.put_bytes(self.index_url, data)
+            self.uploader.delete([self.marker])
             self.uploader.close()
         else:
             tmp = self.index_url + ".partial"
@@ -193,6 +204,7 @@ class ShardSink:
             Path(tmp).write_bytes(data)
             os.replace(tmp, self.index_url)
             self._partials.discard(tmp)
+            Path(self.marker).unlink(missing_ok=True)
         return index
 
     def abort(self) -> None:

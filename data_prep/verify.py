@@ -12,15 +12,15 @@ import tarfile
 
 import numpy as np
 import soundfile as sf
-from PIL import Image
 
 from d2v_scale.data.format import AUDIO_EXT, TEXT_EXT, image_ext
+from d2v_scale.data.image import MAX_IMAGE_PIXELS, open_image
 from d2v_scale.data.s3 import S3Error, read_bytes
 
 
-def _decode(sample: dict) -> None:
+def _decode(sample: dict, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
     if image_ext(sample):
-        with Image.open(io.BytesIO(sample[image_ext(sample)])) as im:
+        with open_image(sample[image_ext(sample)], max_pixels) as im:
             im.load()
     elif AUDIO_EXT in sample:
         wav, sr = sf.read(io.BytesIO(sample[AUDIO_EXT]), dtype="float32")
@@ -50,7 +50,8 @@ def _samples(data: bytes):
         yield key, current
 
 
-def verify_shard(url: str, record: dict, decode: bool = True) -> tuple[dict, list[str]]:
+def verify_shard(url: str, record: dict, decode: bool = True,
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[dict, list[str]]:
     problems = []
     try:
         data = read_bytes(url)
@@ -66,7 +67,7 @@ def verify_shard(url: str, record: dict, decode: bool = True) -> tuple[dict, lis
             n += 1
             if decode:
                 try:
-                    _decode(sample)
+                    _decode(sample, max_pixels)
                 except Exception as e:  # noqa: BLE001
                     bad.append(f"{key}: {e}")
     except tarfile.TarError as e:
@@ -84,7 +85,7 @@ def verify(index_url: str, decode: bool = True) -> dict:
     report = {"shards": len(index["shards"]), "samples": 0, "problems": {}}
     for rec in index["shards"]:
         url = rec["url"] if "://" in rec["url"] or rec["url"].startswith("/") else f"{base}/{rec['url']}"
-        info, problems = verify_shard(url, rec, decode)
+        info, problems = verify_shard(url, rec, decode, int(index.get("max_pixels") or MAX_IMAGE_PIXELS))
         report["samples"] += info["samples"]
         if problems:
             report["problems"][url] = problems

@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 
 from .audio import AudioCodec
-from .image import ImageCodec, eval_transform, finetune_transform
-from .labels import Labelled, check_labels, class_names, sample_counts
+from .image import MAX_IMAGE_PIXELS, ImageCodec, eval_transform, finetune_transform, open_image
+from .labels import Labelled, check_first_sample, check_labels, class_names, sample_counts
 from .s3 import register
 from .shards import DataError, Shards, check_shards, check_url, find_shards, shard_list
 from .text import SentenceCodec, TextCodec
@@ -21,7 +21,8 @@ def build_codec(cfg) -> ImageCodec | AudioCodec | TextCodec:
     """The codec for `cfg.model.modality` (cfg: the root Config)."""
     m = cfg.model
     if m.modality == "image":
-        return ImageCodec(m.image.img_size, cfg.data.crop_scale, m.image.in_chans)
+        return ImageCodec(m.image.img_size, cfg.data.crop_scale, m.image.in_chans,
+                          max_pixels=cfg.data.max_image_pixels)
     if m.modality == "audio":
         return AudioCodec(cfg.data)
     if m.modality == "text":
@@ -38,7 +39,8 @@ def eval_codec(cfg, num_classes: int = 0, sentences: bool = False) -> Labelled |
         return SentenceCodec(m.text.max_positions, m.text.vocab_size, num_classes, pad_idx=m.text.pad_idx)
     if m.modality == "image":
         codec = ImageCodec(m.image.img_size, cfg.data.crop_scale, m.image.in_chans,
-                           transform=eval_transform(m.image.img_size, cfg.finetune.crop_pct))
+                           transform=eval_transform(m.image.img_size, cfg.finetune.crop_pct),
+                           max_pixels=cfg.data.max_image_pixels)
     elif m.modality == "audio":
         codec = AudioCodec(dataclasses.replace(cfg.data, pad_audio=True))
     else:
@@ -64,6 +66,6 @@ def build_loader(cfg, rank: int, world: int, state: dict | None = None, urls: li
                   decode=codec.decode, collate=codec.collate, state=state, prepare=prepare)
 
 
-__all__ = ["AudioCodec", "DataError", "ImageCodec", "Labelled", "Loader", "SentenceCodec", "Shards", "TextCodec",
-           "build_codec", "build_loader", "check_labels", "check_shards", "class_names", "eval_codec", "find_shards",
-           "sample_counts", "shard_list", "synthetic_batch"]
+__all__ = ["MAX_IMAGE_PIXELS", "AudioCodec", "DataError", "ImageCodec", "Labelled", "Loader", "SentenceCodec",
+           "Shards", "TextCodec", "build_codec", "build_loader", "check_first_sample", "check_labels", "check_shards",
+           "class_names", "eval_codec", "find_shards", "open_image", "sample_counts", "shard_list", "synthetic_batch"]

@@ -14,6 +14,7 @@ TRANSCRIPT_EXT = "txt"        # optional transcript of an audio sample (utf-8, w
 TARGET_EXT = "target"         # a regression target (GLUE STS-B), decimal text, instead of a class
 
 SAMPLE_RATE = 16_000
+INCOMPLETE = "d2v-shard.incomplete"   # beside the shards while d2v-shard writes them; removed after index.json
 
 
 def image_ext(sample: dict) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import tarfile
+from urllib.parse import urlparse
 
 import torch
 import webdataset as wds
@@ -42,6 +43,26 @@ def sample_modality(sample: dict) -> str | None:
     if image_ext(sample):
         return "image"
     return "audio" if AUDIO_EXT in sample else "text" if TEXT_EXT in sample else None
+
+
+def check_first_sample(shards: Shards, modality: str, source: str) -> None:
+    """Raise DataError unless the first sample of the first shard holds `modality`'s payload (tars of
+    `.txt` alone, or of another modality without an index saying so, would give no sample to train on)."""
+    url = shards.urls[0]
+    if urlparse(url).scheme == "pipe":
+        return                                          # not run before training: it is a shell command
+    try:
+        sample = first_sample(url)
+    except (OSError, S3Error, ValueError, tarfile.TarError) as e:
+        raise DataError(f"{source}: cannot read a sample of {url} ({e})") from None
+    if sample is None:
+        raise DataError(f"{source}: {url} holds no sample; make shards with `d2v-shard`")
+    held = sample_modality(sample)
+    if held != modality:
+        keys = ", ".join(f".{k}" for k in sample if not k.startswith("__")) or "nothing"
+        what = f"{held} samples" if held else f"no image, audio or text payload, only {keys}"
+        raise DataError(f"{source}: the first sample of {url} holds {what}, but the model is a {modality} encoder: "
+                        f"give {modality} shards (d2v-shard {modality} ...) or a preset for what they hold")
 
 
 def check_labels(shards: Shards, source: str, modality: str | None = None) -> int:

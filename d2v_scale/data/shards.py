@@ -5,7 +5,8 @@
 scheme check: local paths, file://, s3:// and http(s):// only; webdataset's `pipe:` URLs (they run a
 shell command) only with `--data.allow_pipe=true`, and never from an index someone else wrote
 without that flag. Shards that do not exist, objects missing from a bucket, files that are not tar
-archives and an index made for another modality stop the run here, before any rank starts.
+archives, an index made for another modality, a brace pattern of more than MAX_SHARDS names (counted,
+not expanded) and a local folder that `d2v-shard` has not finished stop the run here, before any rank starts.
 """
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from webdataset.shardlists import expand_urls
-
 from ..errors import D2VError
-from .s3 import HTTPReader, S3Error, list_objects, list_shards, read_bytes, read_head, split_url
+from .braces import BraceError, expand
+from .format import INCOMPLETE
+from .s3 import HTTPReader, S3Error, list_objects, read_bytes, read_head, split_url
 
 SCHEMES = ("", "file", "s3", "http", "https")
 REMOTE = ("s3://", "http://", "https://")
@@ -65,6 +66,8 @@ def find_shards(path: str, allow_pipe: bool = False) -> Shards:
                         "a directory of .tar files, or an index JSON written by d2v-shard")
     check_url(path, allow_pipe, "--data")
     if path.endswith(".json"):
+        if is_local(path):
+            _check_finished(local_path(path).parent, path)
         index = read_index(path)
         base = path.rsplit("/", 1)[0] if "/" in path else "."
         urls = [check_url(_resolve(s["url"], base), allow_pipe, f"index {path}") for s in index["shards"]]
@@ -77,15 +80,39 @@ def find_shards(path: str, allow_pipe: bool = False) -> Shards:
     if path.startswith(REMOTE):
         return Shards(_remote_urls(path, allow_pipe))
     if is_local(path) and local_path(path).is_dir():
+        _check_finished(local_path(path), path)
         if (local_path(path) / "index.json").is_file():          # d2v-shard's folder: its index says what it holds
             return find_shards(str(local_path(path) / "index.json"), allow_pipe)
         urls = sorted(str(p) for p in local_path(path).glob("*.tar"))
         if not urls:
             raise DataError(f"--data {path}: the directory has no .tar shards; make some with `d2v-shard`")
         return Shards(urls)
-    urls = [check_url(u, allow_pipe, f"--data {path}") for u in expand_urls(path)]
+    urls = [check_url(u, allow_pipe, f"--data {path}") for u in _expand(path)]
     _check_local([u for u in urls if is_local(u)], path)
+    for folder in sorted({local_path(u).parent for u in urls if is_local(u)}):
+        _check_finished(folder, path)
     return Shards(urls)
+
+
+def _check_finished(folder: Path, source: str) -> None:
+    """Refuse a folder that `d2v-shard` is still writing or was interrupted in: its marker is there, or
+    a `.partial` shard without an index (left by a writer older than the marker)."""
+    partial = sorted(p.name for p in folder.glob("*.tar.partial"))
+    if (folder / INCOMPLETE).exists() or (partial and not (folder / "index.json").exists()):
+        raise _unfinished(source, folder, INCOMPLETE if (folder / INCOMPLETE).exists() else partial[0])
+
+
+def _unfinished(source: str, where, sign: str) -> DataError:
+    return DataError(f"--data {source}: d2v-shard has not finished {where} ({sign} is there, its index.json comes "
+                     "last): it was interrupted or still runs; rerun the same d2v-shard command with --overwrite "
+                     "(or wait for it), then train on the folder")
+
+
+def _expand(path: str) -> list[str]:
+    try:
+        return expand(path, "--data")
+    except BraceError as e:
+        raise DataError(str(e)) from None
 
 
 def shard_list(path: str, allow_pipe: bool = False) -> list[str]:
@@ -132,6 +159,8 @@ def _check_s3(urls: list[str], source: str) -> None:
             present = set(list_objects(f"s3://{bucket}/{prefix}", suffix=""))
         except S3Error as e:
             raise DataError(f"--data: {e}") from None
+        if prefix + INCOMPLETE in present:
+            raise _unfinished(source, f"s3://{bucket}/{prefix}", INCOMPLETE)
         missing = sorted(keys - present)
         if missing:
             raise DataError(f"--data {source}: {len(missing)} of {len(urls)} shards are not in the bucket "
@@ -143,11 +172,15 @@ def _remote_urls(path: str, allow_pipe: bool) -> list[str]:
     all exist and the first http shard must answer before training starts."""
     try:
         if path.endswith("/") and path.startswith("s3://"):
-            urls = list_shards(path)
+            bucket, prefix = split_url(path)
+            keys = list_objects(path, suffix="")
+            if prefix.rstrip("/") + "/" + INCOMPLETE in keys:
+                raise _unfinished(path, path, INCOMPLETE)
+            urls = [f"s3://{bucket}/{k}" for k in keys if k.endswith(".tar")]
             if not urls:
                 raise DataError(f"--data {path}: no .tar objects under that prefix")
         else:
-            urls = [check_url(u, allow_pipe, f"--data {path}") for u in expand_urls(path)]
+            urls = [check_url(u, allow_pipe, f"--data {path}") for u in _expand(path)]
             if any(u.startswith("s3://") for u in urls):
                 _check_s3([u for u in urls if u.startswith("s3://")], path)
             http = [u for u in urls if u.startswith(("http://", "https://"))]

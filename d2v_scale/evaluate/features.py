@@ -15,7 +15,7 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from ..data import DataError, check_labels, check_shards, find_shards, register, sample_counts
+from ..data import DataError, check_labels, check_shards, class_names, find_shards, register, sample_counts
 from ..data.wds import ErrorCounter, init_worker
 from ..dist import Dist
 from ..models import pool_tokens
@@ -28,10 +28,28 @@ class EvalShards:
     num_classes: int             # 0: unknown (from the labels seen)
     source: str                  # the option they came from, for messages
     sentences: bool = False      # text: variable-length samples of `d2v-shard glue`, not fixed blocks
+    class_names: list[str] | None = None   # by class index, from classes.json beside the shards (None: unknown)
 
     @property
     def samples(self) -> int:
         return sum(self.counts)
+
+
+def check_same_classes(train: EvalShards, val: EvalShards) -> None:
+    """Labels are compared by number: refuse validation shards whose class numbers name other classes
+    than the training shards' (both classes.json known; a val holding a subset in the same numbering is fine)."""
+    a, b = train.class_names, val.class_names
+    if not a or not b:
+        return
+    index = {c: i for i, c in enumerate(a)}
+    wrong = [(i, c) for i, c in enumerate(b) if index.get(c) != i]
+    if wrong:
+        i, c = wrong[0]
+        there = f"{a[i]!r}" if i < len(a) else "no class"
+        raise DataError(f"{train.source} and {val.source} number their classes differently: class {i} is {there} in "
+                        f"the first and {c!r} in the second ({len(wrong)} of {len(b)} differ; classes.json beside each "
+                        "lists them); labels are matched by number, so shard both from folders (or --labels) with the "
+                        "same class names")
 
 
 def eval_shards(path: str, modality: str, source: str, allow_pipe: bool = False) -> EvalShards:
@@ -43,7 +61,7 @@ def eval_shards(path: str, modality: str, source: str, allow_pipe: bool = False)
     if sum(counts) < 2:
         raise DataError(f"{source} {path} holds {sum(counts)} samples; evaluation needs at least 2")
     sentences = modality == "text" and isinstance(shards.index.get("glue"), dict)
-    return EvalShards(shards.urls, counts, num_classes, source, sentences)
+    return EvalShards(shards.urls, counts, num_classes, source, sentences, class_names(shards))
 
 
 class EvalStream(torch.utils.data.IterableDataset):

@@ -14,7 +14,7 @@ from ..config import ConfigError
 from ..data import DataError, eval_codec
 from ..dist import print0
 from ..pretrained import PretrainedEncoder, random_weights, read_encoder
-from .features import EvalStream, eval_shards, extract, pooled
+from .features import EvalStream, check_same_classes, eval_shards, extract, pooled
 from .knn import accuracy, knn_scores
 from .linear import linear_probe
 
@@ -35,6 +35,7 @@ def probe(init: str, train: str, val: str, how: str = "both", teacher: bool = Fa
     modality = weights.cfg.model.modality
     bank = eval_shards(train, modality, "--train")
     queries = eval_shards(val, modality, "--val")
+    check_same_classes(bank, queries)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dist = dist_mod.init() if world > 1 else dist_mod.single()
     encoder = PretrainedEncoder(weights).to(dist.device).eval()

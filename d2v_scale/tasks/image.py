@@ -13,7 +13,7 @@ from ..config import ConfigError
 from ..data import DataError, ImageCodec, Labelled, eval_codec, finetune_transform
 from ..dist import Dist, all_reduce_sum
 from ..errors import one_line
-from ..evaluate import EvalShards, EvalStream, eval_shards
+from ..evaluate import EvalShards, EvalStream, check_same_classes, eval_shards
 from ..evaluate.features import eval_loader
 from ..models import Classifier
 from ..pretrained import EncoderWeights, finetune_encoder
@@ -44,8 +44,10 @@ class ImageClassification(Task):
         except (AssertionError, ValueError, KeyError) as e:
             raise ConfigError(f"--finetune.auto_augment={f.auto_augment!r} is not a timm policy ({one_line(e)}): use "
                               "e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, or none") from None
-        train_classes = eval_shards(cfg.data.path, "image", "--train", cfg.data.allow_pipe).num_classes
+        train = eval_shards(cfg.data.path, "image", "--train", cfg.data.allow_pipe)
         val = eval_shards(f.val, "image", "--val", cfg.data.allow_pipe)
+        check_same_classes(train, val)
+        train_classes = train.num_classes
         num_classes = f.num_classes or train_classes or val.num_classes
         if not num_classes:
             raise ConfigError("the number of classes is unknown (no classes.json beside the shards): set "
@@ -73,7 +75,8 @@ class ImageClassification(Task):
     def train_codec(self) -> Labelled:
         m, f = self.cfg.model, self.cfg.finetune
         return Labelled(ImageCodec(m.image.img_size, self.cfg.data.crop_scale, m.image.in_chans,
-                                   transform=finetune_transform(m.image.img_size, f), reseed=True), self.num_classes)
+                                   transform=finetune_transform(m.image.img_size, f), reseed=True,
+                                   max_pixels=self.cfg.data.max_image_pixels), self.num_classes)
 
     def val_codec(self) -> Labelled:
         return eval_codec(self.cfg, self.num_classes)
