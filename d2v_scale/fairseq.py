@@ -208,10 +208,11 @@ def load_fairseq_checkpoint(path: str | Path) -> dict:
             what = re.search(r"GLOBAL ([\w.]+)", text)
             known, foreign = foreign_globals(path)
             if foreign or not known:
+                calls = ", ".join(sorted(foreign)) or (what[1] if what else "code")
                 raise FairseqImportError(
-                    f"{path} is not a checkpoint: its pickle calls {', '.join(sorted(foreign)) or (what[1] if what else 'code')}"
-                    ", which would run when the file is loaded; do not load it (not with torch.load(weights_only=False) "
-                    "either): delete it, or get the checkpoint again from a source you trust") from None
+                    f"{path} is not a checkpoint: its pickle calls {calls}, which would run when the file is loaded; "
+                    "do not load it (not with torch.load(weights_only=False) either): delete it, or get the "
+                    "checkpoint again from a source you trust") from None
             fix = (f"python -c \"import torch; from omegaconf import OmegaConf as O; c = torch.load('{path}', "
                    "weights_only=False); m = c['cfg']['model']; torch.save({'model': c['model'], 'cfg': {'model': "
                    "O.to_container(m, resolve=True, enum_to_str=True) if O.is_config(m) else m}}, "

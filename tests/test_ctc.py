@@ -278,7 +278,8 @@ def test_transcribe_names_and_skips_inputs_that_are_missing_or_not_audio(tmp_pat
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        cli.main(["transcribe", "--init", str(init), "--audio", f"{good},{not_audio},{tmp_path / 'missing.wav'},{good}"])
+        cli.main(["transcribe", "--init", str(init), "--audio",
+                  f"{good},{not_audio},{tmp_path / 'missing.wav'},{good}"])
     out, err = capsys.readouterr()
     assert [line.split("\t")[0] for line in out.splitlines()] == [str(good), str(good)]
     assert f"skipped {not_audio}: not readable audio" in err and f"skipped {tmp_path / 'missing.wav'}: no such" in err
