@@ -22,6 +22,7 @@ from .config import (AudioConfig, Config, DecoderConfig, ImageConfig, MaskConfig
 from .d2v import Data2Vec
 from .errors import D2VError, one_line
 from .export import check_writable, write_weights
+from .pickles import foreign_globals
 from .teacher import ReplicatedTeacher
 
 # fairseq options that are off in every released config and not implemented here
@@ -205,13 +206,20 @@ def load_fairseq_checkpoint(path: str | Path) -> dict:
             if "GLOBAL" not in text and "Unsupported global" not in text:
                 raise FairseqImportError(f"{path} is not a torch checkpoint ({one_line(text)[:120]})") from None
             what = re.search(r"GLOBAL ([\w.]+)", text)
+            known, foreign = foreign_globals(path)
+            if foreign or not known:
+                calls = ", ".join(sorted(foreign)) or (what[1] if what else "code")
+                raise FairseqImportError(
+                    f"{path} is not a checkpoint: its pickle calls {calls}, which would run when the file is loaded; "
+                    "do not load it (not with torch.load(weights_only=False) either): delete it, or get the "
+                    "checkpoint again from a source you trust") from None
             fix = (f"python -c \"import torch; from omegaconf import OmegaConf as O; c = torch.load('{path}', "
                    "weights_only=False); m = c['cfg']['model']; torch.save({'model': c['model'], 'cfg': {'model': "
                    "O.to_container(m, resolve=True, enum_to_str=True) if O.is_config(m) else m}}, "
                    f"'{path}.weights.pt')\"")
             raise FairseqImportError(
                 f"{path} holds a Python object that torch.load(weights_only=True) refuses ("
-                f"{what[1] if what else 'beyond tensors'}); d2v_scale never unpickles others. Where fairseq is installed and you trust the file, keep only its weights and config: {fix}; "
+                f"{', '.join(sorted(known))}); d2v_scale never unpickles others. Where fairseq is installed and you trust the file, keep only its weights and config: {fix}; "
                 f"then import {path}.weights.pt") from None
         except Exception as e:  # noqa: BLE001 - any other failure to parse: not a checkpoint
             raise FairseqImportError(f"{path} is not a torch checkpoint or is truncated "

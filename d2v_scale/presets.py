@@ -14,6 +14,7 @@ import difflib
 from .config import (AudioConfig, Config, ConfigError, DataConfig, DecoderConfig, FinetuneConfig, ImageConfig,
                      MaskConfig, ModelConfig, OptimConfig, RunConfig, TeacherConfig, TextConfig,
                      apply_overrides, from_json)
+from .errors import has_url_credentials, url_credentials_refusal
 
 NO_COLLAPSE_GUARD = dict(min_target_var=0.0, min_pred_var=0.0)   # all vision yamls set both to 0
 
@@ -371,4 +372,17 @@ def build_config(preset: str | None = None, from_json_path: str | None = None, *
     ds_overrides = {k[3:]: v for k, v in overrides.items() if k.startswith("ds.")}
     rest = {SHORTCUTS.get(k, k): v for k, v in overrides.items() if not k.startswith("ds.") and v is not None}
     apply_overrides(cfg, rest)
+    for key, value in _strings(cfg.to_dict()):
+        if has_url_credentials(value):
+            raise ConfigError(url_credentials_refusal(f"--{key}"))
     return cfg.validate(), ds_overrides
+
+
+def _strings(tree: dict, prefix: str = ""):
+    """(dotted key, value) of every string in a config dict, lists included."""
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _strings(v, f"{prefix}{k}.")
+        for item in v if isinstance(v, (list, tuple)) else [v]:
+            if isinstance(item, str):
+                yield f"{prefix}{k}", item

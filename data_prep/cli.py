@@ -33,7 +33,8 @@ import sentencepiece as spmlib
 
 from d2v_scale.data.image import MAX_IMAGE_PIXELS
 from d2v_scale.data.letters import DICT_FILE, LetterDict
-from d2v_scale.errors import D2VError
+from d2v_scale import helptext
+from d2v_scale.errors import D2VError, argument_with_url_credentials, url_credentials_refusal
 from d2v_scale.outputs import OutputError, check_output
 
 from .audio import encode_audio, find_audio, write_manifest
@@ -96,8 +97,16 @@ def _source(src: str) -> Path:
 def image(src: str, dst: str, maxcount: int = 10_000, maxsize: float = 1e9, workers: int = WORKERS,
           max_size: int | None = None, seed: int = 0, overwrite: bool = False, labels: str = "auto",
           max_pixels: int = MAX_IMAGE_PIXELS) -> None:
-    """An image folder, or an ImageNet train layout (class subfolders -> `cls` + classes.json; `--labels
-    none`: no labels). Images above --max_pixels (width x height) are skipped without being decoded."""
+    """Shard an image folder, or an ImageNet train layout (class subfolders -> `cls` + classes.json).
+
+      SRC                    a folder of images (.jpg .jpeg .png .webp .bmp), class subfolders for labels
+      DST                    out/train-%06d.tar, a folder, or s3://bucket/prefix/name-%06d.tar
+      --labels auto|none     class subfolders give labels (none: no labels)
+      --max_size PX          shrink images whose longer side is above PX
+      --max_pixels N         skip images above N pixels (width x height) without decoding them
+      --maxcount N --maxsize BYTES   samples and bytes per shard
+      --workers N --seed 0   encoding processes; input order shuffle (same input + seed: same shards)
+      --overwrite            replace the shards and index of the same pattern already at DST"""
     root = _source(src)
     if not root.is_dir():
         _fail(f"{src} is not a directory of images")
@@ -129,10 +138,19 @@ def audio(src: str, dst: str, ext: str = "wav,flac,ogg", max_seconds: float = 30
           maxcount: int = 2_000, maxsize: float = 1e9, workers: int = WORKERS, seed: int = 0,
           overwrite: bool = False, labels: str | None = None, transcripts: str | None = None,
           transcript_columns: str = "path,transcript") -> None:
-    """A folder of wav/flac/ogg (recursive) or a .tsv manifest -> mono 16 kHz flac chunks; with
-    --labels FILE.tsv|folders every chunk carries its file's class (`cls`, classes.json); with
-    --transcripts beside|manifest|FILE.tsv every file is one sample carrying its transcript (`txt`),
-    and the letter dictionary of them all is written beside the shards (dict.ltr.txt)."""
+    """Shard audio (a folder of wav/flac/ogg, recursive, or a .tsv manifest) as mono 16 kHz flac chunks.
+
+      SRC                    the folder or manifest
+      DST                    out/train-%06d.tar, a folder, or s3://bucket/prefix/name-%06d.tar
+      --max_seconds 30 --min_seconds 1   chunk length; shorter tails are dropped
+      --ext wav,flac,ogg     the file types to take
+      --labels FILE.tsv|folders   every chunk carries its file's class (`cls`, classes.json)
+      --transcripts beside|manifest|FILE.tsv   one sample per file with its transcript (`txt`) and
+                             the letter dictionary beside the shards (dict.ltr.txt), for CTC fine-tuning
+      --transcript_columns path,transcript   the columns of a transcript table
+      --maxcount N --maxsize BYTES   samples and bytes per shard
+      --workers N --seed 0   encoding processes; input order shuffle (same input + seed: same shards)
+      --overwrite            replace the shards and index of the same pattern already at DST"""
     _source(src)
     exts = tuple(ext.split(",")) if isinstance(ext, str) else tuple(ext)
     root, files = find_audio(src, exts)
@@ -171,8 +189,13 @@ def _outputs(paths: list[Path], overwrite: bool) -> None:
 
 def manifest(src: str, dest: str, valid_percent: float = 0.01, ext: str = "flac", seed: int = 42,
              overwrite: bool = False) -> None:
-    """train.tsv / valid.tsv (root line, then path<TAB>frames) as fairseq's wav2vec_manifest writes them;
-    existing ones are replaced only with --overwrite."""
+    """Write train.tsv / valid.tsv (root line, then path<TAB>frames) as fairseq's wav2vec_manifest does.
+
+      SRC                    a folder of audio files (recursive)
+      DEST                   the folder to write the two manifests into
+      --valid_percent 0.01   the share of files in valid.tsv
+      --ext flac --seed 42   file types; the split's seed
+      --overwrite            replace existing manifests"""
     _source(src)
     _outputs([Path(dest) / "train.tsv", Path(dest) / "valid.tsv"], overwrite)
     try:
@@ -185,8 +208,12 @@ def manifest(src: str, dest: str, valid_percent: float = 0.01, ext: str = "flac"
 
 def spm_train(corpus: str, model_prefix: str, vocab_size: int = 8000, model_type: str = "unigram",
               seed: int = 0, overwrite: bool = False) -> None:
-    """A sentencepiece model with fairseq's special-token layout (bos 0, pad 1, eos 2, unk 3);
-    an existing MODEL_PREFIX.model/.vocab is replaced only with --overwrite."""
+    """Train a sentencepiece model with fairseq's special-token layout (bos 0, pad 1, eos 2, unk 3).
+
+      CORPUS                 a text file or a folder of them
+      MODEL_PREFIX           writes MODEL_PREFIX.model and .vocab
+      --vocab_size 8000 --model_type unigram   the vocabulary
+      --overwrite            replace an existing model"""
     _source(corpus)
     _outputs([Path(model_prefix + ".model"), Path(model_prefix + ".vocab")], overwrite)
     try:
@@ -199,9 +226,17 @@ def spm_train(corpus: str, model_prefix: str, vocab_size: int = 8000, model_type
 def text(src: str, dst: str, spm: str, tokens_per_sample: int = 512, maxcount: int = 10_000,
          maxsize: float = 1e9, workers: int = WORKERS, seed: int = 0, overwrite: bool = False,
          labels: str | None = None) -> None:
-    """Text files -> blocks of <s> + (tokens_per_sample - 1) sentencepiece ids (.npy, uint16 or int32).
-    With --labels FILE.tsv|folders each file is one document of one class: its blocks do not cross into
-    the next file, the last is padded with <pad>, and every block carries the class."""
+    """Shard text files as blocks of <s> + (tokens_per_sample - 1) sentencepiece ids (.npy).
+
+      SRC                    a text file or a folder of them
+      DST                    out/train-%06d.tar, a folder, or s3://bucket/prefix/name-%06d.tar
+      --spm MODEL            the sentencepiece model (`d2v-shard spm-train`)
+      --tokens_per_sample 512   block length
+      --labels FILE.tsv|folders   each file one document of one class: its blocks stay its own, the
+                             last padded with <pad>, every block carries the class
+      --maxcount N --maxsize BYTES   samples and bytes per shard
+      --workers N --seed 0   encoding processes; input order shuffle (same input + seed: same shards)
+      --overwrite            replace the shards and index of the same pattern already at DST"""
     _source(src)
     if not Path(spm).exists():
         _fail(f"--spm {spm} not found; train one with `d2v-shard spm-train CORPUS PREFIX --vocab_size N`")
@@ -239,7 +274,10 @@ def text(src: str, dst: str, spm: str, tokens_per_sample: int = 512, maxcount: i
 
 
 def verify(index: str, decode: bool = True) -> None:
-    """Re-read every shard of INDEX: existence, size, sha256, sample count, decodability."""
+    """Re-read every shard of an index: existence, size, sha256, sample count, decodability.
+
+      INDEX                  the index.json that d2v-shard wrote (local or s3://)
+      --decode true|false    also decode every sample (default true)"""
     try:
         report = run_verify(index, decode)
     except (OSError, D2VError, ValueError, KeyError) as e:
@@ -257,11 +295,22 @@ def glue(src: str, dst: str, spm: str, task: str | None = None, sentence1=None, 
          header: bool | None = None, regression: bool = False, label_names=None, max_positions: int = 512,
          maxcount: int = 10_000, maxsize: float = 1e9, seed: int = 0, overwrite: bool = False,
          skip_bad_rows: bool | None = None) -> None:
-    """A GLUE-format TSV -> `<s> a </s>[</s> b </s>]` sentencepiece ids + class (`cls`, classes.json) or
-    regression target per row, for `d2v finetune --task text_classification`. Columns by header name
-    (0-based positions with --header false), or a GLUE --task's layout (cola, sst2, mrpc, qqp, stsb,
-    mnli, qnli, rte). Rows must have the header's field count (a tab inside a field would shift the label);
-    --skip_bad_rows leaves such rows out instead (the default for qqp, as fairseq's preprocessing does)."""
+    """Shard a GLUE-format TSV for `d2v finetune --task text_classification` (a class or target per row).
+
+    Each row becomes `<s> a </s>[</s> b </s>]` sentencepiece ids with its class (`cls`, classes.json)
+    or regression target. Rows must have the header's field count (a tab inside a field would shift
+    the label).
+
+      SRC                    the TSV (e.g. GLUE's RTE/train.tsv)
+      DST                    out/train-%06d.tar, a folder, or s3://bucket/prefix/name-%06d.tar
+      --spm MODEL            the sentencepiece model of the pretraining shards
+      --task NAME            a GLUE task's columns: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte
+      --sentence1 COL [--sentence2 COL] --label COL   or the columns by header name
+                             (0-based positions with --header false)
+      --regression           the label is a number (STS-B); --label_names a,b fixes the class order
+      --max_positions 512    longer rows are cut (and counted)
+      --skip_bad_rows        leave out rows of another field count (the default for qqp, as fairseq does)
+      --maxcount N --seed 0 --overwrite   as for the other commands"""
     path = _source(src)
     if not path.is_file():
         _fail(f"{src} is not a file: give one TSV (e.g. GLUE's RTE/train.tsv)")
@@ -297,14 +346,33 @@ COMMANDS = {"image": image, "audio": audio, "manifest": manifest, "spm-train": s
             "text": text, "glue": glue, "verify": verify}
 
 
+WHAT = "Turn image folders, audio collections, text corpora and GLUE tables into WebDataset shards."
+ALIASES = {"spm_train": "spm-train"}                 # accepted, listed once
+
+
 def _terminate(signum, frame):
     raise SystemExit(128 + signum)      # unwinds like Ctrl-C: the open shard is removed, no index is written
 
 
 def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _terminate)
+    argv = list(argv if argv is not None else sys.argv[1:])
+    secret = argument_with_url_credentials(argv)
+    if secret:
+        _fail(url_credentials_refusal(secret))
+    if not argv or argv[0] in helptext.HELP_FLAGS or argv[0] == "help":
+        name = argv[1] if len(argv) > 1 and argv[0] == "help" and argv[1] in COMMANDS else None
+        print(helptext.command_help("d2v-shard", ALIASES.get(name, name), COMMANDS[name]) if name else
+              helptext.overview("d2v-shard", WHAT, COMMANDS, ALIASES), end="")
+        return
+    if argv[0] not in COMMANDS:
+        _fail(f"unknown command {argv[0]!r}: one of {', '.join(k for k in COMMANDS if k not in ALIASES)} "
+              "(`d2v-shard --help` says what each does)")
+    if helptext.wants_help(argv):
+        print(helptext.command_help("d2v-shard", ALIASES.get(argv[0], argv[0]), COMMANDS[argv[0]]), end="")
+        return
     try:
-        fire.Fire(COMMANDS, command=argv if argv is not None else sys.argv[1:], name="d2v-shard")
+        fire.Fire(COMMANDS, command=argv, name="d2v-shard")
     except OSError as e:
         where = f" {e.filename}" if e.filename else ""
         _fail(f"cannot use{where}: {e.strerror or e}; check the path and its permissions")

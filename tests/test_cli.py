@@ -84,6 +84,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (run / "checkpoints" / "latest").read_text() == "step_00000030"
     assert "TensorBoard:" in res.stdout and "on a GPU box" in res.stdout and "fine-tune:" in res.stdout
     assert "kNN top-1 (k=20, mean-pooled) on the held-out scenes: pretrained" in res.stdout and "random init" in res.stdout
+    assert "linear probe top-1 (mean-pooled) on the held-out scenes: pretrained" in res.stdout
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval/knn_top1_teacher" in r] == [10, 20, 30]
     assert "local S3 object store (SeaweedFS)" in res.stdout and "--data s3://d2v-demo/image/index.json" in res.stdout
@@ -98,3 +99,44 @@ def test_run_local_launcher_checks_then_trains(image_shards, tmp_path):
                      "--data.batch_size=4", "--run.log_every=1"], timeout=280, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert res.stdout.startswith("ok:") and len(losses(tmp_path / "run")) == 3
+
+
+@pytest.mark.parametrize("prog", ["d2v", "d2v-shard"])
+def test_every_command_has_help_and_help_runs_nothing(prog, capsys):
+    """`CMD --help` / `-h` / `help CMD`: what it does, its main flags one line each (each a real flag),
+    every flag of its signature, and for commands taking config keys where to see them all; the
+    overview lists each command once (no import_fairseq beside import-fairseq)."""
+    import inspect
+    import re
+
+    from d2v_scale import cli
+    from data_prep import cli as shard_cli
+    mod = cli if prog == "d2v" else shard_cli
+    mod.main(["--help"])
+    overview = capsys.readouterr().out
+    listed = [line.split()[0] for line in overview.split("commands:\n")[1].splitlines() if line.startswith("  ")]
+    assert sorted(listed) == sorted({mod.ALIASES.get(k, k) for k in mod.COMMANDS}), listed
+    assert "import_fairseq" not in overview and "spm_train" not in overview
+    mod.main([])
+    assert capsys.readouterr().out == overview
+    for name, fn in mod.COMMANDS.items():
+        params = inspect.signature(fn).parameters
+        takes_keys = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        for argv in ([name, "--help"], [name, "-h"], ["help", name]):
+            mod.main(argv)
+            out = capsys.readouterr().out
+            assert out.startswith(f"usage: {prog} {mod.ALIASES.get(name, name)}"), (argv, out[:200])
+            what = out.split("\n")[2]
+            assert len(what) > 30 and not what.startswith("-"), (argv, what)
+            flag_lines = re.findall(r"^  (--[\w.]+)", out, re.M)
+            assert flag_lines or name == "import_fairseq" or name == "import-fairseq", (argv, out)
+            for flag in flag_lines:
+                assert flag[2:] in params or (takes_keys and "." in flag) or name == "bench", (argv, flag)
+            for p in params.values():
+                if p.default is not p.empty and p.name != "local_rank":
+                    assert f"--{p.name}" in out, (argv, p.name)
+            if prog == "d2v" and takes_keys:
+                assert "d2v show_config" in out, argv
+    with pytest.raises(SystemExit) as e:
+        mod.main(["trian"])
+    assert "unknown command 'trian'" in str(e.value) and f"`{prog} --help`" in str(e.value)

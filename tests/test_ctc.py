@@ -253,3 +253,34 @@ def test_spoken_commands_pretrain_finetune_transcribe(spoken, tmp_path):
     assert refused.returncode != 0
     line = refused.stdout.strip().splitlines()[-1]
     assert line.startswith("d2v: error: --val") and "outside the letter dictionary ('C' 'K' 'Q' in 'QUICK GO')" in line
+
+
+def test_transcribe_names_and_skips_inputs_that_are_missing_or_not_audio(tmp_path, capsys):
+    """A missing path or a file that is not audio: one line naming it, before the model loads; in a
+    list, the bad input is named and skipped, the others are transcribed, and the exit is an error."""
+    from d2v_scale.export import write_weights
+    from d2v_scale.models import build_encoder
+    cfg = get_preset("audio_base_ctc_debug")
+    letters = LetterDict.build(["YES NO"])
+    model = CTCModel(build_encoder(cfg.model), cfg.model.embed_dim, len(letters))
+    init = tmp_path / "best.safetensors"
+    write_weights(init, model.state_dict(), cfg.to_dict(), "classifier", info={"letters": letters.text()})
+    good = tmp_path / "good.wav"
+    import soundfile as sf
+    sf.write(good, (0.1 * np.sin(np.arange(16000) / 5)).astype(np.float32), 16000)
+    not_audio = tmp_path / "notes.wav"
+    not_audio.write_text("this is text, not audio\n")
+
+    for bad, why in ((tmp_path / "missing.wav", "no such file or folder"), (not_audio, "not readable audio")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["transcribe", "--init", str(init), "--audio", str(bad)])
+        assert str(e.value).startswith(f"d2v: error: --audio {bad}: {why}") and "\n" not in str(e.value)
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["transcribe", "--init", str(init), "--audio",
+                  f"{good},{not_audio},{tmp_path / 'missing.wav'},{good}"])
+    out, err = capsys.readouterr()
+    assert [line.split("\t")[0] for line in out.splitlines()] == [str(good), str(good)]
+    assert f"skipped {not_audio}: not readable audio" in err and f"skipped {tmp_path / 'missing.wav'}: no such" in err
+    assert "2 input(s) skipped" in str(e.value) and "2 utterances transcribed" in str(e.value)

@@ -206,3 +206,43 @@ def test_refusals_name_the_problem_and_the_fix(image_dir, image_shards, tmp_path
         probe(str(enc), str(image_shards), str(image_shards), how="svm")
     with pytest.raises(d2v_scale.export.WeightsError, match="not found"):
         d2v_scale.load_encoder(tmp_path / "missing.safetensors")
+
+
+def test_demo_scenes_show_their_class_in_every_picture(monkeypatch):
+    """The demo's labelled scenes: every shape drawn is of the class's kind and no shape's box overlaps
+    another's, so the class is in every picture (the first shape drawn, covered by later ones, made a
+    label no model could learn)."""
+    import random
+
+    from PIL import ImageDraw
+
+    from d2v_scale.tools import demo_data
+    drawn = []
+
+    class Recorder(ImageDraw.ImageDraw):
+        def ellipse(self, box, **kw):
+            drawn.append(("circle", box))
+            super().ellipse(box, **kw)
+
+        def rectangle(self, box, **kw):
+            drawn.append(("square", box))
+            super().rectangle(box, **kw)
+
+        def polygon(self, points, **kw):
+            xs, ys = [x for x, _ in points], [y for _, y in points]
+            drawn.append(("triangle" if len(points) == 3 else "star", [min(xs), min(ys), max(xs), max(ys)]))
+            super().polygon(points, **kw)
+
+    monkeypatch.setattr(demo_data.ImageDraw, "Draw", Recorder)
+    rng = random.Random(0)
+    counts = [0] * len(demo_data.SHAPES)
+    for _ in range(300):
+        drawn.clear()
+        _, label = demo_data.draw_scene(rng, 48)
+        counts[label] += 1
+        assert drawn and all(kind == demo_data.SHAPES[label] for kind, _ in drawn), (label, drawn)
+        boxes = [box for _, box in drawn]
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
+    assert min(counts) > 50, counts

@@ -395,3 +395,69 @@ def test_deepspeed_ops_build_with_the_ninja_beside_python(monkeypatch):
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     select_accelerator()
     assert shutil.which("ninja") == str(BIN / "ninja")
+
+
+def test_a_code_payload_is_not_a_checkpoint_and_no_advice_loads_it(tmp_path, capsys):
+    """A pickle naming posix.system (alone, or behind an argparse.Namespace that torch names first) is
+    'not a checkpoint, do not load it', never the convert-it advice that would torch.load it with
+    weights_only=False; a file holding only fairseq's config objects keeps that advice."""
+    import argparse
+
+    from d2v_scale import cli
+    marker = tmp_path / "ran"
+    torch.save({"model": {"w": torch.zeros(2)}, "x": Payload(marker)}, tmp_path / "evil.pt")
+    torch.save({"args": argparse.Namespace(lr=1e-3), "model": {}, "x": Payload(marker)}, tmp_path / "mixed.pt")
+    for name in ("evil.pt", "mixed.pt"):
+        for argv in (["import-fairseq", str(tmp_path / name), str(tmp_path / "w.safetensors")],
+                     ["probe", "--init", str(tmp_path / name), "--train", "x", "--val", "y"]):
+            with pytest.raises(SystemExit) as e:
+                cli.main(argv)
+            msg = str(e.value)
+            assert "is not a checkpoint" in msg and "posix.system" in msg and "do not load it" in msg, msg
+            assert "python -c" not in msg and "trust the file" not in msg, msg
+    assert not marker.exists()
+    torch.save({"model": {}, "cfg": {"model": {}}, "args": argparse.Namespace(lr=[1e-3])}, tmp_path / "legacy.pt")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["import-fairseq", str(tmp_path / "legacy.pt"), str(tmp_path / "w.safetensors")])
+    assert "refuses (argparse.Namespace)" in str(e.value) and "weights_only=False" in str(e.value)
+
+
+SECRET_URL = "s3://AKIAEXAMPLEKEY:wJalrSECRETexample@bucket/img"
+
+
+def test_credentials_inside_a_url_are_refused_and_never_printed(image_dir, tmp_path, capsys):
+    """KEY:SECRET written into an s3:// (or http) URL: refused before anything runs or is written, with
+    the AWS_* advice, naming the argument or key and never the URL, wherever the URL comes from."""
+    from d2v_scale import cli
+    from d2v_scale.data.s3 import S3Error, read_bytes
+    from data_prep import cli as shard_cli
+    out = tmp_path / "run"
+    cases = [(cli.main, ["train", "--preset", "vit_base_patch16_debug", "--data", f"{SECRET_URL}/index.json",
+                         "--ds_config", "ds_configs/zero2.json", "--out", str(out)], "--data"),
+             (cli.main, ["probe", "--init", "x", f"--train={SECRET_URL}/index.json", "--val", "y"], "--train"),
+             (cli.main, ["check", "--preset", "vit_base_patch16_debug", "--data", str(image_dir), "--eval.data",
+                         f"{SECRET_URL}/index.json", "--out", str(out)], "--eval.data"),
+             (shard_cli.main, ["image", str(image_dir), f"{SECRET_URL}/s-%06d.tar"], "argument 2 of `image`")]
+    index = tmp_path / "idx" / "index.json"
+    index.parent.mkdir()
+    index.write_text(json.dumps({"shards": [{"url": f"{SECRET_URL}/s-000000.tar", "samples": 4}]}))
+    cases.append((cli.main, ["check", "--preset", "vit_base_patch16_debug", "--data", str(index), "--out", str(out)],
+                  "a remote URL"))
+    from d2v_scale.presets import get_preset
+    config = get_preset("vit_base_patch16_debug").to_dict()
+    config["data"]["path"] = f"{SECRET_URL}/index.json"                      # a run's config.json
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    cases.append((cli.main, ["check", "--from_json", str(tmp_path / "config.json"), "--out", str(out)], "--data.path"))
+    for main, argv, where in cases:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        printed = capsys.readouterr()
+        msg = str(e.value)
+        assert f"{where}: a URL with credentials" in msg and "AWS_ACCESS_KEY_ID" in msg, (argv, msg)
+        shown = msg + printed.out + printed.err
+        assert "wJalrSECRET" not in shown and "AKIAEXAMPLE" not in shown, shown
+    assert not out.exists()
+    for url in (f"{SECRET_URL}/index.json", "https://user:wJalrSECRETpass@host/x/index.json"):
+        with pytest.raises(S3Error) as e:
+            read_bytes(url)
+        assert "wJalrSECRET" not in str(e.value) and "credentials" in str(e.value)

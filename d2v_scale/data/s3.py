@@ -28,7 +28,7 @@ from botocore.exceptions import (ClientError, ConnectionError as BotoConnectionE
                                  IncompleteReadError, NoCredentialsError, ReadTimeoutError, ResponseStreamingError)
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from ..errors import D2VError
+from ..errors import D2VError, has_url_credentials, url_credentials_refusal
 
 RETRIES = int(os.environ.get("D2V_S3_RETRIES", "8"))           # reconnect attempts per failure
 BACKOFF_S = float(os.environ.get("D2V_S3_BACKOFF", "0.5"))     # first wait; doubles, capped at 8 s
@@ -53,7 +53,14 @@ def client():
     return _clients[pid]
 
 
+def refuse_credentials(url: str, where: str = "a remote URL") -> None:
+    """KEY:SECRET written into a URL would be echoed by every message and log that names the URL."""
+    if has_url_credentials(url):
+        raise S3Error(url_credentials_refusal(where))
+
+
 def split_url(url: str) -> tuple[str, str]:
+    refuse_credentials(url)
     p = urlparse(url)
     if p.scheme != "s3" or not p.netloc:
         raise S3Error(f"{url!r} is not an s3://bucket/key URL")
@@ -62,6 +69,8 @@ def split_url(url: str) -> tuple[str, str]:
 
 def explain(e: Exception, url: str) -> str:
     """A message naming the problem and the fix, with no credential material."""
+    if has_url_credentials(url):
+        return url_credentials_refusal("a remote URL")
     if isinstance(e, HTTPError):
         return f"{url}: HTTP {e.code} {e.reason}" + ("; no such object" if e.code == 404 else "")
     if isinstance(e, S3Error):
@@ -106,6 +115,7 @@ class RangeReader(io.RawIOBase):
     """A readable stream over one remote object that survives dropped connections (Range resume)."""
 
     def __init__(self, url: str, retries: int = RETRIES, backoff: float = BACKOFF_S):
+        refuse_credentials(url)
         self.url, self.retries, self.backoff = url, retries, backoff
         self.pos, self.size, self.body = 0, None, None
         self.reconnects = 0
@@ -191,6 +201,7 @@ class HTTPReader(RangeReader):
 
 
 def gopen_remote(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    refuse_credentials(url, "a shard URL")
     if mode[0] != "r":
         raise S3Error(f"{url}: remote shards are read-only")
     reader = S3Reader(url) if url.startswith("s3://") else HTTPReader(url)
@@ -198,6 +209,7 @@ def gopen_remote(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
 
 
 def _refuse(url: str, *args, **kw):
+    refuse_credentials(url, "a shard URL")
     raise S3Error(f"{url}: this URL scheme is not opened by d2v_scale (shards are local, s3:// or http(s)://; "
                   "pipe: only with --data.allow_pipe=true)")
 
@@ -223,6 +235,7 @@ def register(allow_pipe: bool = False) -> None:
 
 def read_bytes(url: str) -> bytes:
     """Whole contents of a small object (an index JSON): local path, file://, s3:// or http(s)://."""
+    refuse_credentials(url)
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
         return Path(parsed.path if parsed.scheme else url).read_bytes()

@@ -6,8 +6,9 @@
 3. pretrain the modality's debug preset through the `deepspeed` launcher on CPU (2 ranks, ZeRO-3,
    gloo), streaming the shards from the object store; for images with the kNN monitor on a held-out
    set of labelled scenes (`eval/knn_top1_*` in TensorBoard),
-4. images: probe what the encoder learned (`d2v probe`, kNN on the held-out scenes, against the same
-   encoder at its random init),
+4. images: probe what the encoder learned (`d2v probe`: kNN and a linear probe, trained on the labelled
+   scenes and scored on held-out ones, against the same encoder at its random init; the class of a
+   scene is the kind of its shapes, which no shape covers),
 5. print where the TensorBoard logs and checkpoints are and how to go on on a GPU box.
 Run it again to continue from the newest checkpoint.
 """
@@ -125,14 +126,18 @@ def _train(preset: str, modality: str, data: str, steps: int, ranks: int, out: s
         raise SystemExit(f"d2v demo: training failed (exit {rc})")
 
 
-def _probe(run_dir: Path, train: str, val: str) -> None:
-    """kNN probe of the pretrained student and of the same encoder at its random init (held-out scenes)."""
-    print(f"[demo] d2v probe --init {run_dir} --train {train} --val {val} --how knn [--random_init]", flush=True)
-    trained = probe(str(run_dir), train, val, how="knn", num_workers=1)["mean"]["knn_top1"]
-    base = probe(str(run_dir), train, val, how="knn", num_workers=1, random_init=True)["mean"]["knn_top1"]
-    print(f"[demo] kNN top-1 (k=20, mean-pooled) on the held-out scenes: pretrained {trained:.1f}%, random init "
-          f"{base:.1f}%, chance {100 / len(demo_data.SHAPES):.0f}% (the class is the first shape drawn; later "
-          "shapes may cover it)", flush=True)
+def _probe(run_dir: Path, train: str, val: str) -> dict:
+    """kNN and linear probes of the pretrained student and of the same encoder at its random init, trained on
+    the labelled scenes and scored on the held-out ones; returns {"pretrained"|"random_init": {metric: %}}."""
+    print(f"[demo] d2v probe --init {run_dir} --train {train} --val {val} [--random_init]", flush=True)
+    got = {name: probe(str(run_dir), train, val, how="both", num_workers=1, random_init=name == "random_init")["mean"]
+           for name in ("pretrained", "random_init")}
+    chance = 100 / len(demo_data.SHAPES)
+    for metric, what in (("knn_top1", "kNN top-1 (k=20, mean-pooled)"),
+                         ("linear_top1", "linear probe top-1 (mean-pooled)")):
+        print(f"[demo] {what} on the held-out scenes: pretrained {got['pretrained'][metric]:.1f}%, "
+              f"random init {got['random_init'][metric]:.1f}%, chance {chance:.0f}%", flush=True)
+    return got
 
 
 def _next_steps(modality: str, out_dir: Path, train: str, val: str | None) -> None:

@@ -1,6 +1,7 @@
 """Small real datasets made on the machine, for the demo and the tests (nothing is downloaded).
 
-* images: procedurally drawn scenes (textured backgrounds, coloured shapes), ImageNet folder layout;
+* images: procedurally drawn scenes (textured backgrounds, 1-3 coloured shapes of the class's kind),
+  ImageNet folder layout;
 * text: English prose already on every machine: the license texts Debian ships, package copyright
   files, and the docstrings of Python's standard library;
 * speech: sentences of that text spoken by espeak-ng (several voices, speeds and pitches); without
@@ -28,10 +29,20 @@ SHAPES = ("circle", "square", "triangle", "star")
 
 # -- images ----------------------------------------------------------------------------------------
 
-def draw_scene(rng: random.Random, size: int, shapes: tuple[int, int] = (1, 4)) -> tuple[Image.Image, int]:
-    """A textured background with `shapes` (1-4) coloured shapes; returns (image, class = the first
-    shape's kind). Later shapes may cover the first: with several shapes the class is a noisy label,
-    with one (`shapes=(1, 1)`) it is the only shape in the picture."""
+def _shape_colour(rng: random.Random, background: tuple[np.ndarray, np.ndarray]) -> tuple[int, int, int]:
+    """A colour that stands out from both colours of the background (sum of channel differences >= 160)."""
+    for _ in range(50):
+        color = tuple(rng.randrange(256) for _ in range(3))
+        if all(np.abs(np.array(color, dtype=np.float32) - c).sum() >= 160 for c in background):
+            break
+    return color
+
+
+def draw_scene(rng: random.Random, size: int, shapes: tuple[int, int] = (1, 3)) -> tuple[Image.Image, int]:
+    """A textured background with `shapes` (1-3) shapes of one kind, the class, each in its own colour
+    that stands out from the background; their bounding boxes do not overlap, so no shape covers
+    another and the class is in every picture (a shape that finds no free place is left out, never
+    the first). Returns (image, class)."""
     c0 = np.array([rng.randrange(256) for _ in range(3)], dtype=np.float32)
     c1 = np.array([rng.randrange(256) for _ in range(3)], dtype=np.float32)
     fx, fy, ph = rng.uniform(0.5, 4), rng.uniform(0.5, 4), rng.uniform(0, 6.28)
@@ -39,29 +50,34 @@ def draw_scene(rng: random.Random, size: int, shapes: tuple[int, int] = (1, 4)) 
     t = 0.5 + 0.5 * np.sin(6.28 * (fx * xx + fy * yy) + ph)                      # (size, size)
     im = Image.fromarray((c0 + (c1 - c0) * t[..., None]).astype(np.uint8))
     draw = ImageDraw.Draw(im)
-    label = None
+    label = rng.randrange(len(SHAPES))
+    placed: list[tuple[float, float, float]] = []
     for _ in range(rng.randint(*shapes)):
-        kind = rng.randrange(len(SHAPES))
-        label = kind if label is None else label
-        r = rng.uniform(0.08, 0.3) * size
-        cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
-        color = tuple(rng.randrange(256) for _ in range(3))
-        if SHAPES[kind] == "circle":
+        for _ in range(30):
+            r = rng.uniform(0.12, 0.25) * size
+            cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+            if all(abs(cx - x) > r + q or abs(cy - y) > r + q for x, y, q in placed):
+                break
+        else:
+            continue
+        placed.append((cx, cy, r))
+        color = _shape_colour(rng, (c0, c1))
+        if SHAPES[label] == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
-        elif SHAPES[kind] == "square":
+        elif SHAPES[label] == "square":
             draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=color)
         else:
-            n = 3 if SHAPES[kind] == "triangle" else 10
+            n = 3 if SHAPES[label] == "triangle" else 10
             a0 = rng.uniform(0, 6.28)
             radius = [r if (i % 2 == 0 or n == 3) else r / 2.5 for i in range(n)]
             draw.polygon([(cx + radius[i] * math.cos(a0 + 6.28 * i / n), cy + radius[i] * math.sin(a0 + 6.28 * i / n))
                           for i in range(n)], fill=color)
     if rng.random() < 0.3:
-        im = im.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
+        im = im.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
     return im, label
 
 
-def make_images(out: Path, n: int, size: int = 48, seed: int = 0, shapes: tuple[int, int] = (1, 4)) -> Path:
+def make_images(out: Path, n: int, size: int = 48, seed: int = 0, shapes: tuple[int, int] = (1, 3)) -> Path:
     """`n` scenes as PNG in class subfolders (the ImageNet train layout)."""
     out = Path(out)
     rng = random.Random(seed)
