@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from . import rendezvous
+
 
 def select_accelerator() -> None:
     """DeepSpeed picks its accelerator when first imported: the CPU one (gloo) without a CUDA device.
@@ -146,7 +148,8 @@ def init() -> Dist:
     shm_ranks = _shm_allreduce_ranks()
     if shm_ranks:
         _check_shm_room(deepspeed, shm_ranks)
-    deepspeed.init_distributed(verbose=False)
+    rendezvous.meet(lambda: deepspeed.init_distributed(verbose=False), int(os.environ["RANK"]),
+                    get_accelerator().communication_backend_name() == "nccl")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if shm_ranks and deepspeed.ops.__compatible_ops__.get("deepspeed_shm_comm"):
         _unlink_shm_allreduce_buffer(rank)
