@@ -20,6 +20,7 @@
 # Crossing nodes: the variables below go into OUT/deepspeed_env (DS_ENV_FILE: per run, never in the
 # checkout), which deepspeed exports on every host: OMP_NUM_THREADS, the network selection
 # (GLOO_SOCKET_IFNAME, TP_SOCKET_IFNAME, NCCL_*, TORCH_NCCL_*, FI_* for EFA), TORCH_DISTRIBUTED_DEBUG,
+# TORCH_EXTENSIONS_DIR (where DeepSpeed's JIT-built ops live),
 # the AWS settings that are not secrets (AWS_PROFILE, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION) and D2V_*.
 # Secret keys are not written anywhere: give every host the same ~/.aws/credentials profile.
 set -euo pipefail
@@ -36,13 +37,18 @@ MASTER_PORT=${MASTER_PORT:-29500}
 OUT=$(realpath -m "$OUT")     # the ranks on the other hosts start in this checkout's path, not this shell's
 
 # the hosts and slots deepspeed will use (its own parser: the same filters, the same errors)
-read -r WORLD FIRST < <("$PYTHON" - "$HOSTFILE" "${INCLUDE:-}" "${EXCLUDE:-}" <<'EOF'
+POOL=$("$PYTHON" - "$HOSTFILE" "${INCLUDE:-}" "${EXCLUDE:-}" <<'EOF'
 import sys
 from deepspeed.launcher.runner import fetch_hostfile, parse_inclusion_exclusion
-pool = parse_inclusion_exclusion(fetch_hostfile(sys.argv[1]), sys.argv[2], sys.argv[3])
+try:
+    pool = parse_inclusion_exclusion(fetch_hostfile(sys.argv[1]), sys.argv[2], sys.argv[3])
+except (ValueError, KeyError, TypeError) as e:
+    sys.exit(f"hostfile {sys.argv[1]} with INCLUDE={sys.argv[2]!r} EXCLUDE={sys.argv[3]!r}: {e}")
 print(sum(len(v) for v in pool.values()), next(iter(pool)))
 EOF
 )
+POOL=$(tail -n 1 <<< "$POOL")       # (DeepSpeed logs its accelerator on stdout)
+read -r WORLD FIRST <<< "$POOL"
 MASTER_ADDR=${MASTER_ADDR:-$FIRST}
 
 ARGS=(--preset "$PRESET" --data "$DATA" --ds_config "$DS_CONFIG" --out "$OUT" --resume auto "$@")
@@ -51,8 +57,8 @@ ARGS=(--preset "$PRESET" --data "$DATA" --ds_config "$DS_CONFIG" --out "$OUT" --
 mkdir -p "$OUT"
 export DS_ENV_FILE=$OUT/deepspeed_env
 : > "$DS_ENV_FILE.tmp"
-for v in OMP_NUM_THREADS GLOO_SOCKET_IFNAME TP_SOCKET_IFNAME TORCH_DISTRIBUTED_DEBUG AWS_PROFILE AWS_ENDPOINT_URL \
-         AWS_DEFAULT_REGION $(compgen -e | grep -E '^(D2V|NCCL|TORCH_NCCL|FI)_' || true); do
+for v in OMP_NUM_THREADS GLOO_SOCKET_IFNAME TP_SOCKET_IFNAME TORCH_DISTRIBUTED_DEBUG TORCH_EXTENSIONS_DIR AWS_PROFILE \
+         AWS_ENDPOINT_URL AWS_DEFAULT_REGION $(compgen -e | grep -E '^(D2V|NCCL|TORCH_NCCL|FI)_' || true); do
   if [ -n "${!v:-}" ]; then echo "$v=${!v}" >> "$DS_ENV_FILE.tmp"; fi
 done
 mv "$DS_ENV_FILE.tmp" "$DS_ENV_FILE"

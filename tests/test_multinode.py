@@ -15,10 +15,21 @@ from pathlib import Path
 
 import pytest
 
-from helpers import BIN, ROOT, child_env
-from test_launchers import ARGS, STEPS, by_step, reference, wait_for_steps  # noqa: F401 (fixture)
+from helpers import BIN, ROOT, child_env, run_d2v
+from test_launchers import ARGS as LAUNCHER_ARGS, by_step, wait_for_steps
+
+ARGS = [*LAUNCHER_ARGS, "--run.peak_tflops=1"]           # no GEMM peak measurement at start: MFU is not the point here
 
 HOSTS = ("127.0.0.2", "127.0.0.3")
+
+
+@pytest.fixture(scope="module")
+def reference(image_shards, tmp_path_factory):
+    """Two ranks on one host (the deepspeed launcher, no ssh): the losses every multi-node run must match."""
+    out = tmp_path_factory.mktemp("reference")
+    run_d2v(["train", "--preset", "vit_base_patch16_debug", "--data", str(image_shards), "--ds_config",
+             "ds_configs/zero3.json", "--out", str(out), *ARGS], nproc=2, timeout=600)
+    return by_step(out)
 
 
 def _stop(proc: subprocess.Popen, wait: float = 10) -> None:
@@ -99,9 +110,10 @@ def ranks_of(port: int) -> dict[int, "psutil.Process"]:
     for p in psutil.process_iter():
         try:
             env = p.environ()
-            if env.get("MASTER_PORT") == str(port) and "d2v_scale.cli" in p.cmdline():
+            if (env.get("MASTER_PORT") == str(port) and "d2v_scale.cli" in p.cmdline()
+                    and "deepspeed.launcher.launch" in p.parent().cmdline()):   # not its data-loader workers
                 found[int(env["RANK"])] = p
-        except (psutil.Error, KeyError, ValueError):
+        except (psutil.Error, AttributeError, KeyError, ValueError):
             pass
     return found
 
@@ -131,7 +143,7 @@ def wait_gone(procs, timeout) -> float:
     return time.time() - t0
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_pdsh_two_hosts_stop_through_the_launcher_checkpoints_and_resumes(hosts, image_shards, reference, tmp_path):
     """Train on two ssh hosts; SIGTERM to the launcher the user started -> both hosts' ranks write one
     checkpoint (their consoles, pdsh's ssh channels, are gone by then) -> the same command resumes with
@@ -258,3 +270,67 @@ def test_a_checkpoint_is_final_only_when_rank_0_sees_every_ranks_files(tmp_path)
     assert said[0]["SAME"] == "None", outs
     own = said[0]["OWN"]
     assert "rank 0 on" in own and "data_rank1.json as rank 1" in own and "here: missing" in own, own
+
+
+@pytest.fixture(scope="module")
+def slurm2(tmp_path_factory):
+    """A real two-node Slurm cluster on this machine (NODES=2 launcher/slurm/local_cluster.sh: two slurmd,
+    d2v-n1 on 127.0.0.2 and d2v-n2 on 127.0.0.3); stopped by pid afterwards."""
+    if not shutil.which("slurmctld") or os.geteuid() != 0:
+        pytest.skip("the Slurm cluster needs Debian's slurm-wlm and munge and root")
+    state = tmp_path_factory.mktemp("slurm2")
+    script = ROOT / "launcher" / "slurm" / "local_cluster.sh"
+    subprocess.run([str(script), "start", str(state)], check=True, capture_output=True, timeout=120,
+                   env=dict(os.environ, NODES="2"))
+    try:
+        yield child_env(SLURM_CONF=str(state / "slurm.conf"))
+    finally:
+        subprocess.run([str(script), "stop", str(state)], capture_output=True, timeout=120)
+
+
+@pytest.mark.timeout(900)
+def test_sbatch_on_two_nodes_scancel_checkpoints_both_and_resubmit_resumes(slurm2, image_shards, reference, tmp_path):
+    """pretrain.sbatch's multi-node form (one task per node, srun across two slurmd): world 2 across the
+    nodes, scancel -> both nodes' ranks write one checkpoint -> resubmitted, the losses of one host."""
+    from test_launchers import job_state, wait_state
+    out = tmp_path / "run"
+
+    def submit():
+        env = dict(slurm2, DATA=str(image_shards), PRESET="vit_base_patch16_debug", DS_CONFIG="ds_configs/zero3.json",
+                   OUT=str(out), BIN=str(BIN))
+        res = subprocess.run(["sbatch", "--parsable", "-N", "2", "--ntasks-per-node=1", "--cpus-per-task=1", "-o",
+                              str(out) + ".log", str(ROOT / "launcher/slurm/pretrain.sbatch"), *ARGS],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        return res.stdout.strip().split(";")[0]
+
+    job = submit()
+    wait_for_steps(out, 8)
+    info = job_state(slurm2, job)
+    assert info["NumNodes"] == "2" and info["NodeList"] == "d2v-n[1-2]", info
+    subprocess.run(["scancel", job], env=slurm2, check=True, timeout=30)         # SIGTERM to both nodes' tasks
+    wait_state(slurm2, job, {"CANCELLED", "COMPLETED", "FAILED"})
+    log = (tmp_path / "run.log").read_text()
+    assert "2 tasks on d2v-n[1-2], master 127.0.0.2:" in log and "world 2 x micro" in log, log[-3000:]
+    stopped = int(log.split("stopped by a signal at step ")[1].split(";")[0])
+    assert (out / "checkpoints" / "latest").read_text() == f"step_{stopped:08d}"
+    job2 = submit()
+    wait_state(slurm2, job2, {"COMPLETED"}, timeout=600)
+    assert by_step(out) == reference
+
+
+def test_ctrl_c_and_the_launchers_relayed_sigterm_are_one_stop(tmp_path):
+    """Ctrl-C reaches a rank from the terminal (SIGINT) and from its launcher (SIGTERM) a moment later:
+    one stop (checkpoint and exit 143), not "a second signal" that exits without a checkpoint; after the
+    loop Ctrl-C is KeyboardInterrupt again."""
+    from d2v_scale.preempt import TERMINATE, StopSignals, stopped
+    before = signal.getsignal(signal.SIGINT)
+    signals = StopSignals(0, timeout_s=60)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.flags[TERMINATE] == 1.0
+        assert stopped(signals.flags, 7, "step_00000007", is_main=False).code == 143
+    finally:
+        signals.restore()
+    assert signal.getsignal(signal.SIGINT) is before
