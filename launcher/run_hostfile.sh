@@ -56,12 +56,13 @@ ARGS=(--preset "$PRESET" --data "$DATA" --ds_config "$DS_CONFIG" --out "$OUT" --
 
 mkdir -p "$OUT"
 export DS_ENV_FILE=$OUT/deepspeed_env
-: > "$DS_ENV_FILE.tmp"
+ENV_TMP=$DS_ENV_FILE.$(hostname).$$       # NO_SSH=1: every host's launcher writes it
+: > "$ENV_TMP"
 for v in OMP_NUM_THREADS GLOO_SOCKET_IFNAME TP_SOCKET_IFNAME TORCH_DISTRIBUTED_DEBUG TORCH_EXTENSIONS_DIR AWS_PROFILE \
          AWS_ENDPOINT_URL AWS_DEFAULT_REGION $(compgen -e | grep -E '^(D2V|NCCL|TORCH_NCCL|FI)_' || true); do
-  if [ -n "${!v:-}" ]; then echo "$v=${!v}" >> "$DS_ENV_FILE.tmp"; fi
+  if [ -n "${!v:-}" ]; then echo "$v=${!v}" >> "$ENV_TMP"; fi
 done
-mv "$DS_ENV_FILE.tmp" "$DS_ENV_FILE"
+mv "$ENV_TMP" "$DS_ENV_FILE"
 
 LAUNCH=("$PYTHON" "$BIN/deepspeed" --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
         --no_local_rank --launcher "${LAUNCHER:-pdsh}")
