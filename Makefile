@@ -26,7 +26,7 @@ $(STAMP): setup.py Makefile
 	@touch $(STAMP)
 
 # Debian packages some tests drive for real (installed when missing and running as root).
-SYSTEM_PACKAGES := espeak-ng slurm-wlm munge
+SYSTEM_PACKAGES := espeak-ng slurm-wlm munge openssh-server pdsh
 system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .errors import D2VError, one_line
+from .shared_dir import unseen_file
 
 CKPT_DIR = "checkpoints"
 _TAG = re.compile(r"^step_(\d+)(_universal)?$")
@@ -112,6 +113,10 @@ def save(engine, teacher, run_dir: Path, step: int, client_state: dict, data_sta
         shutil.rmtree(tmp, ignore_errors=True)          # no half-written checkpoint stays behind
         raise no_space(ckpt_dir, tmp) from None
     _barrier()
+    if unseen := unseen_file(tmp, rank):       # a run directory that is not shared: never made final
+        raise CheckpointError(f"checkpoint {tag} is incomplete: {unseen}. The run directory is not shared by "
+                              f"every host: put --out on storage they all mount; the newest complete checkpoint "
+                              f"is still {latest_tag(ckpt_dir)}")
     final = ckpt_dir / tag
     if rank == 0:
         if final.exists():                  # trained again after resuming from an earlier step: keep it

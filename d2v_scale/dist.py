@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from . import rendezvous
+
 
 def select_accelerator() -> None:
     """DeepSpeed picks its accelerator when first imported: the CPU one (gloo) without a CUDA device.
@@ -94,6 +96,14 @@ def _check_shm_room(deepspeed, ranks: int) -> None:
                   file=sys.stderr, flush=True)
 
 
+def _build_comm_op(deepspeed, accelerator) -> None:
+    """DeepSpeed JIT-builds its CPU communication op inside init_distributed (minutes on a fresh
+    machine): built (or found built) here first, the rendezvous bound times the meeting alone."""
+    builder = accelerator.create_op_builder("ShareMemCommBuilder")
+    if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        builder.load(verbose=False)
+
+
 def _unlink_shm_allreduce_buffer(rank: int) -> None:
     """DeepSpeed maps one segment per rank in /dev/shm and never unlinks it, so every CPU run would
     leave RAM behind. Once every rank has mapped its peers' segments (they wait for each other inside
@@ -146,7 +156,9 @@ def init() -> Dist:
     shm_ranks = _shm_allreduce_ranks()
     if shm_ranks:
         _check_shm_room(deepspeed, shm_ranks)
-    deepspeed.init_distributed(verbose=False)
+    _build_comm_op(deepspeed, get_accelerator())
+    rendezvous.meet(lambda: deepspeed.init_distributed(verbose=False), int(os.environ["RANK"]),
+                    get_accelerator().communication_backend_name() == "nccl")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if shm_ranks and deepspeed.ops.__compatible_ops__.get("deepspeed_shm_comm"):
         _unlink_shm_allreduce_buffer(rank)

@@ -28,6 +28,7 @@ from .export import write_weights
 from .metrics import Metrics
 from .optim import lr_at, set_lr
 from .preempt import StopSignals, stopped
+from .shared_dir import prove_shared
 from .preflight import finetune_preflight
 from .masking import seed_for
 from .tasks import Task
@@ -72,6 +73,7 @@ def finetune(cfg: Config, ds_overrides: dict | None = None) -> dict:
 def _finetune(cfg: Config, plan, dist: Dist) -> dict:
     ds, resumed, task = plan.ds, plan.resume, plan.task
     run_dir = Path(cfg.run.out)
+    prove_shared(run_dir, dist.rank)                                   # before anything is read or written
     if dist.is_main:
         for said in plan.notes + checkpoint.open_run(run_dir, cfg.to_dict(), ds, resumed) + (
                 ["resuming with changed settings: " + "; ".join(plan.changed)] if plan.changed else []):
@@ -99,7 +101,7 @@ def _finetune(cfg: Config, plan, dist: Dist) -> dict:
            f"{zero_stage(ds)} | {str(dtype).replace('torch.', '')} | validation every {every} steps "
            f"({plan.val.samples} samples) | steps {engine.global_steps} -> {stop}")
     signals = StopSignals(dist.rank, cfg.run.stop_timeout_s,
-                          lambda: checkpoint.latest_tag(run_dir / checkpoint.CKPT_DIR))
+                          lambda: checkpoint.latest_tag(run_dir / checkpoint.CKPT_DIR), run_dir / "logs")
     try:
         last_saved, best = _loop(engine, task, loader, val, cfg, dist, dtype, metrics, signals, run_dir, stop,
                                  every, best)
@@ -113,6 +115,8 @@ def _finetune(cfg: Config, plan, dist: Dist) -> dict:
         latest = checkpoint.latest_tag(run_dir / checkpoint.CKPT_DIR)
         raise TrainingError(f"rank {dist.rank} lost contact with another rank ({type(e).__name__}: {str(e)[:200]}); "
                             f"the last complete checkpoint is {latest}; rerun with --resume auto") from None
+    finally:
+        signals.restore()
     summary = metrics.close(engine.global_steps, run_dir, str(last_saved) if last_saved else None,
                             {"best_step": best["step"], "best_weights": str(run_dir / "best.safetensors")})
     if dist.is_main:

@@ -3,15 +3,19 @@
 SIGUSR1 (Slurm's pre-timeout warning, `#SBATCH --signal=USR1@300`, or `scancel --signal=USR1`) means
 "checkpoint and come back": the job saves, rank 0 asks Slurm to requeue it, and the requeued job
 resumes from that checkpoint by itself (`--resume auto`). SIGTERM (scancel, preemption, the end of
-the time limit, the deepspeed launcher stopping its ranks) means "checkpoint and stop". A signal that
-arrives while the data source delivers nothing (an object-store outage) does not wait for a step that
-cannot come: the loader raises DataStalled and the last completed step is checkpointed.
+the time limit, the deepspeed launcher stopping its ranks) and SIGINT (Ctrl-C in the terminal of a
+one-node launch) mean "checkpoint and stop". A closed console (the launcher's pdsh/ssh channels go
+first) does not end a rank before its checkpoint: see console.py. A signal that arrives while the data
+source delivers nothing (an object-store outage) does not wait for a step that cannot come: the loader
+raises DataStalled and the last completed step is checkpointed.
 A handler only records the signal; the flags travel with the all-reduce every micro-step already
 does (the masked-token count), so all ranks see the same decision at the same step and no rank
 blocks in a collective the others never enter. The sums of step t are read on the host at step t+1
 (`StopSignals.agreed`), copied behind step t's work, so the loop never waits for the device. A signal always ends the process: if no step
 completes within `run.stop_timeout_s` of it (a stuck data source, a hung peer), or a second signal
-arrives, the process exits at once (143) without a checkpoint, naming the last complete one.
+arrives, the process exits at once (143) without a checkpoint, naming the last complete one. Signals
+within SAME_STOP_S of the first are that same stop (Ctrl-C reaches a rank from the terminal and, relayed
+as SIGTERM, from the launcher a moment later).
 """
 from __future__ import annotations
 
@@ -20,10 +24,14 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import torch
 
+from .console import keep_output
+
 REQUEUE, TERMINATE = 0, 1
+SAME_STOP_S = 2.0
 
 
 class StopRequested(SystemExit):
@@ -31,14 +39,20 @@ class StopRequested(SystemExit):
 
 
 class StopSignals:
-    def __init__(self, rank: int, timeout_s: float = 120.0, last_checkpoint=lambda: None):
+    def __init__(self, rank: int, timeout_s: float = 120.0, last_checkpoint=lambda: None, log_dir=None):
+        """`log_dir`: where this rank's output goes once its console is closed (console.py)."""
         self.rank, self.timeout_s, self.last_checkpoint = rank, timeout_s, last_checkpoint
+        if log_dir is not None:
+            keep_output(log_dir, rank)
         self.flags = torch.zeros(2)                    # [USR1 seen, TERM seen] on this rank
         self._timer: threading.Timer | None = None
         self._stopping = False                         # every rank agreed: the checkpoint is being written
         self._pending: _HostCopy | None = None         # the flags summed at the previous boundary step
-        for sig, slot in ((signal.SIGUSR1, REQUEUE), (signal.SIGTERM, TERMINATE)):
-            signal.signal(sig, self._handler(slot))
+        self._first_at = 0.0                           # when the first stop signal came
+        self._saved = {}                               # the handlers restore() puts back
+        for sig, slot in ((signal.SIGUSR1, REQUEUE), (signal.SIGTERM, TERMINATE), (signal.SIGINT, TERMINATE)):
+            if signal.getsignal(sig) is not signal.SIG_IGN:   # `nohup`, `cmd &`: left ignored
+                self._saved[sig] = signal.signal(sig, self._handler(slot))
 
     def _handler(self, slot: int):
         def handle(signum, frame):
@@ -47,9 +61,13 @@ class StopSignals:
                 print(f"d2v: rank {self.rank} got {name} while stopping: finishing the checkpoint",
                       file=sys.stderr, flush=True)
                 return
+            if self._timer is not None and time.monotonic() - self._first_at < SAME_STOP_S:
+                self.flags[slot] = 1.0                # the same stop, relayed (terminal + launcher)
+                return
             if self._timer is not None:               # a second signal before any step agreed: do not wait
                 self._give_up(f"a second signal ({name})")
             self.flags[slot] = 1.0
+            self._first_at = time.monotonic()
             print(f"d2v: rank {self.rank} got {name}: checkpointing at the next step (exit without a checkpoint "
                   f"if no step completes within {self.timeout_s:.0f} s)", file=sys.stderr, flush=True)
             self._timer = threading.Timer(self.timeout_s, self._give_up, (f"no step completed within "
@@ -57,6 +75,13 @@ class StopSignals:
             self._timer.daemon = True
             self._timer.start()
         return handle
+
+    def restore(self) -> None:
+        """The loop is over: the handlers from before (Ctrl-C raises KeyboardInterrupt again)."""
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+        if self._timer is not None:
+            self._timer.cancel()
 
     def agreed(self, summed: torch.Tensor) -> torch.Tensor:
         """(2,) flags summed over ranks at the previous boundary step (zeros at the first); `summed`,

@@ -31,6 +31,7 @@ from .metrics import Metrics, measure_peak_flops
 from .optim import lr_at, set_lr
 from .preempt import StopSignals, restart_banner, stopped
 from .preflight import preflight
+from .shared_dir import prove_shared
 from .teacher import decay_at
 
 
@@ -97,6 +98,7 @@ def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
 def _train(cfg: Config, plan, dist: Dist) -> dict:
     ds, resumed = plan.ds, plan.resume
     run_dir = Path(cfg.run.out)
+    prove_shared(run_dir, dist.rank)                                   # before anything is read or written
     if dist.is_main:
         for said in checkpoint.open_run(run_dir, cfg.to_dict(), ds, resumed) + (
                 ["resuming with changed settings: " + "; ".join(plan.changed)] if plan.changed else []):
@@ -131,7 +133,7 @@ def _train(cfg: Config, plan, dist: Dist) -> dict:
            f"{len(urls)} shards | steps {engine.global_steps} -> {stop}")
 
     signals = StopSignals(dist.rank, cfg.run.stop_timeout_s,
-                          lambda: checkpoint.latest_tag(run_dir / checkpoint.CKPT_DIR))
+                          lambda: checkpoint.latest_tag(run_dir / checkpoint.CKPT_DIR), run_dir / "logs")
     if restart_banner():
         print0(restart_banner())
     loader.stop_pending = signals.requested
@@ -157,6 +159,8 @@ def _train(cfg: Config, plan, dist: Dist) -> dict:
         raise TrainingError(f"rank {dist.rank} lost contact with another rank ({type(e).__name__}: {str(e)[:200]}); "
                             f"a rank died or was killed. The last complete checkpoint is {latest}; rerun with "
                             f"--resume auto") from None
+    finally:
+        signals.restore()
     summary = metrics.close(engine.global_steps, run_dir, str(last_saved) if last_saved else None)
     if dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -158,13 +158,14 @@ class DataStalled(DataError):
 
 
 def init_worker(worker_id: int) -> None:
-    """Workers leave SIGTERM/SIGUSR1 to the training process, which checkpoints and then ends them
-    (launchers and Slurm signal every process of a rank, workers included). A SIGTERM sent by the
+    """Workers leave SIGTERM/SIGUSR1/SIGINT to the training process, which checkpoints and then ends them
+    (launchers, Slurm and Ctrl-C signal every process of a rank, workers included). A SIGTERM sent by the
     training process itself (torch's and multiprocessing's terminate() at shutdown) still ends the
     worker, even one blocked in a read: a thread waits for the signal and checks who sent it. A training
     process that dies or exits without shutting its loader down takes its workers with it (Linux
     PR_SET_PDEATHSIG), so none is left reading."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
     parent = os.getppid()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})     # inherited by every thread after this
