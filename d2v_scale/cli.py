@@ -10,7 +10,9 @@
   d2v probe --init WEIGHTS_OR_RUN --train SHARDS --val SHARDS [--how knn|linear|both] [--teacher | --random_init]
   d2v show_config --preset NAME [--key=value ...]
   d2v export RUN_DIR OUT.safetensors [--teacher]
+  d2v export WEIGHTS_OR_RUN OUT_DIR --format hf [--teacher --overwrite]   (a transformers Data2Vec*Model folder)
   d2v import-fairseq CKPT OUT.safetensors
+  d2v import-hf HF_FOLDER OUT.safetensors [--overwrite]   (Data2VecVisionModel / AudioModel / TextModel)
   d2v reshard RUN_DIR    convert the newest checkpoint for resuming at another world size
   d2v plan --preset vit_huge_patch14 --nodes 8 --gpus_per_node 8 --zero 3 --offload_teacher --micro_batch 16
   d2v bench step|data|ema ...
@@ -30,6 +32,7 @@ from .errors import D2VError, one_line
 from .evaluate import probe as run_probe
 from .export import export_run
 from .fairseq import import_fairseq as run_import_fairseq
+from .hf import export_hf, import_hf as run_import_hf
 from .finetune import finetune as run_finetune
 from .preflight import finetune_preflight, preflight
 from .presets import FINETUNE_PRESETS, build_config, finetune_preset_for
@@ -149,8 +152,15 @@ def show_config(preset: str | None = None, from_json: str | None = None, **overr
     print(json.dumps(cfg.to_dict(), indent=2))
 
 
-def export(run_dir: str, out: str, teacher: bool = False, tag: str | None = None) -> None:
-    """Consolidated fp32 student encoder (and, with --teacher, the EMA teacher) as safetensors."""
+def export(run_dir: str, out: str, teacher: bool = False, tag: str | None = None, format: str = "safetensors",
+           overwrite: bool = False) -> None:
+    """Consolidated fp32 student encoder (and, with --teacher, the EMA teacher) as safetensors;
+    `--format hf`: the encoder (of a run, weights file or fairseq checkpoint) as a transformers folder."""
+    if format == "hf":
+        print(json.dumps(export_hf(run_dir, out, teacher=teacher, tag=tag, overwrite=overwrite), indent=1))
+        return
+    if format != "safetensors":
+        raise ConfigError(f"d2v export --format {format!r}: safetensors (the default) or hf")
     print(json.dumps(export_run(run_dir, out, teacher=teacher, tag=tag), indent=1))
 
 
@@ -163,6 +173,11 @@ def reshard(run_dir: str, tag: str | None = None) -> None:
 def import_fairseq(ckpt: str, out: str) -> None:
     """A fairseq data2vec 2.0 checkpoint -> a d2v_scale weights file (for --run.init_from)."""
     print(json.dumps(run_import_fairseq(ckpt, out), indent=1))
+
+
+def import_hf(folder: str, out: str, overwrite: bool = False) -> None:
+    """A transformers Data2VecVision/Audio/TextModel folder -> a d2v_scale data2vec 1 encoder weights file."""
+    print(json.dumps(run_import_hf(folder, out, overwrite=overwrite), indent=1))
 
 
 def bench(kind: str = "step", local_rank: int = -1, **kwargs) -> None:
@@ -197,7 +212,8 @@ def demo(**kwargs) -> None:
 
 COMMANDS = {"train": train, "finetune": finetune, "probe": probe, "check": check, "show_config": show_config,
             "export": export,
-            "import-fairseq": import_fairseq, "import_fairseq": import_fairseq, "bench": bench, "demo": demo,
+            "import-fairseq": import_fairseq, "import_fairseq": import_fairseq, "import-hf": import_hf,
+            "import_hf": import_hf, "bench": bench, "demo": demo,
             "reshard": reshard, "plan": plan, "transcribe": transcribe}
 
 

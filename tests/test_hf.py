@@ -1,0 +1,212 @@
+"""Hugging Face transformers in and out (hf.py): randomly initialised small Data2VecVision/Audio/Text
+models (configs built here, nothing downloaded) give the same features to 1e-5 as the d2v_scale
+encoder imported from their folder, and the exported folder loads with AutoModel.from_pretrained
+and gives the d2v_scale encoder's features; the data2vec 2.0 encoders that map export too."""
+import json
+
+import pytest
+import torch
+
+from d2v_scale.cli import main
+from d2v_scale.config import AudioConfig, Config, ImageConfig, ModelConfig, TextConfig
+from d2v_scale.export import write_weights
+from d2v_scale.hf import HFError, export_hf, import_hf
+from d2v_scale.models import build_encoder
+from d2v_scale.pretrained import load_encoder
+
+transformers = pytest.importorskip("transformers")
+
+ATOL = 1e-5
+
+
+def perturbed(model, seed: int):
+    """Every parameter moved off its init (layer scale, bias tables, norms, mask tokens included)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def vision_config(shared: bool, mean_pooling: bool):
+    return transformers.Data2VecVisionConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
+        patch_size=8, use_mask_token=True, use_relative_position_bias=not shared,
+        use_shared_relative_position_bias=shared, use_absolute_position_embeddings=not shared,
+        layer_scale_init_value=0.1, use_mean_pooling=mean_pooling, layer_norm_eps=1e-6)
+
+
+def audio_config():
+    return transformers.Data2VecAudioConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, conv_dim=(16, 16, 16),
+        conv_kernel=(10, 3, 3), conv_stride=(5, 2, 2), num_conv_pos_embeddings=2, conv_pos_kernel_size=4,
+        num_conv_pos_embedding_groups=4, mask_time_prob=0.05, conv_bias=True)
+
+
+def text_config():
+    return transformers.Data2VecTextConfig(
+        vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=40, type_vocab_size=2, pad_token_id=1, layer_norm_eps=1e-5)
+
+
+def hf_features(model, modality: str, x: torch.Tensor, pad: torch.Tensor | None = None, mask=None):
+    """last_hidden_state of a transformers model; pad (B, S) True = padding."""
+    with torch.no_grad():
+        if modality == "image":
+            return model(pixel_values=x, bool_masked_pos=mask).last_hidden_state
+        attn = None if pad is None else (~pad).long()
+        if modality == "audio":
+            return model(input_values=x, attention_mask=attn, mask_time_indices=mask).last_hidden_state
+        return model(input_ids=x, attention_mask=attn).last_hidden_state
+
+
+def inputs(modality: str):
+    g = torch.Generator().manual_seed(3)
+    if modality == "image":
+        return torch.randn(2, 3, 32, 32, generator=g), None
+    if modality == "audio":
+        x = torch.randn(2, 2000, generator=g)
+        pad = torch.zeros(2, 2000, dtype=torch.bool)
+        pad[1, 1500:] = True
+        return x.masked_fill(pad, 0.0), pad
+    x = torch.randint(4, 59, (2, 14), generator=g)
+    x[1, 10:] = 1
+    return x, x.eq(1)
+
+
+def valid_tokens(modality: str, ours, pad):
+    """Positions compared: every token, less padded frames / pad tokens."""
+    if pad is None:
+        return torch.ones(ours.shape[:2], dtype=torch.bool)
+    if modality == "text":
+        return ~pad
+    frames = ours.shape[1]
+    lengths = ours.new_tensor([1500.0, 2000.0])
+    for k, s in [(10, 5), (3, 2), (3, 2)]:
+        lengths = torch.div(lengths - k, s, rounding_mode="floor") + 1
+    return torch.arange(frames)[None] < lengths[:, None]
+
+
+CASES = {
+    "image-shared": ("image", lambda: transformers.Data2VecVisionModel(vision_config(True, False))),
+    "image-per-block": ("image", lambda: transformers.Data2VecVisionModel(vision_config(False, True))),
+    "audio": ("audio", lambda: transformers.Data2VecAudioModel(audio_config())),
+    "text": ("text", lambda: transformers.Data2VecTextModel(text_config(), add_pooling_layer=False)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_features_equal_both_ways(case, tmp_path):
+    modality, make = CASES[case]
+    torch.manual_seed(0)
+    hf = perturbed(make(), 1)
+    hf.save_pretrained(tmp_path / "hf")
+    x, pad = inputs(modality)
+    want = hf_features(hf, modality, x, pad)
+
+    summary = import_hf(tmp_path / "hf", tmp_path / "enc.safetensors")               # transformers -> d2v_scale
+    assert summary["modality"] == modality and summary["algorithm"] == "data2vec" and not summary["initialised"]
+    enc = load_encoder(tmp_path / "enc.safetensors")
+    with torch.no_grad():
+        got = enc.forward_features(x, pad)                                            # (B, E+T, D)
+    keep = valid_tokens(modality, got, pad)
+    torch.testing.assert_close(got[keep], want[keep], rtol=0, atol=ATOL)
+
+    export_hf(tmp_path / "enc.safetensors", tmp_path / "out")                         # d2v_scale -> transformers
+    back = transformers.AutoModel.from_pretrained(tmp_path / "out").eval()
+    assert type(back).__name__ == type(hf).__name__
+    again = hf_features(back, modality, x, pad)
+    torch.testing.assert_close(again[keep], got[keep], rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("modality", ["image", "audio"])
+def test_masked_views_equal(modality, tmp_path):
+    """The learned mask embedding (BEiT's mask_token, wav2vec 2.0's mask_emb) sits where transformers puts it."""
+    torch.manual_seed(0)
+    hf = perturbed(CASES["image-shared" if modality == "image" else "audio"][1](), 2)
+    hf.save_pretrained(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "enc.safetensors")
+    enc = load_encoder(tmp_path / "enc.safetensors").encoder
+    x = inputs(modality)[0]
+    with torch.no_grad():
+        feats, _ = enc.local_features(x)                                              # (B, T, D)
+        mask = torch.rand(feats.shape[:2], generator=torch.Generator().manual_seed(4)) < 0.5
+        got, _ = enc(feats, mask=mask)
+    torch.testing.assert_close(got, hf_features(hf, modality, x, mask=mask), rtol=0, atol=ATOL)
+
+
+def test_text_mask_id_from_the_tokenizer_and_fresh_encoders_export(tmp_path):
+    """A d2v_scale encoder of its own init goes out; the <mask> id comes from tokenizer.json."""
+    torch.manual_seed(0)
+    hf = perturbed(transformers.Data2VecTextModel(text_config(), add_pooling_layer=False), 5)
+    hf.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps({"added_tokens": [{"id": 57, "content": "<mask>"}]}))
+    import_hf(tmp_path / "hf", tmp_path / "enc.safetensors")
+    assert load_encoder(tmp_path / "enc.safetensors").encoder.mask_idx == 57
+
+    m = ModelConfig(modality="image", algorithm="data2vec", embed_dim=32, depth=2, prenet_depth=0, num_heads=4,
+                    average_top_k_layers=2, image=ImageConfig(img_size=32, patch_size=8, layer_scale_init_value=0.5))
+    enc = build_encoder(m)
+    enc.reset_parameters()
+    write_weights(tmp_path / "v1.safetensors", enc.state_dict(), Config(model=m).to_dict(), "encoder")
+    export_hf(tmp_path / "v1.safetensors", tmp_path / "v1")
+    back = transformers.AutoModel.from_pretrained(tmp_path / "v1").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(back(pixel_values=x).last_hidden_state, enc.eval().extract_features(x)[0],
+                                   rtol=0, atol=ATOL)
+
+
+def data2vec2(modality: str, **sub) -> tuple[ModelConfig, torch.nn.Module]:
+    subs = {"text": TextConfig(vocab_size=60, max_positions=30),
+            "audio": AudioConfig(feature_encoder_spec="[(16, 10, 5)] + [(16, 3, 2)] * 2", conv_pos_width=8,
+                                 conv_pos_depth=2, conv_pos_groups=4, **sub),
+            "image": ImageConfig(img_size=32, patch_size=8)}
+    m = ModelConfig(modality=modality, embed_dim=32, depth=2, prenet_depth=0, num_heads=4, average_top_k_layers=2,
+                    norm_eps=1e-5, **{modality: subs[modality]})
+    torch.manual_seed(0)
+    return m, perturbed(build_encoder(m), 6)
+
+
+@pytest.mark.parametrize("modality", ["text", "audio"])
+def test_data2vec2_encoders_that_map_export_exactly(modality, tmp_path):
+    """data2vec 2.0 text (RoBERTa-shaped) and audio without ALiBi are the transformers layouts."""
+    m, enc = data2vec2(modality, **({"use_alibi": False} if modality == "audio" else {}))
+    write_weights(tmp_path / "v2.safetensors", enc.state_dict(), Config(model=m).to_dict(), "encoder")
+    export_hf(tmp_path / "v2.safetensors", tmp_path / "v2")
+    back = transformers.AutoModel.from_pretrained(tmp_path / "v2").eval()
+    x = torch.randint(4, 59, (2, 14)) if modality == "text" else torch.randn(2, 2000)
+    with torch.no_grad():
+        want = enc.extract_features(x)[0]
+        got = back(input_ids=x).last_hidden_state if modality == "text" else back(input_values=x).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+
+
+def test_what_cannot_map_is_refused_in_one_line(tmp_path, capsys):
+    for modality, sub, why in [("image", {}, "sin-cos"), ("audio", {"use_alibi": True}, "ALiBi")]:
+        m, enc = data2vec2(modality, **sub)
+        write_weights(tmp_path / f"{modality}.safetensors", enc.state_dict(), Config(model=m).to_dict(), "encoder")
+        with pytest.raises(HFError, match=why):
+            export_hf(tmp_path / f"{modality}.safetensors", tmp_path / f"{modality}_hf")
+        assert not (tmp_path / f"{modality}_hf").exists()
+
+    hf = transformers.Data2VecTextModel(text_config(), add_pooling_layer=False)
+    hf.save_pretrained(tmp_path / "hf")
+    main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "enc.safetensors")])
+    before = (tmp_path / "enc.safetensors").read_bytes()
+    with pytest.raises(SystemExit) as e:                                              # existing output kept
+        main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "enc.safetensors")])
+    assert "--overwrite" in str(e.value) and "\n" not in str(e.value)
+    assert (tmp_path / "enc.safetensors").read_bytes() == before
+    main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "enc.safetensors"), "--overwrite"])
+    main(["export", str(tmp_path / "enc.safetensors"), str(tmp_path / "out"), "--format", "hf"])
+    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+        main(["export", str(tmp_path / "enc.safetensors"), str(tmp_path / "out"), "--format", "hf"])
+    main(["export", str(tmp_path / "enc.safetensors"), str(tmp_path / "out"), "--format", "hf", "--overwrite"])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == ["out"]
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(SystemExit, match="model_type='bert'"):
+        main(["import-hf", str(tmp_path / "bad"), str(tmp_path / "bad.safetensors")])
+    with pytest.raises(SystemExit, match="no config.json"):
+        main(["import-hf", str(tmp_path), str(tmp_path / "x.safetensors")])
