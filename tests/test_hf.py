@@ -210,3 +210,23 @@ def test_what_cannot_map_is_refused_in_one_line(tmp_path, capsys):
         main(["import-hf", str(tmp_path / "bad"), str(tmp_path / "bad.safetensors")])
     with pytest.raises(SystemExit, match="no config.json"):
         main(["import-hf", str(tmp_path), str(tmp_path / "x.safetensors")])
+
+
+def test_an_encoder_alone_starts_the_teacher_as_itself(tmp_path):
+    """--run.init_from with an encoder file (d2v import-hf, d2v export): the EMA teacher starts as that
+    encoder, not as the random init it was copied from before the weights were loaded."""
+    from d2v_scale.d2v import Data2Vec
+    from d2v_scale.engine import load_init_weights
+    from d2v_scale.teacher import ReplicatedTeacher
+
+    hf = perturbed(transformers.Data2VecTextModel(text_config(), add_pooling_layer=False), 7)
+    hf.save_pretrained(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "enc.safetensors")
+    cfg = load_encoder(tmp_path / "enc.safetensors").cfg
+    torch.manual_seed(0)
+    model = Data2Vec(cfg.model)
+    teacher = ReplicatedTeacher(model.encoder, cfg.model)
+    load_init_weights(model, teacher, str(tmp_path / "enc.safetensors"))
+    imported = load_encoder(tmp_path / "enc.safetensors").encoder.state_dict()
+    for name, value in teacher.state_dict().items():
+        torch.testing.assert_close(value, imported[name], rtol=0, atol=0)
