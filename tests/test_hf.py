@@ -230,3 +230,26 @@ def test_an_encoder_alone_starts_the_teacher_as_itself(tmp_path):
     imported = load_encoder(tmp_path / "enc.safetensors").encoder.state_dict()
     for name, value in teacher.state_dict().items():
         torch.testing.assert_close(value, imported[name], rtol=0, atol=0)
+
+
+
+def test_an_imported_beit_encoder_takes_the_fine_tuning_path(tmp_path):
+    """What `d2v finetune` does with --init before DeepSpeed (which is encoder-agnostic): the encoder
+    of a fine-tuned-layout Data2VecVisionModel (per-block bias tables, mean pooling), its drop-path
+    ramp, a classifier on it, layer-decay groups covering every parameter, and a backward pass."""
+    from d2v_scale.models import Classifier
+    from d2v_scale.optim import param_groups_layer_decay
+    from d2v_scale.pretrained import finetune_encoder, read_encoder
+
+    torch.manual_seed(0)
+    hf = transformers.Data2VecVisionModel(vision_config(False, True))
+    hf.save_pretrained(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "enc.safetensors")
+    enc = finetune_encoder(read_encoder(tmp_path / "enc.safetensors"), 0.1, 0)
+    assert [b.drop_path.drop_prob for b in enc.blocks[1:]] == [0.1]
+    model = Classifier(enc, 32, 5).train()
+    groups = param_groups_layer_decay(model, 0.05, 0.65, len(enc.blocks), "beit")
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
+    logits = model(torch.randn(4, 3, 32, 32))
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 3])).backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "mask_token" not in n)
