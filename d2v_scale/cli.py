@@ -12,7 +12,7 @@
   d2v export RUN_DIR OUT.safetensors [--teacher]
   d2v export WEIGHTS_OR_RUN OUT_DIR --format hf [--teacher --overwrite]   (a transformers Data2Vec*Model folder)
   d2v import-fairseq CKPT OUT.safetensors
-  d2v import-hf HF_FOLDER OUT.safetensors [--overwrite]   (Data2VecVisionModel / AudioModel / TextModel)
+  d2v import-hf HF_FOLDER OUT.safetensors [--overwrite --algorithm data2vec2]   (Data2Vec*Model, RobertaModel)
   d2v reshard RUN_DIR    convert the newest checkpoint for resuming at another world size
   d2v plan --preset vit_huge_patch14 --nodes 8 --gpus_per_node 8 --zero 3 --offload_teacher --micro_batch 16
   d2v bench step|data|ema ...
@@ -175,9 +175,10 @@ def import_fairseq(ckpt: str, out: str) -> None:
     print(json.dumps(run_import_fairseq(ckpt, out), indent=1))
 
 
-def import_hf(folder: str, out: str, overwrite: bool = False) -> None:
-    """A transformers Data2VecVision/Audio/TextModel folder -> a d2v_scale data2vec 1 encoder weights file."""
-    print(json.dumps(run_import_hf(folder, out, overwrite=overwrite), indent=1))
+def import_hf(folder: str, out: str, overwrite: bool = False, algorithm: str = "data2vec") -> None:
+    """A transformers Data2VecVision/Audio/TextModel (or RobertaModel) folder -> a d2v_scale encoder
+    weights file: data2vec 1, or with --algorithm data2vec2 the data2vec 2.0 text / audio encoder."""
+    print(json.dumps(run_import_hf(folder, out, overwrite=overwrite, algorithm=algorithm), indent=1))
 
 
 def bench(kind: str = "step", local_rank: int = -1, **kwargs) -> None:

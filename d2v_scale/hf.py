@@ -5,7 +5,9 @@ from d2v_scale encoders. Key names and math mirror transformers `models/data2vec
 JSON and safetensors only; loading the exported folder is transformers' `AutoModel.from_pretrained`).
 
 * `d2v import-hf FOLDER OUT.safetensors`: a data2vec 1 encoder (models/beit.py, wav2vec2.py,
-  roberta.py) with its config, for `--run.init_from`, `d2v finetune --init`, `d2v probe --init`.
+  roberta.py) with its config, for `--run.init_from`, `d2v finetune --init`, `d2v probe --init`;
+  `--algorithm data2vec2`: the data2vec 2.0 text encoder (or audio encoder without ALiBi) instead.
+  A `RobertaModel` folder reads as `Data2VecTextModel` (the same layout).
   Task models' folders (`...ForImageClassification`, `...ForCTC`, `...ForMaskedLM`) give their
   encoder; their heads and poolers are left out (named in the summary).
 * `d2v export SOURCE OUT_DIR --format hf`: a data2vec 1 encoder, or a data2vec 2.0 encoder where
@@ -34,9 +36,10 @@ from .models import build_encoder
 from .models.audio import parse_conv_spec
 from .pretrained import read_encoder
 
-HF_TYPES = {"data2vec-vision": "image", "data2vec-audio": "audio", "data2vec-text": "text"}
+HF_TYPES = {"data2vec-vision": "image", "data2vec-audio": "audio", "data2vec-text": "text",
+            "roberta": "text"}                                        # RobertaModel: Data2VecTextModel's layout
 HF_CLASSES = {"image": "Data2VecVisionModel", "audio": "Data2VecAudioModel", "text": "Data2VecTextModel"}
-_PREFIXES = ("data2vec_vision.", "data2vec_audio.", "data2vec_text.")   # task models hold the encoder here
+_PREFIXES = ("data2vec_vision.", "data2vec_audio.", "data2vec_text.", "roberta.")   # task models hold the encoder here
 _IGNORED = re.compile(r".*(relative_position_index|position_ids|token_type_ids)$")   # computed buffers
 
 
@@ -95,15 +98,26 @@ def _need(hc: dict, key: str, want, what: str) -> None:
         raise HFError(f"{what} has {key}={hc[key]!r}; d2v_scale maps only {key}={want!r}")
 
 
-def config_from_hf(hc: dict, mask_idx: int = -1) -> Config:
-    """A data2vec 1 Config for a transformers data2vec config.json dict."""
+def config_from_hf(hc: dict, mask_idx: int = -1, algorithm: str = "data2vec") -> Config:
+    """The Config of a transformers data2vec (or RoBERTa) config.json dict: a data2vec 1 encoder, or
+    with algorithm="data2vec2" a data2vec 2.0 text encoder or audio encoder without ALiBi."""
     kind = hc.get("model_type")
     if kind not in HF_TYPES:
         raise HFError(f"config.json has model_type={kind!r}; d2v import-hf reads {', '.join(HF_TYPES)} "
-                      "(Data2VecVisionModel, Data2VecAudioModel, Data2VecTextModel)")
+                      "(Data2VecVisionModel, Data2VecAudioModel, Data2VecTextModel, RobertaModel)")
     modality, D = HF_TYPES[kind], hc["hidden_size"]
     _need(hc, "hidden_act", "gelu", kind)
-    common = dict(modality=modality, algorithm="data2vec", embed_dim=D, depth=hc["num_hidden_layers"],
+    if algorithm not in ("data2vec", "data2vec2"):
+        raise HFError(f"--algorithm {algorithm!r}: data2vec (data2vec 1, the default) or data2vec2")
+    if algorithm == "data2vec2":
+        if modality == "image":
+            raise HFError("--algorithm data2vec2: a BEiT encoder has no data2vec 2.0 counterpart (2.0 images use "
+                          "post-LN blocks and fixed sin-cos positions); import it as data2vec 1")
+        if float(hc["layer_norm_eps"]) != 1e-5 or hc.get("conv_bias"):
+            raise HFError(f"--algorithm data2vec2: {kind} with layer_norm_eps={hc['layer_norm_eps']}"
+                          f"{', conv_bias=true' if hc.get('conv_bias') else ''} does not fit the data2vec 2.0 "
+                          "encoder (LayerNorm epsilon 1e-5, convolutions without bias); import it as data2vec 1")
+    common = dict(modality=modality, algorithm=algorithm, embed_dim=D, depth=hc["num_hidden_layers"],
                   prenet_depth=0, num_heads=hc["num_attention_heads"], mlp_ratio=hc["intermediate_size"] / D,
                   norm_eps=float(hc["layer_norm_eps"]), average_top_k_layers=min(8, hc["num_hidden_layers"]))
     if modality == "image":
@@ -345,20 +359,20 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
         raise HFError(f"{path} exists; pass --overwrite to replace it, or choose another path")
 
 
-def import_hf(folder: str | Path, out: str | Path, overwrite: bool = False) -> dict:
+def import_hf(folder: str | Path, out: str | Path, overwrite: bool = False, algorithm: str = "data2vec") -> dict:
     """`d2v import-hf`: a transformers data2vec folder -> a d2v_scale encoder weights file."""
     out = Path(out)
     _refuse_existing(out, overwrite)
     check_writable(out)
     hc, hf_state = read_hf_folder(folder)
-    cfg = config_from_hf(hc, _mask_token_id(Path(folder)))
+    cfg = config_from_hf(hc, _mask_token_id(Path(folder)), algorithm)
     state, left_out, initialised = from_hf_state(cfg, hf_state)
     if "mask_token" in initialised:
         torch.nn.init.trunc_normal_(state["mask_token"], std=0.02)          # BEiT's init of the mask token
     if "mask_emb" in initialised:
         torch.nn.init.uniform_(state["mask_emb"])                          # wav2vec 2.0's
     write_weights(out, state, cfg.to_dict(), "encoder")
-    return {"out": str(out), "from": HF_CLASSES[cfg.model.modality], "modality": cfg.model.modality,
+    return {"out": str(out), "from": hc["model_type"], "modality": cfg.model.modality,
             "algorithm": cfg.model.algorithm, "tensors": len(state),
             "params": sum(v.numel() for v in state.values()), "left_out": left_out[:20],
             "initialised": initialised}

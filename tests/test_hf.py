@@ -253,3 +253,36 @@ def test_an_imported_beit_encoder_takes_the_fine_tuning_path(tmp_path):
     logits = model(torch.randn(4, 3, 32, 32))
     torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 3])).backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "mask_token" not in n)
+
+
+@pytest.mark.parametrize("algorithm", ["data2vec", "data2vec2"])
+def test_roberta_and_data2vec_folders_import_as_either_text_encoder(algorithm, tmp_path):
+    """A RobertaModel folder (data2vec-pytorch's text encoder) and a Data2VecAudioModel folder import as
+    data2vec 1 or 2.0 encoders with the same features; a BEiT one has no 2.0 counterpart."""
+    torch.manual_seed(0)
+    cfg = transformers.RobertaConfig(**{k: v for k, v in text_config().to_dict().items()
+                                        if k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                 "intermediate_size", "max_position_embeddings", "type_vocab_size",
+                                                 "pad_token_id", "layer_norm_eps")})
+    for name, hf in [("roberta", transformers.RobertaModel(cfg, add_pooling_layer=False)),
+                     ("audio", transformers.Data2VecAudioModel(transformers.Data2VecAudioConfig(
+                         **{**audio_config().to_dict(), "conv_bias": False})))]:
+        hf = perturbed(hf, 8)
+        hf.save_pretrained(tmp_path / name)
+        summary = import_hf(tmp_path / name, tmp_path / f"{name}.safetensors", algorithm=algorithm)
+        assert summary["algorithm"] == algorithm and not summary["initialised"]
+        enc = load_encoder(tmp_path / f"{name}.safetensors")
+        assert (type(enc.encoder).__name__ in ("TextEncoder", "AudioEncoder")) == (algorithm == "data2vec2")
+        modality = "text" if name == "roberta" else "audio"
+        x, pad = inputs(modality)
+        if modality == "audio" and algorithm == "data2vec2":
+            pad = None                          # the 2.0 audio encoder does not zero padded frames (README)
+        with torch.no_grad():
+            got = enc.forward_features(x, pad if modality == "audio" else None)
+            keep = valid_tokens(modality, got, pad)
+            torch.testing.assert_close(got[keep], hf_features(hf, modality, x, pad)[keep], rtol=0, atol=ATOL)
+    hf = transformers.Data2VecVisionModel(vision_config(True, False))
+    hf.save_pretrained(tmp_path / "vision")
+    if algorithm == "data2vec2":
+        with pytest.raises(HFError, match="no data2vec 2.0 counterpart"):
+            import_hf(tmp_path / "vision", tmp_path / "vision.safetensors", algorithm=algorithm)
