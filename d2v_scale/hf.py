@@ -409,4 +409,5 @@ def export_hf(source: str | Path, out: str | Path, teacher: bool = False, tag: s
         tmp.rename(out)
     return {"out": str(out), "class": HF_CLASSES[cfg.model.modality], "model_type": hc["model_type"],
             "tensors": len(hf_state), "params": sum(v.numel() for v in hf_state.values()),
+            "left_out": sorted(weights.head),                             # a classifier's head: not an encoder's
             "load": f"transformers.AutoModel.from_pretrained('{out}')"}
