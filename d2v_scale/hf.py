@@ -368,7 +368,7 @@ def import_hf(folder: str | Path, out: str | Path, overwrite: bool = False, algo
     cfg = config_from_hf(hc, _mask_token_id(Path(folder)), algorithm)
     state, left_out, initialised = from_hf_state(cfg, hf_state)
     if "mask_token" in initialised:
-        torch.nn.init.trunc_normal_(state["mask_token"], std=0.02)          # BEiT's init of the mask token
+        torch.nn.init.trunc_normal_(state["mask_token"], std=0.02, a=-0.02, b=0.02)   # data2vec_vision's init
     if "mask_emb" in initialised:
         torch.nn.init.uniform_(state["mask_emb"])                          # wav2vec 2.0's
     write_weights(out, state, cfg.to_dict(), "encoder")

@@ -92,3 +92,17 @@ def test_config_refuses_what_data2vec1_lacks():
         Config(model=audio).validate()
     with pytest.raises(ConfigError, match="algorithm"):
         Config(model=tiny("text", algorithm="data2vec3")).validate()
+
+
+def test_beit_init_is_data2vec_visions():
+    """beit/modeling_cyclical.py: N(0, 0.02) cut at one std, output projections of block i / sqrt(2 (i+1)),
+    layer scale at its start value, zero bias tables."""
+    torch.manual_seed(0)
+    enc = build_encoder(tiny("image", depth=2))
+    enc.reset_parameters()
+    w = enc.blocks[0].mlp.fc1.weight
+    assert w.abs().max() <= 0.02 and 0.008 < w.std() < 0.013                # truncated at +-1 std
+    assert enc.blocks[1].attn.proj.weight.abs().max() <= 0.02 / 2 + 1e-7    # / sqrt(2 * 2)
+    assert enc.mask_token.abs().max() <= 0.02 and enc.mask_token.abs().max() > 0
+    assert torch.equal(enc.blocks[0].gamma_2, torch.full((32,), 0.1))
+    assert not enc.blocks[0].attn.rel_pos_bias.relative_position_bias_table.any()

@@ -80,8 +80,8 @@ class BeitAttention(nn.Module):
 
 
 class BeitBlock(nn.Module):
-    """Pre-norm: `x = x + dp(gamma_1 * attn(norm1(x))); ffn = gamma_2 * mlp(norm2(x)); x = x + dp(ffn)`.
-    Returns `(x, ffn)`; the reference's `fc_feature` is `dp(ffn)`, the same in eval (the teacher)."""
+    """Pre-norm: `x = x + dp(gamma_1 * attn(norm1(x))); ffn = dp(gamma_2 * mlp(norm2(x))); x = x + ffn`.
+    Returns `(x, ffn)`: `ffn` is the reference's `fc_feature` (drop path and layer scale included)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, norm_eps: float, init_values: float,
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
@@ -103,8 +103,8 @@ class BeitBlock(nn.Module):
         a = self.attn(self.norm1(x), bias)                                                  # (B, N, D)
         x = x + self.drop_path(a if self.gamma_1 is None else self.gamma_1 * a)
         ffn = self.mlp(self.norm2(x))                                                       # (B, N, D)
-        ffn = ffn if self.gamma_2 is None else self.gamma_2 * ffn
-        return x + self.drop_path(ffn), ffn
+        ffn = self.drop_path(ffn if self.gamma_2 is None else self.gamma_2 * ffn)
+        return x + ffn, ffn
 
 
 class BeitEncoder(Data2Vec1Encoder):
@@ -130,12 +130,13 @@ class BeitEncoder(Data2Vec1Encoder):
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps) if ic.final_norm else nn.Identity()
 
     def reset_parameters(self) -> None:
-        """BEiT's init over the whole encoder: trunc N(0, 0.02) Linear/conv weights and tokens, zero
-        biases, unit LayerNorms, layer scale at its start value, and the attention and FFN output
-        projections of block i divided by sqrt(2 (i + 1))."""
+        """data2vec_vision's init (`beit/modeling_cyclical.py`) over the whole encoder: N(0, 0.02)
+        truncated at one std for Linear/conv weights and tokens, zero biases, unit LayerNorms, layer
+        scale at its start value, the attention and FFN output projections of block i divided by
+        sqrt(2 (i + 1)); relative position tables stay zero."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.trunc_normal_(m.weight, std=0.02, a=-0.02, b=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
@@ -143,7 +144,7 @@ class BeitEncoder(Data2Vec1Encoder):
                 nn.init.zeros_(m.bias)
         for p in (self.cls_token, self.mask_token, self.pos_embed):
             if p is not None:
-                nn.init.trunc_normal_(p, std=0.02)
+                nn.init.trunc_normal_(p, std=0.02, a=-0.02, b=0.02)
         for i, blk in enumerate(self.blocks):
             blk.attn.proj.weight.data.div_(math.sqrt(2.0 * (i + 1)))
             blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * (i + 1)))

@@ -59,13 +59,15 @@ class Wav2Vec2Encoder(Data2Vec1Encoder):
         self.pre_drop = nn.Dropout(cfg.encoder_dropout)
 
     def reset_parameters(self) -> None:
-        """wav2vec 2.0's init: BERT init of every Linear (N(0, 0.02), zero bias), Kaiming-normal CNN
-        kernels, the positional convs at PyTorch's default, mask_emb U(0, 1)."""
-        for m in self.modules():
+        """wav2vec 2.0's init: BERT init of the Transformer's Linears (N(0, 0.02), zero bias; fairseq
+        applies it to `TransformerEncoder` only), Kaiming-normal CNN kernels, `post_extract_proj`
+        and the positional convs at PyTorch's default, mask_emb U(0, 1)."""
+        for m in self.blocks.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        self.feature_proj.reset_parameters()
         for blk in self.feature_extractor.conv_layers:
             nn.init.kaiming_normal_(blk.conv.weight)
         for blk in self.pos_conv:
