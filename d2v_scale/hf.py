@@ -7,7 +7,8 @@ JSON and safetensors only; loading the exported folder is transformers' `AutoMod
 * `d2v import-hf FOLDER OUT.safetensors`: a data2vec 1 encoder (models/beit.py, wav2vec2.py,
   roberta.py) with its config, for `--run.init_from`, `d2v finetune --init`, `d2v probe --init`;
   `--algorithm data2vec2`: the data2vec 2.0 text encoder (or audio encoder without ALiBi) instead.
-  A `RobertaModel` folder reads as `Data2VecTextModel` (the same layout).
+  A `RobertaModel` folder reads as `Data2VecTextModel` (the same layout), a `BeitModel` folder as
+  `Data2VecVisionModel` (the same math; transformers 5 renamed BEiT's weights, both namings read).
   Task models' folders (`...ForImageClassification`, `...ForCTC`, `...ForMaskedLM`) give their
   encoder; their heads and poolers are left out (named in the summary).
 * `d2v export SOURCE OUT_DIR --format hf`: a data2vec 1 encoder, or a data2vec 2.0 encoder where
@@ -37,9 +38,20 @@ from .models.audio import parse_conv_spec
 from .pretrained import read_encoder
 
 HF_TYPES = {"data2vec-vision": "image", "data2vec-audio": "audio", "data2vec-text": "text",
-            "roberta": "text"}                                        # RobertaModel: Data2VecTextModel's layout
+            "roberta": "text",                                        # RobertaModel: Data2VecTextModel's layout
+            "beit": "image"}                                          # BeitModel: Data2VecVisionModel's math
 HF_CLASSES = {"image": "Data2VecVisionModel", "audio": "Data2VecAudioModel", "text": "Data2VecTextModel"}
-_PREFIXES = ("data2vec_vision.", "data2vec_audio.", "data2vec_text.", "roberta.")   # task models hold the encoder here
+_PREFIXES = ("data2vec_vision.", "data2vec_audio.", "data2vec_text.", "roberta.", "beit.")   # task models' encoders
+# BeitModel's names since transformers 5 -> the Data2VecVisionModel names (older BeitModels used those)
+_BEIT_RENAMES = [(r"^shared_position_bias\.", "encoder.relative_position_bias."),
+                 (r"^layers\.(\d+)\.attention\.([qkv])_proj\.",
+                  lambda m: f"encoder.layer.{m[1]}.attention.attention.{dict(q='query', k='key', v='value')[m[2]]}."),
+                 (r"^layers\.(\d+)\.attention\.o_proj\.", r"encoder.layer.\1.attention.output.dense."),
+                 (r"^layers\.(\d+)\.mlp\.fc1\.", r"encoder.layer.\1.intermediate.dense."),
+                 (r"^layers\.(\d+)\.mlp\.fc2\.", r"encoder.layer.\1.output.dense."),
+                 (r"^layers\.(\d+)\.relative_position_bias\.",
+                  r"encoder.layer.\1.attention.attention.relative_position_bias."),
+                 (r"^layers\.(\d+)\.", r"encoder.layer.\1.")]
 _IGNORED = re.compile(r".*(relative_position_index|position_ids|token_type_ids)$")   # computed buffers
 
 
@@ -316,6 +328,10 @@ def from_hf_state(cfg: Config, hf_state: dict[str, torch.Tensor]) -> tuple[dict,
         for p in _PREFIXES:
             if k.startswith(p):
                 k = k[len(p):]
+                break
+        for pat, rep in _BEIT_RENAMES:
+            if re.match(pat, k):
+                k = re.sub(pat, rep, k)
                 break
         state[k] = v
     encoder = build_encoder(cfg.model)

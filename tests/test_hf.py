@@ -286,3 +286,23 @@ def test_roberta_and_data2vec_folders_import_as_either_text_encoder(algorithm, t
     if algorithm == "data2vec2":
         with pytest.raises(HFError, match="no data2vec 2.0 counterpart"):
             import_hf(tmp_path / "vision", tmp_path / "vision.safetensors", algorithm=algorithm)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_beit_folders_import_too(shared, tmp_path):
+    """data2vec-pytorch's vision encoder is transformers' BeitModel (renamed weights since transformers 5)."""
+    torch.manual_seed(0)
+    kw = {k: v for k, v in vision_config(shared, not shared).to_dict().items() if k in (
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size", "patch_size",
+        "use_mask_token", "use_relative_position_bias", "use_shared_relative_position_bias",
+        "use_absolute_position_embeddings", "layer_scale_init_value", "use_mean_pooling", "layer_norm_eps")}
+    hf = perturbed(transformers.BeitModel(transformers.BeitConfig(**kw), add_pooling_layer=False), 9)
+    hf.save_pretrained(tmp_path / "beit")
+    summary = import_hf(tmp_path / "beit", tmp_path / "enc.safetensors")
+    assert summary["from"] == "beit" and not summary["initialised"] and not summary["left_out"]
+    x = inputs("image")[0]
+    mask = torch.rand(2, 16, generator=torch.Generator().manual_seed(4)) < 0.5
+    enc = load_encoder(tmp_path / "enc.safetensors").encoder
+    with torch.no_grad():
+        torch.testing.assert_close(enc(enc.local_features(x)[0], mask=mask)[0],
+                                   hf_features(hf, "image", x, mask=mask), rtol=0, atol=ATOL)
