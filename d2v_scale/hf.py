@@ -61,9 +61,8 @@ class HFError(D2VError, ValueError):
 
 # -- reading a save_pretrained folder -------------------------------------------------------------
 
-def read_hf_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config.json dict, state dict) of a save_pretrained folder: model.safetensors, a sharded
-    model.safetensors.index.json, or pytorch_model.bin (read with weights_only=True)."""
+def read_hf_config(folder: str | Path) -> dict:
+    """The config.json dict of a save_pretrained folder of a model type import-hf reads."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise HFError(f"{folder} has no config.json: give the folder `save_pretrained` wrote (or a local "
@@ -72,20 +71,29 @@ def read_hf_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         hc = json.loads((folder / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise HFError(f"{folder / 'config.json'} is not valid JSON ({one_line(e)})") from None
-    if hc.get("model_type") not in HF_TYPES:
-        raise HFError(f"{folder} holds model_type={hc.get('model_type')!r}; d2v import-hf reads {', '.join(HF_TYPES)} "
-                      "(Data2VecVisionModel, Data2VecAudioModel, Data2VecTextModel and their task models)")
+    if not isinstance(hc, dict) or hc.get("model_type") not in HF_TYPES:
+        kind = hc.get("model_type") if isinstance(hc, dict) else None
+        raise HFError(f"{folder} holds model_type={kind!r}; d2v import-hf reads {', '.join(HF_TYPES)} "
+                      "(Data2VecVisionModel, Data2VecAudioModel, Data2VecTextModel, RobertaModel, BeitModel "
+                      "and their task models)")
+    return hc
+
+
+def read_hf_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a save_pretrained folder: model.safetensors, a sharded
+    model.safetensors.index.json, or pytorch_model.bin (read with weights_only=True)."""
+    folder = Path(folder)
     try:
         if (folder / "model.safetensors").is_file():
-            return hc, load_file(str(folder / "model.safetensors"))
+            return load_file(str(folder / "model.safetensors"))
         if (folder / "model.safetensors.index.json").is_file():
             shards = sorted(set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()))
             state = {}
             for shard in shards:
                 state.update(load_file(str(folder / shard)))
-            return hc, state
+            return state
         if (folder / "pytorch_model.bin").is_file():
-            return hc, torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
         raise HFError(f"{folder}: its weights cannot be read ({type(e).__name__}: {one_line(e)[:160]})") from None
     except Exception as e:  # noqa: BLE001 - torch.load refusing a pickled object, a truncated file
@@ -97,10 +105,10 @@ def read_hf_folder(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def _mask_token_id(folder: Path) -> int:
     """The `<mask>` id of the folder's tokenizer.json, -1 when there is none."""
     try:
-        added = json.loads((folder / "tokenizer.json").read_text()).get("added_tokens", [])
-    except (OSError, json.JSONDecodeError):
+        added = json.loads((folder / "tokenizer.json").read_text())["added_tokens"]
+        return next((int(t["id"]) for t in added if t.get("content") == "<mask>"), -1)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError):
         return -1
-    return next((int(t["id"]) for t in added if t.get("content") == "<mask>"), -1)
 
 
 # -- configs ------------------------------------------------------------------------------------
@@ -115,8 +123,7 @@ def config_from_hf(hc: dict, mask_idx: int = -1, algorithm: str = "data2vec") ->
     with algorithm="data2vec2" a data2vec 2.0 text encoder or audio encoder without ALiBi."""
     kind = hc.get("model_type")
     if kind not in HF_TYPES:
-        raise HFError(f"config.json has model_type={kind!r}; d2v import-hf reads {', '.join(HF_TYPES)} "
-                      "(Data2VecVisionModel, Data2VecAudioModel, Data2VecTextModel, RobertaModel)")
+        raise HFError(f"config.json has model_type={kind!r}; d2v import-hf reads {', '.join(HF_TYPES)}")
     modality, D = HF_TYPES[kind], hc["hidden_size"]
     _need(hc, "hidden_act", "gelu", kind)
     if algorithm not in ("data2vec", "data2vec2"):
@@ -380,8 +387,13 @@ def import_hf(folder: str | Path, out: str | Path, overwrite: bool = False, algo
     out = Path(out)
     _refuse_existing(out, overwrite)
     check_writable(out)
-    hc, hf_state = read_hf_folder(folder)
-    cfg = config_from_hf(hc, _mask_token_id(Path(folder)), algorithm)
+    hc = read_hf_config(folder)
+    try:
+        cfg = config_from_hf(hc, _mask_token_id(Path(folder)), algorithm)
+    except (KeyError, TypeError) as e:
+        raise HFError(f"{Path(folder) / 'config.json'} lacks or mistypes {one_line(e)}: not a complete "
+                      f"{hc['model_type']} config; save the model again with save_pretrained") from None
+    hf_state = read_hf_weights(folder)
     state, left_out, initialised = from_hf_state(cfg, hf_state)
     if "mask_token" in initialised:
         torch.nn.init.trunc_normal_(state["mask_token"], std=0.02, a=-0.02, b=0.02)   # data2vec_vision's init

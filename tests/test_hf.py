@@ -208,6 +208,17 @@ def test_what_cannot_map_is_refused_in_one_line(tmp_path, capsys):
     (tmp_path / "bad" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(SystemExit, match="model_type='bert'"):
         main(["import-hf", str(tmp_path / "bad"), str(tmp_path / "bad.safetensors")])
+    (tmp_path / "bad" / "config.json").write_text(json.dumps({"model_type": "data2vec-text"}))
+    with pytest.raises(SystemExit, match="lacks or mistypes 'hidden_size'"):
+        main(["import-hf", str(tmp_path / "bad"), str(tmp_path / "bad.safetensors")])
+    (tmp_path / "bin").mkdir()                                                       # pytorch_model.bin: weights_only
+    (tmp_path / "bin" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    assert import_hf(tmp_path / "bin", tmp_path / "bin.safetensors")["tensors"] == 28
+    torch.save({"w": torch.zeros(1), "obj": HFError("x")}, tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(SystemExit, match="weights_only=True"):
+        main(["import-hf", str(tmp_path / "bin"), str(tmp_path / "bin2.safetensors")])
+    assert not (tmp_path / "bin2.safetensors").exists()
     with pytest.raises(SystemExit, match="no config.json"):
         main(["import-hf", str(tmp_path), str(tmp_path / "x.safetensors")])
 
