@@ -7,13 +7,12 @@ return `(out, ffn)`. `forward(..., return_layers=True)` gives one `BlockResult` 
   * `out`: the block output ("end of block", fairseq data2vec_vision `layer_results="end"`);
   * `ffn`: the FFN output before the last residual (and, post-LN, before the final LayerNorm) --
     fairseq's `layer_result` / `fc_results` that data2vec_audio and data2vec_text average, and
-    data2vec_vision's `fc_feature` (layer scale included) with `end_of_block_targets=False`.
+    data2vec_vision's `fc_feature` (layer scale and drop path included) with `end_of_block_targets=False`.
 The forward keeps the data2vec 2.0 `Encoder` call shape so fine-tuning, probes and CTC run on
 these encoders unchanged; `ids_keep` (token dropping) is refused: data2vec 1 keeps every token.
 """
 from __future__ import annotations
 
-import random
 from typing import NamedTuple
 
 import torch
@@ -46,14 +45,8 @@ class Data2Vec1Encoder(Encoder):
         nn.Module.__init__(self)   # not Encoder.__init__: its blocks are data2vec 2.0's
         self.num_prenet = 0
         self.blocks = nn.ModuleList(blocks)
-        self.layerdrop = [cfg.layerdrop] * len(blocks)
+        self.layerdrop = [cfg.layerdrop] * len(blocks)    # wav2vec 2.0's encoder_layerdrop (draw_layerdrop)
         self.norm = nn.Identity()
-
-    def draw_layerdrop(self, seed: int) -> list[bool] | None:
-        if not self.training or not any(p > 0 for p in self.layerdrop):
-            return None
-        rng = random.Random(seed)
-        return [rng.random() >= p for p in self.layerdrop]
 
     def embed(self, feats, mask, clones, padding_mask):
         raise NotImplementedError
