@@ -110,6 +110,7 @@ class BeitBlock(nn.Module):
 class BeitEncoder(Data2Vec1Encoder):
     num_extra_tokens = 1
     local_modules = ("patch_embed",)
+    ema_local_encoder = True    # data2vec_vision's teacher is an EMA of the whole model, patch embedding included
 
     def __init__(self, cfg):
         ic, D = cfg.image, cfg.embed_dim

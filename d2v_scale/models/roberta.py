@@ -19,6 +19,7 @@ from .data2vec1 import Data2Vec1Encoder, post_norm_blocks
 
 class RobertaEncoder(Data2Vec1Encoder):
     local_modules = ("embed_tokens",)
+    ema_local_encoder = False   # fairseq ema_transformer_layers_only: the teacher embeds with the student's table
 
     def __init__(self, cfg):
         super().__init__(cfg, post_norm_blocks(cfg))

@@ -36,6 +36,7 @@ class _GradMultiply(torch.autograd.Function):
 
 class Wav2Vec2Encoder(Data2Vec1Encoder):
     local_modules = ("feature_extractor", "feature_norm", "feature_proj")
+    ema_local_encoder = False   # fairseq ema_transformer_only: the teacher reads the student's pre_encoder_features
 
     def __init__(self, cfg):
         super().__init__(cfg, post_norm_blocks(cfg))
