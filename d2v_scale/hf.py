@@ -375,6 +375,25 @@ def from_hf_state(cfg: Config, hf_state: dict[str, torch.Tensor]) -> tuple[dict,
     return {k: v.float() for k, v in out.items()}, left_out, initialised
 
 
+def head_from_hf(cfg: Config, hc: dict, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The classification head of a task model, as d2v_scale's classifiers name it ({} for none):
+    `...ForImageClassification` with mean pooling -> Classifier (`fc_norm` = the pooler's LayerNorm,
+    `head` = `classifier`); `...ForSequenceClassification` -> SentenceClassifier (RoBERTa's head)."""
+    def find(name):
+        hits = [k for k in hf_state if k == name or k.endswith("." + name)]
+        return hf_state[hits[0]] if len(hits) == 1 else None
+
+    if cfg.model.modality == "image" and hc.get("use_mean_pooling", True):
+        parts = {"fc_norm.weight": "pooler.layernorm.weight", "fc_norm.bias": "pooler.layernorm.bias",
+                 "head.weight": "classifier.weight", "head.bias": "classifier.bias"}
+    elif cfg.model.modality == "text":
+        parts = {f"head.{p}.{w}": f"classifier.{p}.{w}" for p in ("dense", "out_proj") for w in ("weight", "bias")}
+    else:
+        return {}
+    head = {ours: find(theirs) for ours, theirs in parts.items()}
+    return {k: v.float() for k, v in head.items()} if all(v is not None for v in head.values()) else {}
+
+
 # -- commands -------------------------------------------------------------------------------------
 
 def _refuse_existing(path: Path, overwrite: bool) -> None:
@@ -399,10 +418,21 @@ def import_hf(folder: str | Path, out: str | Path, overwrite: bool = False, algo
         torch.nn.init.trunc_normal_(state["mask_token"], std=0.02, a=-0.02, b=0.02)   # data2vec_vision's init
     if "mask_emb" in initialised:
         torch.nn.init.uniform_(state["mask_emb"])                          # wav2vec 2.0's
-    write_weights(out, state, cfg.to_dict(), "encoder")
-    return {"out": str(out), "from": hc["model_type"], "modality": cfg.model.modality,
-            "algorithm": cfg.model.algorithm, "tensors": len(state),
-            "params": sum(v.numel() for v in state.values()), "left_out": left_out[:20],
+    head = head_from_hf(cfg, hc, hf_state)
+    summary = {"out": str(out), "from": hc["model_type"], "modality": cfg.model.modality,
+               "algorithm": cfg.model.algorithm}
+    if head:                                                               # a fine-tuned classifier: keep its head
+        taken = {"pooler.layernorm.weight", "pooler.layernorm.bias", "classifier.weight", "classifier.bias",
+                 *(f"classifier.{p}.{w}" for p in ("dense", "out_proj") for w in ("weight", "bias"))}
+        left_out = [k for k in left_out if k not in taken]
+        num_classes = int((head.get("head.weight", head.get("head.out_proj.weight"))).shape[0])
+        write_weights(out, {**{f"encoder.{k}": v for k, v in state.items()}, **head}, cfg.to_dict(), "classifier",
+                      {"num_classes": num_classes, "source": hc["model_type"]})
+        summary["classifier"] = {"num_classes": num_classes, "head": sorted(head)}
+    else:
+        write_weights(out, state, cfg.to_dict(), "encoder")
+    return {**summary, "tensors": len(state) + len(head),
+            "params": sum(v.numel() for v in [*state.values(), *head.values()]), "left_out": left_out[:20],
             "initialised": initialised}
 
 

@@ -317,3 +317,31 @@ def test_beit_folders_import_too(shared, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(enc(enc.local_features(x)[0], mask=mask)[0],
                                    hf_features(hf, "image", x, mask=mask), rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_fine_tuned_classifiers_import_with_their_heads(modality, tmp_path):
+    """Data2VecVisionForImageClassification (mean pooling) -> Classifier, Data2VecTextForSequenceClassification
+    -> SentenceClassifier: the same logits, the file a `d2v finetune --init` classifier."""
+    from d2v_scale.models import Classifier, SentenceClassifier
+    from d2v_scale.pretrained import read_encoder
+
+    torch.manual_seed(0)
+    if modality == "image":
+        hf = transformers.Data2VecVisionForImageClassification(
+            transformers.Data2VecVisionConfig(**{**vision_config(False, True).to_dict(), "num_labels": 5}))
+    else:
+        hf = transformers.Data2VecTextForSequenceClassification(
+            transformers.Data2VecTextConfig(**{**text_config().to_dict(), "num_labels": 3}))
+    hf = perturbed(hf, 10)
+    hf.save_pretrained(tmp_path / "hf")
+    summary = import_hf(tmp_path / "hf", tmp_path / "clf.safetensors")
+    assert not summary["left_out"] and summary["classifier"]["num_classes"] == (5 if modality == "image" else 3)
+    w = read_encoder(tmp_path / "clf.safetensors")
+    enc = build_encoder(w.cfg.model)
+    model = Classifier(enc, 32, 5) if modality == "image" else SentenceClassifier(enc, 32, 3)
+    model.load_state_dict({**{f"encoder.{k}": v for k, v in w.encoder.items()}, **w.head})
+    x, pad = inputs(modality)
+    with torch.no_grad():
+        want = hf(pixel_values=x).logits if modality == "image" else hf(input_ids=x, attention_mask=(~pad).long()).logits
+        torch.testing.assert_close(model.eval()(x), want, rtol=0, atol=ATOL)
