@@ -22,7 +22,7 @@ $(STAMP): setup.py Makefile
 	$(BIN)/pip install --quiet "pip==26.3" "setuptools==65.5.0" "wheel==0.48.0"
 	$(BIN)/pip install --quiet torch==2.9.1 torchvision==0.24.1 torchaudio==2.9.1
 	$(BIN)/pip install --quiet --no-build-isolation deepspeed==0.19.8
-	$(BIN)/pip install --quiet --no-build-isolation -e '.[test,decode]'
+	$(BIN)/pip install --quiet --no-build-isolation -e '.[test,decode,hf]'
 	@touch $(STAMP)
 
 # Debian packages some tests drive for real (installed when missing and running as root).

@@ -30,6 +30,9 @@ setup(
         # beam search for speech recognition: torchaudio's ctc_decoder runs on flashlight-text's
         # lexicon decoder and KenLM (wheels with both built in)
         "decode": ["flashlight-text==0.0.7"],
+        # `d2v import-hf` / `d2v export --format hf` need none of it; loading the exported folders
+        # (AutoModel.from_pretrained) and the tests that do need transformers
+        "hf": ["transformers==5.25.0"],
     },
     entry_points={
         "console_scripts": [

@@ -10,7 +10,9 @@
   d2v probe --init WEIGHTS_OR_RUN --train SHARDS --val SHARDS [--how knn|linear|both] [--teacher | --random_init]
   d2v show_config --preset NAME [--key=value ...]
   d2v export RUN_DIR OUT.safetensors [--teacher] [--overwrite]
+  d2v export WEIGHTS_OR_RUN OUT_DIR --format hf [--teacher --overwrite]   (a transformers Data2Vec*Model folder)
   d2v import-fairseq CKPT OUT.safetensors [--overwrite]
+  d2v import-hf HF_FOLDER OUT.safetensors [--overwrite --algorithm data2vec2]   (Data2Vec*Model, RobertaModel)
   d2v reshard RUN_DIR    convert the newest checkpoint for resuming at another world size
   d2v plan --preset vit_huge_patch14 --nodes 8 --gpus_per_node 8 --zero 3 --offload_teacher --micro_batch 16
   d2v bench step|data|ema ...
@@ -31,6 +33,7 @@ from .errors import D2VError, argument_with_url_credentials, one_line, url_crede
 from .evaluate import probe as run_probe
 from .export import export_run
 from .fairseq import import_fairseq as run_import_fairseq
+from .hf import export_hf, import_hf as run_import_hf
 from .finetune import finetune as run_finetune
 from .preflight import finetune_preflight, preflight
 from .presets import FINETUNE_PRESETS, build_config, finetune_preset_for
@@ -207,14 +210,24 @@ def show_config(preset: str | None = None, from_json: str | None = None, **overr
     print(json.dumps(cfg.to_dict(), indent=2))
 
 
-def export(run_dir: str, out: str, teacher: bool = False, tag: str | None = None, overwrite: bool = False) -> None:
-    """Write a run's encoder as one fp32 safetensors file (consolidated from any ZeRO stage).
+def export(run_dir: str, out: str, teacher: bool = False, tag: str | None = None, format: str = "safetensors",
+           overwrite: bool = False) -> None:
+    """Write a run's encoder as one fp32 safetensors file (consolidated from any ZeRO stage), or with
+    `--format hf` as a transformers folder.
 
-      RUN_DIR                the run directory of `d2v train` or `d2v finetune`
-      OUT                    the .safetensors file to write (never a file inside a run's checkpoints/)
+      RUN_DIR                the run directory of `d2v train` or `d2v finetune` (with --format hf also a
+                             weights file or a fairseq checkpoint)
+      OUT                    the .safetensors file to write (never a file inside a run's checkpoints/),
+                             or with --format hf the folder
       --teacher              also the EMA teacher
       --tag TAG              a checkpoint other than the newest
+      --format safetensors|hf   hf: a folder `AutoModel.from_pretrained` loads
       --overwrite            replace an existing OUT"""
+    if format == "hf":
+        print(json.dumps(export_hf(run_dir, out, teacher=teacher, tag=tag, overwrite=overwrite), indent=1))
+        return
+    if format != "safetensors":
+        raise ConfigError(f"d2v export --format {format!r}: safetensors (the default) or hf")
     print(json.dumps(export_run(run_dir, out, teacher=teacher, tag=tag, overwrite=overwrite), indent=1))
 
 
@@ -234,6 +247,16 @@ def import_fairseq(ckpt: str, out: str, overwrite: bool = False) -> None:
       OUT                    the .safetensors file to write
       --overwrite            replace an existing OUT"""
     print(json.dumps(run_import_fairseq(ckpt, out, overwrite), indent=1))
+
+
+def import_hf(folder: str, out: str, overwrite: bool = False, algorithm: str = "data2vec") -> None:
+    """Convert a transformers Data2VecVision/Audio/TextModel (or RobertaModel) folder into a weights file.
+
+      HF_FOLDER              a folder written by save_pretrained (never downloaded)
+      OUT                    the .safetensors file to write
+      --algorithm data2vec|data2vec2   the data2vec 1 encoder, or the data2vec 2.0 text / audio encoder
+      --overwrite            replace an existing OUT"""
+    print(json.dumps(run_import_hf(folder, out, overwrite=overwrite, algorithm=algorithm), indent=1))
 
 
 def bench(kind: str = "step", local_rank: int = -1, **kwargs) -> None:
@@ -290,7 +313,8 @@ def demo(modality: str = "image", steps: int | None = None, ranks: int = 2, samp
 
 COMMANDS = {"train": train, "finetune": finetune, "probe": probe, "check": check, "show_config": show_config,
             "export": export,
-            "import-fairseq": import_fairseq, "import_fairseq": import_fairseq, "bench": bench, "demo": demo,
+            "import-fairseq": import_fairseq, "import_fairseq": import_fairseq, "import-hf": import_hf,
+            "import_hf": import_hf, "bench": bench, "demo": demo,
             "reshard": reshard, "plan": plan, "transcribe": transcribe}
 
 

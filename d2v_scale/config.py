@@ -20,6 +20,7 @@ from pathlib import Path
 from .errors import D2VError
 
 MODALITIES = ("image", "audio", "text")
+ALGORITHMS = ("data2vec2", "data2vec")
 
 
 @dataclass
@@ -27,6 +28,11 @@ class ImageConfig:
     img_size: int = 224          # input resolution (also the RandomResizedCrop size)
     patch_size: int = 16
     in_chans: int = 3
+    # data2vec 1 (model.algorithm=data2vec, BEiT blocks; models/beit.py):
+    layer_scale_init_value: float = 0.1   # gamma_1/gamma_2 start value (0 = no layer scale)
+    shared_rel_pos_bias: bool = True      # one relative position bias table for all blocks (else one per block)
+    abs_pos_emb: bool = False             # learned absolute positions (BEiT option; off in data2vec)
+    final_norm: bool = True               # LayerNorm after the last block (fairseq `encoder.norm`)
 
 
 @dataclass
@@ -36,6 +42,9 @@ class AudioConfig:
     conv_pos_depth: int = 5
     conv_pos_groups: int = 16
     use_alibi: bool = True       # ALiBi bias with a learned per-head scale
+    # data2vec 1 (model.algorithm=data2vec, wav2vec 2.0 encoder; models/wav2vec2.py):
+    conv_bias: bool = False      # bias in the CNN feature extractor's convolutions
+    feature_grad_mult: float = 1.0   # gradient scale into the CNN (0: the CNN is frozen)
 
 
 @dataclass
@@ -44,6 +53,7 @@ class TextConfig:
     max_positions: int = 512
     pad_idx: int = 1             # fairseq Dictionary layout: bos 0, pad 1, eos 2, unk 3
     dropout: float = 0.1         # embedding dropout
+    mask_idx: int = -1           # data2vec 1: id of <mask> (-1: the last id, where fairseq's masked LM task adds it)
 
 
 @dataclass
@@ -61,6 +71,7 @@ class DecoderConfig:
 @dataclass
 class ModelConfig:
     modality: str = "image"      # image | audio | text
+    algorithm: str = "data2vec2"  # data2vec2 | data2vec (1: BEiT / wav2vec 2.0 / RoBERTa encoders, masked tokens kept)
     embed_dim: int = 768
     depth: int = 10              # shared blocks (targets come from these)
     prenet_depth: int = 2        # modality-specific blocks before the shared ones
@@ -270,6 +281,12 @@ class Config:
                 value = getattr(value, part) if value is not None else None
             if value is not None and not ok(value):
                 raise ConfigError(f"--{key}={value!r}: must be {want}")
+        if m.algorithm not in ALGORITHMS:
+            raise ConfigError(f"model.algorithm={m.algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
+        if m.algorithm == "data2vec" and m.prenet_depth:
+            raise ConfigError(f"model.prenet_depth={m.prenet_depth}: data2vec 1 encoders have no prenet; set it to 0")
+        if m.algorithm == "data2vec" and m.modality == "audio" and m.audio.use_alibi:
+            raise ConfigError("model.audio.use_alibi=true: the data2vec 1 (wav2vec 2.0) encoder has no ALiBi; set it false")
         if m.embed_dim % m.num_heads:
             raise ConfigError(f"model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads}")
         if m.modality == "image" and m.image.img_size % m.image.patch_size:

@@ -55,14 +55,17 @@ def build_teacher(model: Data2Vec, cfg: Config, ds: dict, dist: Dist):
 
 
 def load_init_weights(model: Data2Vec, teacher, path: str) -> None:
-    """Start from an imported or exported weights file (student, and teacher when present)."""
+    """Start from an imported or exported weights file (student, and teacher when present; a file
+    with an encoder alone, `d2v export` or `d2v import-hf`, starts the teacher as that encoder,
+    as every EMA teacher starts as its student)."""
     student, teacher_state, _ = read_weights(path)
     missing, unexpected = model.load_state_dict(student, strict=False)
     if unexpected or [k for k in missing if k.startswith("encoder.")]:
         raise ConfigError(f"run.init_from={path}: weights do not fit the model (missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]}); check --preset")
-    if teacher_state:
-        teacher.load_state_dict(teacher_state)
+    if not teacher_state:
+        teacher_state = {n: student[f"encoder.{n}"] for n in teacher.names}
+    teacher.load_state_dict(teacher_state)
 
 
 def initialize(model: nn.Module, optimizer, ds: dict):

@@ -2,21 +2,34 @@
 from __future__ import annotations
 
 from .audio import AudioEncoder, frames_for
+from .beit import BeitEncoder
 from .classifier import Classifier
+from .data2vec1 import BlockResult, Data2Vec1Encoder
 from .decoder import Decoder1d, Decoder2d
 from .image import ImageEncoder
 from .sentence import SentenceClassifier
+from .roberta import RobertaEncoder
 from .text import TextEncoder
 from .transformer import Block, Encoder, finetune_drop_path, pool_tokens
+from .wav2vec2 import Wav2Vec2Encoder
 
 ENCODERS: dict[str, type[Encoder]] = {"image": ImageEncoder, "audio": AudioEncoder, "text": TextEncoder}
+# data2vec 1 (model.algorithm=data2vec): BEiT, wav2vec 2.0 and RoBERTa encoders
+ENCODERS_V1: dict[str, type[Data2Vec1Encoder]] = {"image": BeitEncoder, "audio": Wav2Vec2Encoder,
+                                                  "text": RobertaEncoder}
+
+
+def encoder_class(cfg) -> type[Encoder]:
+    """cfg: ModelConfig. Picked by `cfg.algorithm` (data2vec2 | data2vec) and `cfg.modality`."""
+    table = ENCODERS_V1 if getattr(cfg, "algorithm", "data2vec2") == "data2vec" else ENCODERS
+    if cfg.modality not in table:
+        raise ValueError(f"unknown modality {cfg.modality!r}")
+    return table[cfg.modality]
 
 
 def build_encoder(cfg) -> Encoder:
-    """cfg: ModelConfig. The encoder class is picked by `cfg.modality` (image | audio | text)."""
-    if cfg.modality not in ENCODERS:
-        raise ValueError(f"unknown modality {cfg.modality!r}")
-    return ENCODERS[cfg.modality](cfg)
+    """cfg: ModelConfig. The encoder class is picked by `cfg.algorithm` and `cfg.modality`."""
+    return encoder_class(cfg)(cfg)
 
 
 def build_decoder(cfg, encoder: Encoder):
@@ -36,5 +49,6 @@ def token_grid(cfg, samples: int | None = None) -> tuple[int, ...]:
     return (cfg.data.tokens_per_sample,)
 
 
-__all__ = ["ENCODERS", "Block", "Classifier", "Encoder", "Decoder1d", "Decoder2d", "SentenceClassifier",
+__all__ = ["ENCODERS", "ENCODERS_V1", "BeitEncoder", "Block", "BlockResult", "Classifier", "Data2Vec1Encoder",
+           "Encoder", "RobertaEncoder", "Wav2Vec2Encoder", "encoder_class", "Decoder1d", "Decoder2d", "SentenceClassifier",
            "build_encoder", "build_decoder", "finetune_drop_path", "pool_tokens", "token_grid"]
