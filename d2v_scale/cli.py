@@ -26,6 +26,7 @@ import fire
 
 from .checkpoint import make_universal
 from .config import Config, ConfigError, apply_overrides
+from .dsconfig import bf16_accumulation_warning
 from .errors import D2VError, one_line
 from .evaluate import probe as run_probe
 from .export import export_run
@@ -134,6 +135,9 @@ def check(*words, preset: str | None = None, data: str | None = None, ds_config:
         return
     plan = preflight(cfg, ds_overrides, world)
     ds = plan.ds
+    warning = bf16_accumulation_warning(cfg, world, ds_overrides)
+    if warning:
+        print(f"warning: {warning}")
     start = f"resume from {plan.resume.path}" if plan.resume else "start from step 0"
     for tag, problem in plan.resume.broken if plan.resume else []:
         print(f"note: checkpoint {tag} is unusable ({problem}); the run passes over it")

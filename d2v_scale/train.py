@@ -19,7 +19,7 @@ from . import dist as dist_mod
 from .config import Config
 from .data import build_loader
 from .dist import Dist, all_reduce_sum, print0
-from .dsconfig import matmul_dtype, zero_stage
+from .dsconfig import bf16_accumulation_warning, matmul_dtype, zero_stage
 from .engine import build_engine
 from .errors import D2VError
 from .evaluate import KnnMonitor
@@ -94,6 +94,9 @@ def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
         for said in checkpoint.open_run(run_dir, cfg.to_dict(), ds, resumed) + (
                 ["resuming with changed settings: " + "; ".join(plan.changed)] if plan.changed else []):
             print0(f"d2v: {said}")
+        warning = bf16_accumulation_warning(cfg, dist.world, ds_overrides)
+        if warning:
+            print0(f"d2v: warning: {warning}")
 
     # student engine and EMA teacher (identical init on every rank)
     built = build_engine(cfg, dist, ds)
