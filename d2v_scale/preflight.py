@@ -20,6 +20,7 @@ from .checkpoint import ResumePoint, find_resume
 from .config import Config, ConfigError, from_json
 from .data import DataError, Shards, check_shards, find_shards
 from .dsconfig import resolve_ds_config, validate_ds_config
+from .engine import check_compile
 from .errors import one_line
 from .evaluate import EvalShards, eval_shards
 from .masking import check_mask
@@ -73,6 +74,8 @@ def check_run(cfg: Config, ds_overrides: dict | None, world: int) -> tuple[dict,
     """The ds_config (resolved and validated), --out, the checkpoint to resume from and what changed."""
     ds = resolve_ds_config(cfg, world, ds_overrides)
     validate_ds_config(ds, cfg.run.ds_config)
+    if cfg.run.compile:
+        check_compile(ds)
     run_dir = Path(cfg.run.out)
     check_out_dir(run_dir)
     resume = find_resume(run_dir, cfg.run.resume, world)

@@ -2,10 +2,12 @@
 (DeepSpeed's own buffers, bf16 forced on CPU ranks), `d2v check` warns about a ds_config that would
 sum them in bf16; compiled regions leave DeepSpeed's hooks outside the graphs; the step makes no
 device-to-host round trip; the benchmark's peak is an upper bound and its ratio counts model FLOPs."""
+import functools
 import json
 import sys
 
 import pytest
+import torch
 
 from d2v_scale.config import ConfigError
 from d2v_scale.dsconfig import FP32_NAMES, bf16_accumulation_warning, resolve_ds_config, validate_ds_config
@@ -67,3 +69,49 @@ def test_bf16_engines_sum_micro_step_gradients_in_fp32():
     for got in rows:
         assert got["model_dtype"] == "torch.bfloat16" and got["accum_dtype"] == "torch.float32"
         assert got["buffers"] == ["torch.float32"] and got["numel"] >= got["params"] and got["steps"] == 1
+
+
+def _spied_blocks(model, teacher) -> list:
+    """Forward pre- and post-hooks on every block, as DeepSpeed's ZeRO-3 registers them (gather, release),
+    each recording whether it runs inside dynamo."""
+    seen = []
+    for blk in [*model.encoder.blocks, *teacher.encoder.blocks]:
+        blk.register_forward_pre_hook(lambda mod, args: seen.append(torch.compiler.is_compiling()))
+        blk.register_forward_hook(lambda mod, args, out: seen.append(torch.compiler.is_compiling()))
+    return seen
+
+
+def test_compiled_regions_leave_the_hooks_outside_the_graphs(monkeypatch):
+    """--run.compile compiles each block's forward, not its __call__ (Module.compile traces the hooks:
+    they record True there); under ZeRO-3 the decoder, whose children DeepSpeed hooks, stays eager, and
+    a ds_config without the blocks as leaf modules is refused with the reason."""
+    from d2v_scale.config import with_vocab
+    from d2v_scale.d2v import Data2Vec
+    from d2v_scale.data import synthetic_batch
+    from d2v_scale.engine import compile_regions
+    from d2v_scale.masking import step_masks
+    from d2v_scale.teacher import ReplicatedTeacher
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))  # dynamo, no codegen
+    cfg = with_vocab(get_preset("vit_base_patch16_debug"))
+    cfg.data.batch_size = 2
+    cfg.run.ds_config = "ds_configs/zero3.json"
+    ds = resolve_ds_config(cfg, world=1, cuda=False)
+    torch.manual_seed(0)
+    model = Data2Vec(cfg.model, cfg.mask.mask_noise_std)
+    teacher = ReplicatedTeacher(model.encoder, cfg.model)
+    seen = _spied_blocks(model, teacher)
+    compile_regions(model, teacher, ds)
+    assert "forward" not in vars(model.decoder)                     # ZeRO-3: the decoder stays eager
+    x = synthetic_batch(cfg)["source"]
+    info = step_masks(cfg, 2 * cfg.mask.clone_batch, model.encoder.token_shape(x), 0, 0, 0)
+    for _ in range(2):
+        model(x, info, teacher)["loss"].backward()
+    calls = 2 * 2 * 2 * len(model.encoder.blocks)                   # 2 steps x (student + teacher) x (pre + post)
+    assert len(seen) == calls and not any(seen)                     # every hook ran, in eager
+    leafless = json.loads(json.dumps(ds))
+    del leafless["zero_optimization"]["leaf_module"]
+    with pytest.raises(ConfigError, match="needs the blocks as DeepSpeed leaf modules"):
+        compile_regions(model, teacher, leafless)
+    cfg.run.ds_config = "ds_configs/zero2.json"
+    compile_regions(model, teacher, resolve_ds_config(cfg, world=1, cuda=False))
+    assert "forward" in vars(model.decoder)                         # below ZeRO-3 the decoder is a region too
