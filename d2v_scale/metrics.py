@@ -99,7 +99,7 @@ class Metrics:
         self.flops += flops
         loss = out["loss"].detach().double()
         vec = torch.stack([loss, out["loss_cls"].detach().double() if "loss_cls" in out else loss * 0,
-                           loss.new_tensor(float(out["sample_size"]))])
+                           torch.full((), float(out["sample_size"]), dtype=loss.dtype, device=loss.device)])
         self.sums = vec if self.sums is None else self.sums + vec
         self.samples += batch_size
         self.stats = (out["pred_stats"], out["target_stats"])

@@ -50,7 +50,7 @@ def train_step(engine, teacher, batch: dict, cfg: Config, step: int, micro: int,
     if x.is_floating_point():
         x = x.to(dtype)
     pad = batch.get("padding_mask")
-    pad = pad.to(dist.device) if pad is not None else None
+    pad = pad.to(dist.device, non_blocking=True) if pad is not None else None
     encoder = engine.module.encoder
     M = cfg.mask.clone_batch
 

@@ -115,3 +115,40 @@ def test_compiled_regions_leave_the_hooks_outside_the_graphs(monkeypatch):
     cfg.run.ds_config = "ds_configs/zero2.json"
     compile_regions(model, teacher, resolve_ds_config(cfg, world=1, cuda=False))
     assert "forward" in vars(model.decoder)                         # below ZeRO-3 the decoder is a region too
+
+
+def test_host_sync_check_sees_what_waits_on_a_gpu():
+    """The detector itself: each kind of wait is caught on CPU, host tensors handed in are free to read,
+    and what does not wait (device fills, non-blocking copies, gathers at known sizes) passes."""
+    from d2v_scale.tools.host_sync import HostSyncCheck, HostSyncError
+    host = torch.ones(3)
+    waits = [lambda t: t.sum().item(), lambda t: bool(t.any()), lambda t: t.nonzero(), lambda t: t[t > 0],
+             lambda t: t.tolist(), lambda t: t.new_tensor([1.0]), lambda t: host.to("cpu"),
+             lambda t: torch.tensor([1.0], device="cpu"), lambda t: t.cpu(), lambda t: t.repeat_interleave(t.long())]
+    for i, wait in enumerate(waits):
+        with pytest.raises(HostSyncError), HostSyncCheck("cpu", host=[host]):
+            wait(torch.rand(4) + 1)
+    with HostSyncCheck("cpu", host=[host]):
+        t = torch.rand(4)
+        torch.full((1,), 3.0, device=t.device)
+        host.to("cpu", non_blocking=True)
+        host.tolist()
+        torch.gather(t, 0, torch.tensor([0, 2]))
+        t.repeat_interleave(2)
+
+
+@pytest.mark.timeout(600)
+def test_the_step_makes_no_host_wait():
+    """Two micro-steps (one at the accumulation boundary) of the real step through the ZeRO-2 engine,
+    under HostSyncCheck: the student's forward, the loss, the teacher's targets, the step's own code and
+    the metrics' accumulation read nothing back from the device and copy nothing to it blocking (on
+    today's main: the sample count's new_tensor twice per micro-step, the metrics' loss count).
+    DeepSpeed's own waits in its backward and optimizer step are listed apart."""
+    res = run_group([sys.executable, str(ROOT / "tests" / "probes" / "sync_probe.py"), "ds_configs/zero2.json",
+                     "vit_base_patch16_debug", "audio_base_debug"], timeout=500, env=child_env(DS_ACCELERATOR="cpu"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["step"] == [], row
+        assert row["global_steps"] == 2

@@ -41,13 +41,16 @@ class D2VStep:
         self.built, self.cfg, self.dist = built, cfg, dist
         self.gas = built.engine.gradient_accumulation_steps()
         self.batch = synthetic_batch(cfg)
+        if dist.device.type == "cuda":          # as the loader hands batches over: pinned, copied non-blocking
+            self.batch = {k: v.pin_memory() for k, v in self.batch.items()}
         self.masks = AheadMasks(cfg, dist.rank, self.gas)
         self.step, self.ahead = 0, []
 
     def draw_ahead(self, steps: int) -> None:
         """The masks of the next `steps` optimizer steps (off the timed path, as in the workers)."""
         first = self.step * self.gas
-        self.ahead = [self.masks(dict(self.batch), k) for k in range(first, first + steps * self.gas)]
+        pin = (lambda b: {k: v.pin_memory() for k, v in b.items()}) if self.dist.device.type == "cuda" else dict
+        self.ahead = [pin(self.masks(dict(self.batch), k)) for k in range(first, first + steps * self.gas)]
 
     def __call__(self) -> None:
         b = self.built
