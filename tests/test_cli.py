@@ -61,9 +61,9 @@ def test_bench_step_compares_with_timm_and_breaks_the_step_down():
     out = run_d2v(["bench", "step", "--preset", "vit_base_patch16_debug", "--steps", "2", "--warmup", "1",
                    "--compare", "timm", "--breakdown"]).stdout
     assert "peer: timm VisionTransformer(embed_dim=64, depth=3, heads=4, patch=4)" in out
-    ratio = float(out.split("efficiency d2v2 / peer")[1].split()[0])
+    ratio = float(out.split("efficiency d2v2 / peer (model FLOPs)")[1].split()[0])
     assert 0 < ratio < 10
-    agree = float(out.split("flops.py model FLOPs / counted")[1].split(";")[0])
+    agree = float(out.split("flops.py model FLOPs / executed")[1].split(";")[0])
     assert abs(agree - 1) < 0.03
     for phase in ("teacher targets", "student forward", "backward", "optimizer step", "EMA update", "masks"):
         assert phase in out.split("breakdown")[1]
