@@ -152,3 +152,23 @@ def test_the_step_makes_no_host_wait():
     for row in rows:
         assert row["step"] == [], row
         assert row["global_steps"] == 2
+
+
+def test_the_peak_is_the_best_size_and_an_efficiency_above_one_is_never_a_number(monkeypatch):
+    """The GEMM peak is the best rate of its sizes (each rate a lower bound of it); an efficiency
+    above 1 prints as a peak under-measured (the 128% and 152% printed before)."""
+    from d2v_scale.metrics import PEAK_SIZES, _gemm_rate, efficiency_text, measure_peak_flops
+    assert len(PEAK_SIZES["cpu"]) >= 3 and max(PEAK_SIZES["cuda"]) > 8192
+    assert efficiency_text(0.706) == "70.6%"
+    for v in (1.28, 1.52):
+        assert "under-measured" in efficiency_text(v) and f"{v:.1%}" not in efficiency_text(v)
+    seen = []
+    real = _gemm_rate
+
+    def spy(n, *a):
+        seen.append((n, real(n, *a)))
+        return seen[-1][1]
+    import d2v_scale.metrics as metrics
+    monkeypatch.setattr(metrics, "_gemm_rate", spy)                 # records each size's real rate
+    peak = measure_peak_flops(torch.device("cpu"), torch.float32, seconds=0.3)
+    assert [n for n, _ in seen] == list(PEAK_SIZES["cpu"]) and peak == max(r for _, r in seen)
