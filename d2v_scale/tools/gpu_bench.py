@@ -192,7 +192,9 @@ def ema_exact(out: str) -> None:
 
 def sync_step(out: str, preset: str = "vit_base_patch16") -> None:
     """Warm-up micro-steps, then one non-boundary micro-step (student forward, teacher targets, loss,
-    backward) under torch.cuda.set_sync_debug_mode("error") on a GPU, under HostSyncCheck on CPU."""
+    backward) under torch.cuda.set_sync_debug_mode("error") on a GPU, under HostSyncCheck on CPU. When
+    it raises, the boundary micro-step runs again under "warn" and every synchronising call site is
+    listed (the step's own and DeepSpeed's optimizer step)."""
     import torch
 
     from .. import dist as dist_mod
@@ -227,6 +229,21 @@ def sync_step(out: str, preset: str = "vit_base_patch16") -> None:
                 train_step(built.engine, built.teacher, batches[2], cfg, 1, 0, dist, built.dtype)
     except RuntimeError as e:
         result = {"ok": False, "device": str(dist.device), "error": str(e).splitlines()[0][:300]}
+        if dist.device.type == "cuda":       # every synchronising call of the next micro-step, by where
+            import warnings
+            sites = set()
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("warn")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    train_step(built.engine, built.teacher, batches[2], cfg, 1, 1, dist, built.dtype)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            for w in caught:
+                if "synchroniz" in str(w.message):
+                    sites.add(f"{w.filename}:{w.lineno}")
+            result["sites"] = sorted(sites)       # the step's own files and DeepSpeed's, to read apart
     Path(out, "sync_step.json").write_text(json.dumps(result) + "\n")
     print(f"sync step: {result}")
 
