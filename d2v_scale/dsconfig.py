@@ -103,7 +103,10 @@ def bf16_accumulation_warning(cfg: Config, world: int, overrides: dict | None = 
     """One line when the ds_config, on a bf16 GPU, sums micro-step gradients in bf16 (gradient
     accumulation with bf16 on and `data_types.grad_accum_dtype` not fp32): each micro-step's gradient
     then rounds to 8 mantissa bits as it is added. None when nothing accumulates in bf16."""
-    ds = resolve_ds_config(cfg, world, overrides, cuda=True)
+    try:
+        ds = resolve_ds_config(cfg, world, overrides, cuda=True)
+    except ConfigError as e:                 # fine here (no GPU), refused on one: say so, do not stop
+        return f"on a GPU: {e}"
     gas = ds["gradient_accumulation_steps"]
     if not ds.get("bf16", {}).get("enabled") or gas < 2:
         return None
