@@ -137,14 +137,14 @@ def table(runs: dict[str, Run]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def print_table(rows) -> None:
+def print_table(rows, note: str = "") -> None:
     w = max(len(r[0]) for r in rows)
-    print("\n== GPU check ==")
+    print("\n== GPU check ==" + (f" ({note})" if note else ""))
     for name, value, goal, verdict in rows:
         print(f"  {name:<{w}}  {value:<28} {goal:<8} {verdict}")
 
 
-def run_all(runs: list[Run], budget_s: float, out_dir: Path) -> list[tuple[str, str, str, str]]:
+def run_all(runs: list[Run], budget_s: float, out_dir: Path, note: str = "") -> list[tuple[str, str, str, str]]:
     """Each run in turn (a failed or timed-out one does not stop the next), then the table."""
     deadline = time.monotonic() + budget_s
     for c in runs:
@@ -152,7 +152,7 @@ def run_all(runs: list[Run], budget_s: float, out_dir: Path) -> list[tuple[str, 
         run(c, deadline, out_dir / f"{c.name}.log")
         print(f"   {c.status} in {c.seconds:.0f} s", flush=True)
     rows = table({c.name: c for c in runs})
-    print_table(rows)
+    print_table(rows, note)
     (out_dir / "table.json").write_text(json.dumps(rows, indent=1) + "\n")
     return rows
 
@@ -162,7 +162,7 @@ def main(out: str = "runs/gpu_bench", budget_s: float = 420, tiny: bool = False,
     out_dir.mkdir(parents=True, exist_ok=True)
     names = only if isinstance(only, (list, tuple)) else [n for n in str(only).split(",") if n]   # fire: a,b -> tuple
     picked = [c for c in configs(tiny, out_dir) if not names or c.name in names]
-    run_all(picked, budget_s, out_dir)
+    run_all(picked, budget_s, out_dir, "TINY: debug presets, the driver tested; the verdicts judge no goal" if tiny else "")
     sys.exit(0 if all(c.status == "ok" for c in picked) else 1)
 
 
