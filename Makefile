@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.d2v-installed
 export OMP_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test venv system-deps clean
+.PHONY: demo test venv system-deps clean gpu-wheels
 
 venv: $(STAMP)
 
@@ -24,6 +24,23 @@ $(STAMP): setup.py Makefile
 	$(BIN)/pip install --quiet --no-build-isolation deepspeed==0.19.8
 	$(BIN)/pip install --quiet --no-build-isolation -e '.[test,decode,hf]'
 	@touch $(STAMP)
+
+# A folder of wheels for a GPU machine without a package registry (launcher/gpu_bench.sh installs them
+# there): the pure-Python dependencies torch does not bring, for that machine's Python (GPU_PY), and
+# DeepSpeed built without ops against this venv's torch (its ops JIT-build on first use there).
+WHEELS  ?= .whl
+GPU_PY  ?= 3.12
+GPU_WHEELS := webdataset==1.0.2 braceexpand==0.1.7 fire==0.7.1 termcolor==3.3.0 hjson==3.1.0 pydantic==2.14.3 \
+  pydantic_core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 boto3==1.44.5 botocore==1.44.5 \
+  s3transfer==0.19.3 jmespath==1.1.0 soundfile==0.14.0 cffi==2.1.1 pycparser==3.12
+gpu-wheels: venv
+	@mkdir -p $(WHEELS)
+	@for spec in $(GPU_WHEELS); do \
+	  $(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PY) --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d $(WHEELS) $$spec || exit 1; done
+	DS_BUILD_OPS=0 $(BIN)/pip wheel --quiet --no-deps --no-build-isolation deepspeed==0.19.8 -w $(WHEELS)
+	@ls $(WHEELS)
 
 # Debian packages some tests drive for real (installed when missing and running as root).
 SYSTEM_PACKAGES := espeak-ng slurm-wlm munge openssh-server pdsh

@@ -29,6 +29,7 @@ import fire
 from . import helptext
 from .checkpoint import make_universal
 from .config import Config, ConfigError, apply_overrides
+from .dsconfig import bf16_accumulation_warning
 from .errors import D2VError, argument_with_url_credentials, one_line, url_credentials_refusal
 from .evaluate import probe as run_probe
 from .export import export_run
@@ -191,6 +192,9 @@ def check(*words, preset: str | None = None, data: str | None = None, ds_config:
         return
     plan = preflight(cfg, ds_overrides, world)
     ds = plan.ds
+    warning = bf16_accumulation_warning(cfg, world, ds_overrides)
+    if warning:
+        print(f"warning: {warning}")
     start = f"resume from {plan.resume.path}" if plan.resume else "start from step 0"
     for tag, problem in plan.resume.broken if plan.resume else []:
         print(f"note: checkpoint {tag} is unusable ({problem}); the run passes over it")

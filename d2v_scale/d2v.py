@@ -37,7 +37,8 @@ def init_bert(module: nn.Module) -> None:
 def var_stats(x: torch.Tensor) -> torch.Tensor:
     """(2*D + 1,) float64 [count, sum, sum of squares] of x (N, D), summable across ranks."""
     x = x.detach().double()
-    return torch.cat([x.new_tensor([x.shape[0]]), x.sum(0), (x * x).sum(0)])
+    n = torch.full((1,), x.shape[0], dtype=x.dtype, device=x.device)      # filled on the device: no copy
+    return torch.cat([n, x.sum(0), (x * x).sum(0)])
 
 
 def mean_std(stats: torch.Tensor) -> torch.Tensor:

@@ -70,7 +70,8 @@ def resolve_ds_config(cfg: Config, world: int, overrides: dict | None = None, cu
         raise ConfigError(f"ds_config: train_batch_size {ds['train_batch_size']} != micro batch "
                           f"{ds['train_micro_batch_size_per_gpu']} x accumulation {ds['gradient_accumulation_steps']} "
                           f"x world {world}; set them to \"auto\" to derive them from --data.batch_size/global_batch")
-    bf16_ok = bool(cuda and torch.cuda.is_bf16_supported())
+    # cuda=True without a GPU here: judged as on a bf16 GPU (a GPU run checked from a login node)
+    bf16_ok = bool(cuda and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()))
     autocast = ds.get("torch_autocast")
     if isinstance(autocast, dict):               # fp32 weights, bf16 matmuls: torch autocast, no bf16 wrapper
         if autocast.get("enabled") == "auto":
@@ -83,11 +84,40 @@ def resolve_ds_config(cfg: Config, world: int, overrides: dict | None = None, cu
     if bf16.get("enabled") and autocast_dtype(ds) is not None:
         raise ConfigError(f"ds_config {path}: bf16 and torch_autocast are both enabled; pick one (torch_autocast keeps "
                           "fp32 weights and runs matmuls in bf16, bf16 keeps bf16 weights with fp32 masters)")
+    if (ds.get("bf16", {}).get("enabled") is True and zero_stage(ds) == 0
+            and str(ds.get("data_types", {}).get("grad_accum_dtype")) in FP32_NAMES):
+        raise ConfigError(f"ds_config {path}: data_types.grad_accum_dtype fp32 with bf16 needs ZeRO stage >= 1 "
+                          "(DeepSpeed refuses the mix at stage 0); use ds_configs/zero1.json, or zero0_autocast.json "
+                          "for fp32 weights")
     if ds.get("fp16", {}).get("enabled") and not cuda:
         raise ConfigError("fp16 is not supported by DeepSpeed on CPU; use bf16 or fp32 (set fp16.enabled false)")
     ds.setdefault("steps_per_print", 10 ** 9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+FP32_NAMES = ("fp32", "float32", "float", "torch.float32")      # DeepSpeed's DtypeEnum spellings of fp32
+
+
+def bf16_accumulation_warning(cfg: Config, world: int, overrides: dict | None = None) -> str | None:
+    """One line when the ds_config, on a bf16 GPU, sums micro-step gradients in bf16 (gradient
+    accumulation with bf16 on and `data_types.grad_accum_dtype` not fp32): each micro-step's gradient
+    then rounds to 8 mantissa bits as it is added. None when nothing accumulates in bf16."""
+    try:
+        ds = resolve_ds_config(cfg, world, overrides, cuda=True)
+    except ConfigError as e:                 # fine here (no GPU), refused on one: say so, do not stop
+        return f"on a GPU: {e}"
+    gas = ds["gradient_accumulation_steps"]
+    if not ds.get("bf16", {}).get("enabled") or gas < 2:
+        return None
+    if str(ds.get("data_types", {}).get("grad_accum_dtype")) in FP32_NAMES:
+        return None
+    if zero_stage(ds) == 0:
+        return (f"ds_config {cfg.run.ds_config}: on a GPU, bf16 at ZeRO-0 sums the {gas} micro-step gradients in "
+                "bf16 (DeepSpeed has no fp32 accumulation at stage 0); use ds_configs/zero1.json (fp32 "
+                "accumulation) or zero0_autocast.json (fp32 weights and gradients)")
+    return (f"ds_config {cfg.run.ds_config}: on a GPU, bf16 with {gas} micro-steps sums gradients in bf16; add "
+            '"data_types": {"grad_accum_dtype": "fp32"} (as the shipped ds_configs do)')
 
 
 class _ReadKeys(dict):

@@ -4,8 +4,8 @@
 the token grid, builds the student (`Data2Vec`, or another wrapper of it such as the data2vec-1 pattern
 of `d2v bench`) with the same seed on every rank, copies the teacher from it before DeepSpeed
 partitions anything (sharded under ZeRO-3, replicated otherwise, or as `teacher.placement` says),
-loads `run.init_from`, compiles the blocks with `run.compile`, and initializes it with d2v_scale's
-AdamW (DeepSpeed's CPU Adam when the optimizer is offloaded). `build_finetune_engine` (fine-tuning):
+loads `run.init_from`, compiles the blocks' forwards with `run.compile` (hooks outside), and
+initializes it with d2v_scale's AdamW (DeepSpeed's CPU Adam when the optimizer is offloaded). `build_finetune_engine` (fine-tuning):
 a task's model (tasks/: a pretrained encoder + head) with layer-wise lr decay, through the same
 `initialize`. Training, fine-tuning, every benchmark, the planner's `--measure` and the test probes
 go through these; the models themselves never import DeepSpeed.
@@ -24,6 +24,7 @@ from .dsconfig import compute_dtype, offloads_optimizer, resolve_ds_config, zero
 from .export import read_weights
 from .masking import check_mask
 from .models import token_grid
+from .models.transformer import Block
 from .optim import build_optimizer, param_groups_layer_decay
 from .sharded_teacher import ShardedTeacher
 from .teacher import ReplicatedTeacher
@@ -68,6 +69,38 @@ def load_init_weights(model: Data2Vec, teacher, path: str) -> None:
     teacher.load_state_dict(teacher_state)
 
 
+def compile_forward(module: nn.Module) -> None:
+    """torch.compile the module's own `forward`, not its `__call__`: `Module.compile` compiles
+    `_call_impl`, so forward hooks (DeepSpeed's ZeRO-3 gather and release) would run inside dynamo."""
+    module.forward = torch.compile(module.forward)
+
+
+def check_compile(ds: dict) -> None:
+    """`run.compile` under ZeRO-3 needs the blocks as DeepSpeed leaf modules (ConfigError otherwise)."""
+    if zero_stage(ds) != 3:
+        return
+    name = f"{Block.__module__}.{Block.__qualname__}"
+    classes = ds.get("zero_optimization", {}).get("leaf_module", {}).get("classes", [])
+    if name not in classes and Block.__name__ not in classes:
+        raise ConfigError(f"--run.compile=true under ZeRO-3 needs the blocks as DeepSpeed leaf modules, else "
+                          f"DeepSpeed's per-layer gather hooks would run inside the compiled graphs: add "
+                          f'"leaf_module": {{"classes": ["{name}"]}} to zero_optimization (as '
+                          "ds_configs/zero3.json does), or train without --run.compile")
+
+
+def compile_regions(model: Data2Vec, teacher, ds: dict) -> None:
+    """`run.compile`: each block's forward (student and teacher), and the decoder's below ZeRO-3. Under
+    ZeRO-3 DeepSpeed hooks every module it does not treat as a leaf, so a compiled forward is safe
+    only where the module is a leaf (its children carry no hooks): the blocks, when the ds_config
+    names them in `zero_optimization.leaf_module` (the shipped zero3*.json do); the decoder stays eager."""
+    check_compile(ds)
+    regions = [*model.encoder.blocks, *teacher.encoder.blocks]
+    if zero_stage(ds) != 3:
+        regions.append(model.decoder)
+    for region in regions:
+        compile_forward(region)
+
+
 def initialize(model: nn.Module, optimizer, ds: dict):
     """The one `deepspeed.initialize` of a trained model (the sharded teacher has its own, optimizer-less)."""
     import deepspeed                                        # after dist.init(): the accelerator is chosen
@@ -87,9 +120,8 @@ def build_engine(cfg: Config, dist: Dist, ds: dict | None = None, ds_overrides: 
     teacher = build_teacher(model, cfg, ds, dist)
     if cfg.run.init_from:
         load_init_weights(model, teacher, cfg.run.init_from)
-    if cfg.run.compile:       # regions: each block and the decoder (graphs stay small, ZeRO hooks outside)
-        for region in [*model.encoder.blocks, *teacher.encoder.blocks, model.decoder]:
-            region.compile()
+    if cfg.run.compile:
+        compile_regions(model, teacher, ds)
     student: nn.Module = wrap(model) if wrap is not None else model
     n_params = sum(p.numel() for p in student.parameters())
     optimizer = build_optimizer(student, cfg.optim, offload=offloads_optimizer(ds))
@@ -100,8 +132,9 @@ def build_finetune_engine(cfg: Config, ds: dict, model: nn.Module) -> Built:
     """Fine-tuning: a task's model (pretrained `.encoder` + head, tasks/), AdamW with layer-wise lr
     decay (`lr_scale` per group), DeepSpeed; blocks compiled with `run.compile`."""
     if cfg.run.compile:
+        check_compile(ds)
         for blk in model.encoder.blocks:
-            blk.compile()
+            compile_forward(blk)
     f = cfg.finetune
     groups = param_groups_layer_decay(model, cfg.optim.weight_decay, f.layer_decay, len(model.encoder.blocks),
                                       f.layer_decay_rule)

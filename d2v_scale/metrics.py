@@ -3,7 +3,7 @@
 
 Per-step values are kept as local sums and reduced across ranks once per log interval (one small
 all-reduce), not every step. MFU counts the model FLOPs of a data2vec 2.0 step (see `flops.py`)
-against a per-rank peak: `run.peak_tflops`, or a GEMM benchmark measured at start-up.
+against a per-rank peak: `run.peak_tflops`, or the best of a few GEMM sizes measured at start-up.
 """
 from __future__ import annotations
 
@@ -21,10 +21,7 @@ from .d2v import mean_std
 from .dist import all_reduce_sum
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
-    """Sustained matmul FLOP/s of this process on `device` (fp32 on CPU, bf16 on GPU): 8192^3 on a GPU
-    (4096^3 reads ~17% below an H100's sustained rate, so MFU would read high), 1024^3 on a CPU."""
-    n = 8192 if device.type == "cuda" else 1024
+def _gemm_rate(n: int, device: torch.device, dtype: torch.dtype, seconds: float) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -40,6 +37,26 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float 
         sync()
     sync()
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+# square GEMM sizes tried; the best rate is the peak (a GPU reaches its rate only at large shapes: an
+# H100 reads ~17% low at 4096^3; a CPU's best size depends on its caches and threads)
+PEAK_SIZES = {"cuda": (4096, 8192, 12288), "cpu": (512, 1024, 2048)}
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """Sustained matmul FLOP/s of this process on `device` (fp32 on CPU, bf16 on GPU): the best rate of
+    a few square GEMM sizes (PEAK_SIZES), each timed for `seconds` / len(sizes). An upper bound to
+    hold model FLOP/s against only as far as the sizes reach the machine's rate; an efficiency above
+    1 means the peak was under-measured (`efficiency_text` says so instead of printing it)."""
+    sizes = PEAK_SIZES["cuda" if device.type == "cuda" else "cpu"]
+    return max(_gemm_rate(n, device, dtype, seconds / len(sizes)) for n in sizes)
+
+
+def efficiency_text(value: float) -> str:
+    """An efficiency (a fraction of the measured peak) as a percentage; above 100% it is no efficiency
+    but a peak measured too low, and says so."""
+    return f"{value:.1%}" if value <= 1 else f"{value:.0%}?! peak under-measured"
 
 
 def truncate_jsonl(path: Path, last_step: int) -> int:
@@ -99,7 +116,7 @@ class Metrics:
         self.flops += flops
         loss = out["loss"].detach().double()
         vec = torch.stack([loss, out["loss_cls"].detach().double() if "loss_cls" in out else loss * 0,
-                           loss.new_tensor(float(out["sample_size"]))])
+                           torch.full((), float(out["sample_size"]), dtype=loss.dtype, device=loss.device)])
         self.sums = vec if self.sums is None else self.sums + vec
         self.samples += batch_size
         self.stats = (out["pred_stats"], out["target_stats"])
@@ -127,7 +144,7 @@ class Metrics:
         if self.is_main:
             msg = (f"step {step} loss {m['train/loss']:.4f} lr {lr:.2e} tau {ema_decay:.6f} "
                    f"pred_var {m['train/pred_var']:.3f} target_var {m['train/target_var']:.3f} "
-                   f"{sps:.1f} samples/s mfu {m['perf/mfu']:.1%}")
+                   f"{sps:.1f} samples/s mfu {efficiency_text(m['perf/mfu'])}")
             if self.bar is not None:
                 self.bar.set_postfix_str(msg.split(" ", 2)[2][:80])
             else:

@@ -25,6 +25,7 @@ from .config import Config, ConfigError, from_json
 from .d2v import Data2Vec
 from .data import DataError, Shards, check_first_sample, check_shards, find_shards
 from .dsconfig import resolve_ds_config, validate_ds_config
+from .engine import check_compile
 from .errors import one_line
 from .evaluate import EvalShards, check_same_classes, eval_shards
 from .export import read_weight_shapes
@@ -83,6 +84,8 @@ def check_run(cfg: Config, ds_overrides: dict | None, world: int) -> tuple[dict,
     """The ds_config (resolved and validated), --out, the checkpoint to resume from and what changed."""
     ds = resolve_ds_config(cfg, world, ds_overrides)
     validate_ds_config(ds, cfg.run.ds_config)
+    if cfg.run.compile:
+        check_compile(ds)
     run_dir = Path(cfg.run.out)
     check_out_dir(run_dir)
     check_free(run_dir)                             # another run holds --out: say so before anything else

@@ -21,7 +21,7 @@ from .config import Config
 from .data import DataError, build_loader
 from .data.wds import DataStalled
 from .dist import Dist, all_reduce_sum, print0
-from .dsconfig import matmul_dtype, zero_stage
+from .dsconfig import bf16_accumulation_warning, matmul_dtype, zero_stage
 from .engine import build_engine
 from .errors import D2VError
 from .evaluate import KnnMonitor
@@ -53,7 +53,7 @@ def train_step(engine, teacher, batch: dict, cfg: Config, step: int, micro: int,
     if x.is_floating_point():
         x = x.to(dtype)
     pad = batch.get("padding_mask")
-    pad = pad.to(dist.device) if pad is not None else None
+    pad = pad.to(dist.device, non_blocking=True) if pad is not None else None
     encoder = engine.module.encoder
     M = cfg.mask.clone_batch
 
@@ -103,6 +103,9 @@ def _train(cfg: Config, plan, dist: Dist) -> dict:
         for said in checkpoint.open_run(run_dir, cfg.to_dict(), ds, resumed) + (
                 ["resuming with changed settings: " + "; ".join(plan.changed)] if plan.changed else []):
             print0(f"d2v: {said}")
+        warning = bf16_accumulation_warning(cfg, dist.world, ds_overrides)
+        if warning:
+            print0(f"d2v: warning: {warning}")
 
     # student engine and EMA teacher (identical init on every rank)
     built = build_engine(cfg, dist, ds)

@@ -3,19 +3,26 @@
   d2v bench step --preset vit_base_patch16 [--compare timm|d2v1] [--breakdown] [--steps 10] [--key=value ...]
 
 The step (forward with the teacher's targets, backward, optimizer step, EMA; masks drawn ahead as the
-loader's workers draw them) is timed, and its FLOPs are counted on one real step by torch's
-FlopCounterMode (flops.count_flops), so the efficiency printed does not rest on flops.py's formulas;
-flops.py's model FLOPs and MFU are printed beside them. `--compare timm` times a plain supervised
-timm ViT of the same width, depth and patch (or timm Blocks on the same tokens for audio/text) in the
+loader's workers draw them, batches pinned on a GPU) is timed. Efficiency counts *model* FLOPs
+(flops.py: the step's work without activation checkpointing's recompute, which the tests hold within
+3% of torch's FlopCounterMode on a step without checkpointing) against the best of a few GEMM sizes;
+the FLOPs executed (FlopCounterMode on one real step, recompute included) are printed beside.
+`--compare timm` times a plain supervised timm ViT of the same width, depth and patch (or timm Blocks
+on the same tokens for audio/text; no checkpointing, so its model FLOPs are its counted FLOPs) in the
 same process and prints efficiency(d2v2) / efficiency(peer); `--compare d2v1` the data2vec-1 pattern.
-`--breakdown` adds synchronised per-phase times and the top device and host ops of torch.profiler.
+The same run with the EMA switched off is timed beside (the EMA's exposed share of the step); peak
+device memory and pinned host memory are printed. An efficiency above 100% is printed as a peak
+under-measured, never as a number. `--breakdown` adds synchronised per-phase times and the top device
+and host ops of torch.profiler (it cannot show the EMA's share: it synchronises around every phase).
 """
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -27,7 +34,7 @@ from ..dsconfig import matmul_dtype, zero_stage
 from ..engine import build_engine
 from ..flops import count_flops, step_flops_per_sample
 from ..masking import AheadMasks
-from ..metrics import measure_peak_flops
+from ..metrics import PEAK_SIZES, efficiency_text, measure_peak_flops
 from ..presets import build_config
 from ..train import train_step
 from .peers import Data2Vec1Style, PeerStep, peer_batch, timm_name, timm_peer
@@ -41,13 +48,16 @@ class D2VStep:
         self.built, self.cfg, self.dist = built, cfg, dist
         self.gas = built.engine.gradient_accumulation_steps()
         self.batch = synthetic_batch(cfg)
+        if dist.device.type == "cuda":          # as the loader hands batches over: pinned, copied non-blocking
+            self.batch = {k: v.pin_memory() for k, v in self.batch.items()}
         self.masks = AheadMasks(cfg, dist.rank, self.gas)
         self.step, self.ahead = 0, []
 
     def draw_ahead(self, steps: int) -> None:
         """The masks of the next `steps` optimizer steps (off the timed path, as in the workers)."""
         first = self.step * self.gas
-        self.ahead = [self.masks(dict(self.batch), k) for k in range(first, first + steps * self.gas)]
+        pin = (lambda b: {k: v.pin_memory() for k, v in b.items()}) if self.dist.device.type == "cuda" else dict
+        self.ahead = [pin(self.masks(dict(self.batch), k)) for k in range(first, first + steps * self.gas)]
 
     def __call__(self) -> None:
         b = self.built
@@ -75,10 +85,45 @@ def _time(fn, steps: int, warmup: int, sync, before=None) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+class _NoEma:
+    """The teacher with its EMA update switched off (targets as before): the run beside which the EMA's
+    share of the step is measured."""
+
+    def __init__(self, teacher):
+        self._teacher = teacher
+
+    def __call__(self, *args, **kwargs):
+        return self._teacher(*args, **kwargs)
+
+    def update(self, *args, **kwargs) -> None:
+        pass
+
+    def __getattr__(self, name):
+        return getattr(self._teacher, name)
+
+
+def memory_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def memory_peaks(device: torch.device) -> dict:
+    """Peak device memory allocated since `memory_reset` and pinned host memory held (CUDA's caching
+    host allocator, where DeepSpeed and the loader pin), in GB; on CPU the process's peak RSS."""
+    if device.type == "cuda":
+        host = torch.cuda.memory.host_memory_stats()
+        return {"device_peak_gb": torch.cuda.max_memory_allocated(device) / 1e9,
+                "pinned_host_gb": host.get("allocated_bytes.peak", host.get("allocated_bytes.current", 0)) / 1e9}
+    import resource
+    return {"device_peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, "pinned_host_gb": 0.0}
+
+
 def bench_step(preset: str = "vit_base_patch16_debug", steps: int = 10, warmup: int = 2,
                ds_config: str = "ds_configs/zero0.json", compare: str | None = None, breakdown: bool = False,
-               peer_batch_size: int = 0, **overrides) -> dict:
-    """`--peer_batch_size` (default: the student's micro batch) for the timm peer."""
+               peer_batch_size: int = 0, ema_off: bool = True, json_out: str | None = None, **overrides) -> dict:
+    """`--peer_batch_size` (default: the student's micro batch) for the timm peer; `--ema_off false`
+    skips the run without the EMA; `--json_out PATH` writes the result (rank 0)."""
+    ema_off = str(ema_off).lower() not in ("false", "0", "no")
     cfg, ds_over = build_config(preset, None, ds_config=ds_config, **overrides)
     cfg.optim.warmup_steps = 0                      # time real updates, not lr = 0 ones
     with_vocab(cfg)                                 # synthetic ids; the real size comes from the shards
@@ -87,43 +132,75 @@ def bench_step(preset: str = "vit_base_patch16_debug", steps: int = 10, warmup: 
     sync = _sync(dist.device)
     step = D2VStep(built, cfg, dist)
     peak = measure_peak_flops(dist.device, matmul_dtype(built.ds))
-    counted, by_op = count_flops(step)                               # this rank's FLOPs of one step
+    executed, by_op = count_flops(step)                              # this rank's FLOPs of one step, as run
+    memory_reset(dist.device)
     dt = _time(step, steps, warmup, sync, step.draw_ahead)
+    mem = memory_peaks(dist.device)
+    dt_no_ema = None
+    if ema_off:                                                       # the same run, EMA switched off
+        teacher = built.teacher
+        built.teacher = _NoEma(teacher)
+        try:
+            dt_no_ema = _time(step, steps, 1, sync, step.draw_ahead)
+        finally:
+            built.teacher = teacher
     enc = built.engine.module.encoder
     src = step.batch["source"]
     B, gas = cfg.data.batch_size, step.gas
+    # model FLOPs: the work of the step, without activation checkpointing's recompute (flops.py, checked
+    # against FlopCounterMode on a step without checkpointing by the tests); executed: counted as run
     model_flops = step_flops_per_sample(cfg, math.prod(enc.token_shape(src)), enc.num_extra_tokens,
                                         src.shape[-1])["total"] * B * gas
     samples = B * gas * dist.world
-    r = {"preset": cfg.preset, "batch": samples, "clone_batch": cfg.mask.clone_batch, "step_s": dt,
-         "samples_per_s": samples / dt, "counted_tflop_per_step": counted / 1e12,
-         "flops_py_over_counted": model_flops / counted, "achieved_tflops_per_rank": counted / dt / 1e12,
-         "peak_tflops_per_rank": peak / 1e12, "efficiency": counted / dt / peak, "mfu": model_flops / dt / peak,
-         "dtype": str(matmul_dtype(built.ds)).replace("torch.", ""), "device": str(dist.device), "zero": zero_stage(built.ds)}
+    ckpt = bool(cfg.model.grad_checkpointing)
+    r = {"preset": cfg.preset, "batch": samples, "micro_batch": B, "accumulation": gas, "world": dist.world,
+         "clone_batch": cfg.mask.clone_batch, "step_s": dt, "samples_per_s": samples / dt,
+         "model_tflop_per_step": model_flops / 1e12, "executed_tflop_per_step": executed / 1e12,
+         "flops_py_over_counted": model_flops / executed, "grad_checkpointing": ckpt,
+         "achieved_tflops_per_rank": model_flops / dt / 1e12, "peak_tflops_per_rank": peak / 1e12,
+         "efficiency": model_flops / dt / peak, "executed_efficiency": executed / dt / peak,
+         "mfu": model_flops / dt / peak, "step_s_no_ema": dt_no_ema,
+         "ema_exposed": (dt - dt_no_ema) / dt if dt_no_ema else None, **mem,
+         "dtype": str(matmul_dtype(built.ds)).replace("torch.", ""), "device": str(dist.device),
+         "zero": zero_stage(built.ds), "placement": type(built.teacher).__name__}
     print0(f"\nbench step: {cfg.preset} | micro batch {B} x {cfg.mask.clone_batch} clones x accumulation {gas} x "
-           f"{dist.world} ranks | {r['dtype']} on {r['device']} ({torch.get_num_threads()} threads), ZeRO-{r['zero']}")
-    print0(f"  GEMM peak {peak / 1e12:.3f} TFLOP/s per rank (measured now, same process)")
-    rows = [("step time (ms)", dt * 1e3), ("samples/s", samples / dt), ("GFLOP per step (counted)", counted / 1e9),
-            ("achieved TFLOP/s", counted / dt / 1e12), ("efficiency (of peak)", counted / dt / peak)]
+           f"{dist.world} ranks | {r['dtype']} on {r['device']} ({torch.get_num_threads()} threads), ZeRO-{r['zero']}, "
+           f"{r['placement']}{', activation checkpointing' if ckpt else ''}")
+    print0(f"  GEMM peak {peak / 1e12:.3f} TFLOP/s per rank (best of {', '.join(map(str, PEAK_SIZES[dist.device.type if dist.device.type == 'cuda' else 'cpu']))}"
+           f" square GEMMs, measured now, same process)")
+    rows = [("step time (ms)", dt * 1e3), ("samples/s", samples / dt), ("model GFLOP per step", model_flops / 1e9),
+            ("executed GFLOP per step", executed / 1e9), ("model TFLOP/s", model_flops / dt / 1e12),
+            ("efficiency (model FLOPs)", r["efficiency"]), ("executed efficiency", r["executed_efficiency"])]
     peer = None
     if compare == "timm":
         peer = _bench_timm(cfg, dist, peer_batch_size or B, steps, warmup, sync, peak)
         r.update({f"peer_{k}": v for k, v in peer.items()}, efficiency_ratio=r["efficiency"] / peer["efficiency"])
         print0(f"  peer: {peer['name']}, batch {peer['batch']}, {'bf16 autocast' if dist.device.type == 'cuda' else 'fp32'},"
-               f" AdamW{' (fused)' if dist.device.type == 'cuda' else ''}")
-    print0(f"  {'':<26} {'d2v2':>12}" + (f" {'peer':>12}" if peer else ""))
-    peer_rows = [peer["step_s"] * 1e3, peer["batch"] / peer["step_s"], peer["flops"] / 1e9,
-                 peer["flops"] / peer["step_s"] / 1e12, peer["efficiency"]] if peer else []
+               f" AdamW{' (fused)' if dist.device.type == 'cuda' else ''}, no checkpointing (model = executed FLOPs)")
+    print0(f"  {'':<26} {'d2v2':>14}" + (f" {'peer':>14}" if peer else ""))
+    peer_rows = [peer["step_s"] * 1e3, peer["batch"] / peer["step_s"], peer["flops"] / 1e9, peer["flops"] / 1e9,
+                 peer["flops"] / peer["step_s"] / 1e12, peer["efficiency"], peer["efficiency"]] if peer else []
     for i, (name, v) in enumerate(rows):
-        fmt = ".1%" if "efficiency" in name else ".4g"
-        print0(f"  {name:<26} {v:>12{fmt}}" + (f" {peer_rows[i]:>12{fmt}}" if peer else ""))
+        cell = (lambda x: efficiency_text(x)) if "efficiency" in name else (lambda x: f"{x:.4g}")
+        print0(f"  {name:<26} {cell(v):>14}" + (f" {cell(peer_rows[i]):>14}" if peer else ""))
     if peer:
-        print0(f"  efficiency d2v2 / peer    {r['efficiency_ratio']:>12.3f}")
-    print0(f"  flops.py model FLOPs / counted {model_flops / counted:.3f}; MFU (flops.py) {r['mfu']:.1%}")
+        print0(f"  efficiency d2v2 / peer (model FLOPs)  {r['efficiency_ratio']:.3f}")
+    if dt_no_ema:
+        print0(f"  EMA off, same run: step {dt_no_ema * 1e3:.1f} ms; EMA exposed {(dt - dt_no_ema) * 1e3:+.1f} ms"
+               f" = {r['ema_exposed']:+.1%} of the step")
+    print0(f"  memory: device peak {mem['device_peak_gb']:.2f} GB{' (process RSS)' if dist.device.type != 'cuda' else ''},"
+           f" pinned host {mem['pinned_host_gb']:.2f} GB")
+    print0(f"  flops.py model FLOPs / executed {model_flops / executed:.3f}"
+           f"{' (executed includes the recompute)' if ckpt else ''}; MFU {efficiency_text(r['mfu'])}")
+    if r["efficiency"] > 1 or (peer and peer["efficiency"] > 1):
+        print0("  an efficiency above 100% means the GEMM peak was under-measured: set the device's rate "
+               "(e.g. --run.peak_tflops) or measure at larger sizes")
     if compare == "d2v1":
         r.update(_bench_d2v1(cfg, ds_over, dist, built, dt, steps, warmup, sync))
     if breakdown:
         r["breakdown"] = _breakdown(step, built, dist, sync, steps)
+    if json_out and dist.is_main:
+        Path(json_out).write_text(json.dumps(r, indent=1, default=str) + "\n")
     return r
 
 
