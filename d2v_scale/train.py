@@ -92,10 +92,10 @@ def train(cfg: Config, ds_overrides: dict | None = None) -> dict:
     plan = preflight(cfg, ds_overrides, int(os.environ.get("WORLD_SIZE", "1")), every_shard=False)
     dist = dist_mod.init()
     with runlock.hold(Path(cfg.run.out), dist):            # one run per --out, released on any exit
-        return _train(cfg, plan, dist)
+        return _train(cfg, plan, dist, ds_overrides)
 
 
-def _train(cfg: Config, plan, dist: Dist) -> dict:
+def _train(cfg: Config, plan, dist: Dist, ds_overrides: dict | None) -> dict:
     ds, resumed = plan.ds, plan.resume
     run_dir = Path(cfg.run.out)
     prove_shared(run_dir, dist.rank)                                   # before anything is read or written
