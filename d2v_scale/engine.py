@@ -25,8 +25,7 @@ from .export import read_weights
 from .masking import check_mask
 from .models import token_grid
 from .optim import build_optimizer, param_groups_layer_decay
-from .sharded_teacher import ShardedTeacher
-from .teacher import ReplicatedTeacher
+from .teacher import ReplicatedTeacher, ShardedTeacher
 
 
 @dataclass

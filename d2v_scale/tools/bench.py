@@ -25,7 +25,7 @@ from ..d2v import Data2Vec
 from ..data import build_loader, register, shard_list
 from ..dist import print0
 from ..dsconfig import zero_stage
-from ..ema import local_source
+from ..teacher.ema import local_source
 from ..engine import build_engine
 from ..presets import build_config
 from ..teacher import ReplicatedTeacher

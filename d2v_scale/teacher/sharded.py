@@ -29,9 +29,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import nn
 
+from ..models import Block
 from .ema import DeviceBlend, blend_host, coalesce, local_source, plan_layout, where
-from .models import Block
-from .teacher import make_targets, teacher_copy
+from .targets import make_targets, teacher_copy
 
 
 class TeacherNet(nn.Module):
