@@ -177,14 +177,18 @@ def bench(kind: str = "step", local_rank: int = -1, **kwargs) -> None:
 def plan(preset: str, nodes: int = 1, gpus_per_node: int = 8, zero: int = 3, micro_batch: int | None = None,
          offload_teacher: bool = True, offload_optimizer: bool = False, grad_checkpointing: bool = False,
          mfu: float = 0.4, peak_tflops: float = 989.0, measure: bool = False,
-         ds_config: str = "ds_configs/zero3.json", local_rank: int = -1, **overrides) -> None:
-    """Memory and step-time plan for a cluster run (`--measure`: compare with this machine's real engines)."""
+         ds_config: str = "ds_configs/zero3.json", local_rank: int = -1, placement: str = "", gpu_gb: float = 80.0,
+         **overrides) -> None:
+    """Memory and step-time plan for a cluster run (`--measure`: compare with this machine's real engines).
+    `--placement`: the teacher's (auto: the cheapest in traffic that fits `--gpu_gb`; default host with
+    --offload_teacher, else replicated); the teacher table lists every placement."""
     cfg, ds_over = build_config(preset, None, ds_config=ds_config, **overrides)
     micro = micro_batch or cfg.data.batch_size
     if not measure:
         args = dict(nodes=nodes, gpus_per_node=gpus_per_node, zero=zero, micro_batch=micro,
                     offload_teacher=offload_teacher, offload_optimizer=offload_optimizer,
-                    checkpointing=grad_checkpointing, mfu=mfu, peak_tflops=peak_tflops)
+                    checkpointing=grad_checkpointing, mfu=mfu, peak_tflops=peak_tflops, placement=placement,
+                    gpu_gb=gpu_gb)
         planner.print_plan(planner.plan(cfg, **args), cfg, args)
         return
     planner.measure_and_compare(cfg, ds_over, micro)

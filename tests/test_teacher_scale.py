@@ -88,27 +88,57 @@ def test_plan_measure_matches_allocated_bytes(no_persistence):
     assert ema and float(ema.group(1)) > 0 and float(ema.group(2)) > 0
 
 
+def plan_rows(out: str) -> dict[str, dict[str, float]]:
+    """The teacher table of `d2v plan`: placement -> PCIe / host / GPU-GPU GB and the auto mark."""
+    rows = re.findall(r"^    (replicated|device|device_bf16_host_ema|host)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s.*?(<- auto)?$",
+                      out, re.M)
+    return {r[0]: {"pcie": float(r[1]), "host": float(r[2]), "gather": float(r[3]), "auto": bool(r[4])} for r in rows}
+
+
 def test_plan_vit_huge_cluster():
     out = run_d2v(["plan", "--preset", "vit_huge_patch14", "--nodes", "8", "--gpus_per_node", "8", "--zero", "3",
                    "--offload_teacher", "--micro_batch", "8", "--grad_checkpointing"]).stdout
     totals = re.findall(r"GPU  total\s+([\d.]+) GiB", out)
     assert len(totals) == 2 and float(totals[0]) < float(totals[1]) / 2   # ours vs fairseq-style per GPU
-    assert re.search(r"sharded\s+pcie [\d.]+ \([\d.]+ ms\)", out) and re.search(r"replicated\s+pcie 0.000", out)
+    rows = plan_rows(out)
+    assert set(rows) == {"replicated", "device", "device_bf16_host_ema", "host"}, out[-3000:]
+    assert rows["replicated"]["pcie"] == rows["device"]["pcie"] == 0 and rows["host"]["pcie"] > 0
     assert "DeepSpeed" in out and "samples/s" in out and "global 512" in out
     assert "host teacher fp32 slice" in out
 
 
-def test_teacher_traffic_counts_the_gathers_per_micro_step_and_the_streamed_blend():
-    from d2v_scale.tools.plan import teacher_traffic
-    t, world, gas = 1_000_000, 4, 3
-    sharded = teacher_traffic(t, world, gas, True, "sharded", 3, master_on_host=False)
-    part = t / world
-    assert sharded["pcie"] == gas * part * 2 + part * (4 + 4 + 2)           # slices in per forward; t in/out, low out
-    assert sharded["gather"] == gas * (t - part) * 2 and sharded["host"] == 0
-    offloaded = teacher_traffic(t, world, gas, True, "sharded", 3, master_on_host=True)
-    assert offloaded["host"] == part * 26 and offloaded["pcie"] == gas * part * 2
-    replicated = teacher_traffic(t, world, gas, True, "replicated", 2, master_on_host=False)
-    assert replicated["pcie"] == replicated["gather"] == 0 and replicated["gpu"] == t * 26
+def test_plan_vit_huge_one_gpu_16_micro_steps_moves_at_most_5_1_gb_over_pcie():
+    """The issue's figure: ViT-H on one GPU at micro batch 32 and the preset's global 512 (16 micro-steps)
+    moved 26.5 GB per optimizer step over PCIe with the host teacher gathered at every micro-step."""
+    args = ["plan", "--preset", "vit_huge_patch14", "--nodes", "1", "--gpus_per_node", "1", "--zero", "3",
+            "--micro_batch", "32", "--grad_checkpointing", "--placement", "auto"]
+    out = run_d2v(args).stdout
+    assert "accumulation 16" in out and "1 teacher pass per step, 16 micro-batches each" in out
+    rows, t = plan_rows(out), 630.4e6
+    assert rows["device_bf16_host_ema"]["pcie"] <= 5.1                     # the fp32 slice down and back
+    assert rows["device_bf16_host_ema"]["pcie"] == pytest.approx(8 * t / 1e9, rel=2e-3)
+    assert rows["host"]["pcie"] == pytest.approx((10 + 2) * t / 1e9, rel=2e-3)     # one pass, not 16
+    assert rows["device"]["pcie"] == 0 and rows["device"]["auto"]           # everything fits an 80 GiB GPU
+    small = plan_rows(run_d2v(args + ["--gpu_gb", "24"]).stdout)
+    assert small["device_bf16_host_ema"]["auto"]                           # 24 GiB: only the weights fit
+
+
+def test_teacher_traffic_counts_one_gather_per_pass_and_the_streamed_blend():
+    from d2v_scale.teacher.placement import teacher_traffic
+    numels, world, passes = [1_000_001, 7], 4, 3
+    part = 250_001 + 2                                                    # ZeRO-3's padded chunks
+    host = teacher_traffic(numels, world, passes, True, "host", 3, master_on_host=False)
+    assert host["pcie"] == passes * part * 2 + part * (4 + 4 + 2)         # slices up per pass; t down/up, low up
+    assert host["gather"] == passes * (world - 1) * part * 2 and host["host"] == 0
+    mixed = teacher_traffic(numels, world, passes, True, "device_bf16_host_ema", 3, master_on_host=False)
+    assert mixed["pcie"] == part * 8 and mixed["gather"] == host["gather"]
+    device = teacher_traffic(numels, world, passes, True, "device", 3, master_on_host=False)
+    assert device["pcie"] == 0 and device["gpu"] == part * 26
+    offloaded = teacher_traffic(numels, world, passes, True, "host", 3, master_on_host=True)
+    assert offloaded["host"] == part * 26 and offloaded["pcie"] == passes * part * 2
+    replicated = teacher_traffic(numels, world, passes, True, "replicated", 2, master_on_host=False)
+    assert replicated["pcie"] == replicated["gather"] == 0 and replicated["gpu"] == sum(numels) * 26
+    assert teacher_traffic(numels, world, passes, True, "replicated", 3, False)["gather"] == (world - 1) * part * 4
 
 
 @pytest.mark.timeout(600)

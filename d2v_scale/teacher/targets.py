@@ -8,6 +8,7 @@ student's loss.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -34,25 +35,72 @@ def _instance_norm(y: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.
     return (y - mean) / torch.sqrt(var + 1e-5) * keep
 
 
+class TargetSum:
+    """`make_targets` one layer at a time: each of the top-K layer results is normalised and added as
+    it comes out of its block, so a pass over many micro-batches keeps one fp32 sum per micro-batch
+    instead of K layers (the same operations in the same order: the same numbers)."""
+
+    def __init__(self, cfg, n_layers: int, padding_mask: torch.Tensor | None = None):
+        self.cfg, self.padding_mask = cfg, padding_mask
+        self.first = max(0, n_layers - cfg.average_top_k_layers)         # layers before it do not count
+        self.n, self.y = n_layers - self.first, None
+
+    def add(self, index: int, t: torch.Tensor) -> None:
+        """The FFN output (B, T, D) of shared layer `index` (0-based)."""
+        if index < self.first:
+            return
+        if self.cfg.instance_norm_target_layer:
+            t = _instance_norm(t, self.padding_mask)
+        elif self.cfg.layer_norm_target_layer:
+            t = F.layer_norm(t.float(), t.shape[-1:])
+        self.y = t.float() if self.y is None else self.y + t.float()
+
+    def finish(self) -> torch.Tensor:
+        y = self.y / self.n
+        if self.cfg.layer_norm_targets:
+            y = F.layer_norm(y, y.shape[-1:])
+        if self.cfg.instance_norm_targets:
+            y = _instance_norm(y, self.padding_mask)
+        return y                                                          # (B, T, D) fp32
+
+
 def make_targets(layers: list[torch.Tensor], cfg, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Average of the top-K shared-block FFN outputs, each normalised, in fp32 -> (B, T, D).
 
     cfg: ModelConfig (average_top_k_layers, *_norm_target_layer, layer_norm_targets, instance_norm_targets).
     """
-    layers = layers[-cfg.average_top_k_layers:]
-    y = None
-    for t in layers:                                                      # (B, T, D) each
-        if cfg.instance_norm_target_layer:
-            t = _instance_norm(t, padding_mask)
-        elif cfg.layer_norm_target_layer:
-            t = F.layer_norm(t.float(), t.shape[-1:])
-        y = t.float() if y is None else y + t.float()
-    y = y / len(layers)
-    if cfg.layer_norm_targets:
-        y = F.layer_norm(y, y.shape[-1:])
-    if cfg.instance_norm_targets:
-        y = _instance_norm(y, padding_mask)
-    return y                                                              # (B, T, D) fp32
+    acc = TargetSum(cfg, len(layers), padding_mask)
+    for i, t in enumerate(layers):                                        # (B, T, D) each
+        acc.add(i, t)
+    return acc.finish()
+
+
+@torch.no_grad()
+def window_targets(encoder: nn.Module, items: list[tuple], cfg, dtype: torch.dtype, hold=None) -> list[torch.Tensor]:
+    """Targets of several micro-batches in one pass over the teacher's blocks: block outer, micro-batch
+    inner, so a partitioned teacher gathers each block once for all of them. `items`: (source, feats,
+    padding_mask) per micro-batch (feats: the student's local features, used when the teacher has no
+    local encoder); `hold(i)`: a context that keeps block i's weights in place (partitioned teachers).
+    Each micro-batch sees exactly the operations of `Encoder.forward` + `make_targets` on it alone.
+    Memory: per micro-batch one block input (B, E+T, D) in `dtype` and one fp32 sum (B, T, D)."""
+    xs, extras, sums = [], [], []
+    for source, feats, pad in items:
+        if encoder.ema_local_encoder:
+            feats, pad = encoder.local_features(source.to(dtype) if source.is_floating_point() else source, pad)
+        x, bias, pad_t = encoder.embed(feats.to(dtype), None, 1, pad)    # (B, E+T, D)
+        xs.append(x)
+        extras.append((bias, pad_t))
+        sums.append(TargetSum(cfg, len(encoder.blocks) - encoder.num_prenet, pad))
+    E = encoder.num_extra_tokens
+    for i, blk in enumerate(encoder.blocks):
+        with hold(i) if hold is not None else contextlib.nullcontext():
+            for j, (bias, pad_t) in enumerate(extras):
+                if i == encoder.num_prenet:
+                    xs[j] = encoder.dropout_input(xs[j])
+                xs[j], ffn = blk(xs[j], bias, pad_t)
+                if i >= encoder.num_prenet:
+                    sums[j].add(i - encoder.num_prenet, ffn[:, E:])       # (B, T, D)
+    return [s.finish() for s in sums]                                     # (B, T, D) fp32 each
 
 
 def teacher_copy(encoder: nn.Module) -> nn.Module:
