@@ -190,3 +190,92 @@ def test_compiled_blocks_train_like_eager(image_shards, tmp_path):
     run_d2v(args + ["--out", str(tmp_path / "eager")])
     run_d2v(args + ["--out", str(tmp_path / "compiled"), "--run.compile=true"], timeout=500)
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
+
+
+PLACEMENT_PROBE = ROOT / "tests" / "probes" / "placement_probe.py"
+
+
+@pytest.mark.timeout(1200)
+def test_every_placement_is_the_replicated_teacher_to_the_last_bit(tmp_path):
+    """2 ranks, ZeRO-3, fp32, 2 micro-steps per optimizer step, one teacher pass per window: every
+    placement gives the replicated teacher's losses and teacher bit for bit, across a resume from
+    another placement's checkpoint and at another world size; readers between steps see the blended
+    teacher; the bytes each partitioned teacher moves are the plan's."""
+    from d2v_scale.dist import free_port
+    cmd = [str(BIN / "deepspeed"), "--num_accelerators", "2", "--no_local_rank", "--master_port", str(free_port()),
+           str(PLACEMENT_PROBE), str(tmp_path), str(ROOT / "ds_configs" / "zero3.json")]
+    res = run_group(cmd, timeout=1100)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    teachers = torch.load(tmp_path / "teachers.pt", weights_only=True)
+    assert summary.pop("init_from_teacher_is_the_loaded_student") is True
+    ref, ref_t = summary["replicated"]["losses"], teachers["replicated"]
+    assert len(ref) == 8 and len(set(ref)) == 8
+    for name, run in summary.items():
+        assert run["losses"] == ref[-len(run["losses"]):], name          # floats equal, not close
+        t = teachers[name]
+        assert all(torch.equal(t["final"][n], ref_t["final"][n]) for n in ref_t["final"]), name
+        assert all(torch.equal(a, b) for a, b in zip(t["readers"], ref_t["readers"][-len(t["readers"]):])), name
+        if run["placement"] != "replicated":                              # a window pass + the EMA + a reader's pass
+            assert all({k: float(v) for k, v in step.items()} == {k: run["planned"][k] for k in ("pcie", "gather")}
+                       for step in run["traffic"]), (name, run["traffic"], run["planned"])
+    assert summary["host"]["traffic"][0]["pcie"] > summary["device_bf16_host_ema"]["traffic"][0]["pcie"] > 0
+    assert summary["device"]["traffic"][0]["pcie"] == 0
+    # the same checkpoints read at world 1 by every placement: one teacher, the same targets
+    from d2v_scale import checkpoint
+    from d2v_scale.d2v import Data2Vec
+    from d2v_scale.dist import Dist
+    from d2v_scale.presets import get_preset
+    from d2v_scale.teacher import ReplicatedTeacher, ShardedTeacher
+    cfg = get_preset("vit_base_patch16_debug")
+    model = Data2Vec(cfg.model)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    one = Dist(0, 1, 0, torch.device("cpu"))
+    for src in ("host", "replicated"):                                    # slices of 2 ranks; teacher.pt
+        tag = tmp_path / src / "checkpoints" / "step_00000002"
+        full = checkpoint.read_teacher_state(tag)
+        replicated = ReplicatedTeacher(model.encoder, cfg.model)
+        checkpoint.load_teacher(replicated, tag, 0)
+        y = replicated(x, None)
+        for placement in ("host", "device_bf16_host_ema", "device"):
+            t = ShardedTeacher(model, cfg, one, placement)
+            checkpoint.load_teacher(t, tag, 0)
+            state = t.full_state()
+            assert all(torch.equal(state[n], full[n]) for n in full), (src, placement)
+            assert torch.equal(t(x, None), y), (src, placement)
+
+
+def test_partitioned_teachers_count_what_the_plan_says_and_start_from_the_rounded_init():
+    """World 1, bf16 (the GPU's dtype) and fp32, no DeepSpeed: a window pass over 3 micro-batches gathers
+    each block once; the EMA moves the plan's bytes; every placement starts from the init rounded to the
+    compute dtype as the replicated teacher does, and gives its targets and its EMA bit for bit."""
+    from d2v_scale.d2v import Data2Vec
+    from d2v_scale.dist import Dist
+    from d2v_scale.presets import get_preset
+    from d2v_scale.teacher import ReplicatedTeacher, ShardedTeacher
+    from d2v_scale.teacher.placement import teacher_traffic
+    cfg = get_preset("vit_base_patch16_debug")
+    torch.manual_seed(0)
+    model = Data2Vec(cfg.model)
+    one = Dist(0, 1, 0, torch.device("cpu"))
+    xs = [torch.randn(2, 3, 32, 32) for _ in range(3)]
+    for dtype in (torch.bfloat16, torch.float32):
+        lp = torch.finfo(dtype).bits // 8
+        for placement in ("host", "device_bf16_host_ema", "device"):
+            ref = ReplicatedTeacher(model.encoder, cfg.model, dtype=dtype)
+            t = ShardedTeacher(model, cfg, one, placement, dtype=dtype)
+            numels = [p.numel() for p in ref.module.parameters()]
+            start = t.full_state()
+            assert all(torch.equal(start[n], v) for n, v in ref.state_dict().items()), (dtype, placement)
+            ys = t.window([(x, None, None) for x in xs])
+            assert all(torch.equal(a, ref(x, None)) for a, x in zip(ys, xs)), (dtype, placement)
+            one_pass = teacher_traffic(numels, 1, 1, dtype == torch.bfloat16, placement, 2, False)["pcie"] - \
+                teacher_traffic(numels, 1, 0, dtype == torch.bfloat16, placement, 2, False)["pcie"]
+            assert t.traffic.reset() == {"pcie": one_pass, "gather": 0}, (dtype, placement)
+            assert one_pass == (sum(numels) * lp if placement == "host" else 0)
+            t.update(model.encoder, 0.9)
+            ref.update(model.encoder, 0.9)
+            planned = teacher_traffic(numels, 1, 0, dtype == torch.bfloat16, placement, 2, False)
+            assert t.traffic.reset() == {"pcie": planned["pcie"], "gather": 0}, (dtype, placement)
+            state = t.full_state()
+            assert all(torch.equal(state[n], v) for n, v in ref.state_dict().items()), (dtype, placement)

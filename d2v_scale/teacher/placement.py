@@ -70,7 +70,7 @@ def teacher_memory(numels: list[int], block_numel: int, world: int, bf16: bool, 
     if bf16 or acc is not low:                   # fp32 with both on one side: the slice is the accumulator
         acc["teacher fp32 slice"] = 4 * part
     if world > 1 or placement == "host":          # gathered blocks: the running one and the prefetched ones
-        dev["teacher live blocks"] = lp * min(t, (1 + prefetch) * block_numel * world)
+        dev["teacher live blocks"] = lp * min(t, (1 + prefetch) * block_numel)
     return {"device": dev, "host": host}
 
 
