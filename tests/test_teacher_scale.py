@@ -279,3 +279,32 @@ def test_partitioned_teachers_count_what_the_plan_says_and_start_from_the_rounde
             assert t.traffic.reset() == {"pcie": planned["pcie"], "gather": 0}, (dtype, placement)
             state = t.full_state()
             assert all(torch.equal(state[n], v) for n, v in ref.state_dict().items()), (dtype, placement)
+
+
+def test_window_passes_are_chunked_inside_each_accumulation_window():
+    """with_targets (the training loop's teacher passes): 5 micro-steps per optimizer step and room for 2
+    micro-batches per pass -> passes of 2, 2 and 1 in each window, never one across a step boundary;
+    every micro-batch gets the targets of a pass of its own, bit for bit."""
+    from d2v_scale.d2v import Data2Vec
+    from d2v_scale.dist import Dist
+    from d2v_scale.memory import window_bytes, window_size
+    from d2v_scale.presets import get_preset
+    from d2v_scale.teacher import ReplicatedTeacher, ShardedTeacher
+    from d2v_scale.train import with_targets
+    cfg = get_preset("vit_base_patch16_debug")
+    cfg.teacher.window_gb = 2.5 * window_bytes(cfg, 2, 1, 4) / 1e9
+    assert window_size(cfg, 2, 5, 4) == 2
+    torch.manual_seed(0)
+    model = Data2Vec(cfg.model)
+    one = Dist(0, 1, 0, torch.device("cpu"))
+    teacher, ref = ShardedTeacher(model, cfg, one, "host"), ReplicatedTeacher(model.encoder, cfg.model)
+    loader = [{"source": torch.randn(2, 3, 32, 32)} for _ in range(10)]
+    expected = [ref(b["source"], None) for b in loader]
+    per_pass = sum(a.numel() for a in teacher.low) * 4                   # this rank's slice sent up once
+    got, passes = [], []
+    for batch, y in with_targets(loader, teacher, 2, 5, one, torch.float32):
+        passes.append(teacher.traffic.reset()["pcie"] // per_pass)
+        got.append(y)
+    assert passes == [1, 0, 1, 0, 1] * 2                                  # a pass at micro-steps 0, 2 and 4
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert [y is None for _, y in with_targets(loader[:3], teacher, 1, 5, one, torch.float32)] == [True] * 3
