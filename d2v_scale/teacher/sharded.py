@@ -207,7 +207,7 @@ class ShardedTeacher:
     @torch.no_grad()
     def window(self, items: list[tuple]) -> list[torch.Tensor]:
         """(B, T, D) fp32 targets of each (source, feats, padding_mask), one gather of each block."""
-        self.wait()                                                         # the previous step's EMA
+        self.wait(host=False)                       # the previous step's EMA (on a GPU: the stream waits, not the host)
         rest = len(self.groups) - 1
         with self._held(rest):
             return window_targets(self.module, items, self.cfg, self.dtype, hold=self._held)
@@ -255,13 +255,16 @@ class ShardedTeacher:
         else:
             self._blend(runs, decay)
 
-    def wait(self) -> None:
-        """Block until the last update is blended (a no-op when it ran in the call)."""
+    def wait(self, host: bool = True) -> None:
+        """Block until the last update is blended (a no-op when it ran in the call). `host=False`: a
+        device blend is only ordered before what the current stream does next."""
         pending, self._pending = self._pending, None
         if isinstance(pending, Future):
             pending.result()
-        elif pending is not None:                                           # a CUDA event
+        elif pending is not None and host:                                  # a CUDA event
             pending.synchronize()
+        elif pending is not None:
+            torch.cuda.current_stream(self.device).wait_event(pending)
 
     # -- state (checkpoint.py writes and reads the files) -----------------------------------------
     def state_dict(self) -> dict:
