@@ -84,7 +84,7 @@ def test_plan_measure_matches_allocated_bytes(no_persistence):
     for name, measured, planned in rows:
         assert measured == planned, name
     assert int(dict((n, m) for n, m, _ in rows)["teacher"].replace(",", "")) > 0
-    ema = re.search(r"EMA update \(sharded teacher\): measured ([\d.]+) ms, planned ([\d.]+) ms", res)
+    ema = re.search(r"EMA update \(device teacher\): measured ([\d.]+) ms, planned ([\d.]+) ms", res)
     assert ema and float(ema.group(1)) > 0 and float(ema.group(2)) > 0
 
 
