@@ -279,7 +279,8 @@ def bench(kind: str = "step", local_rank: int = -1, **kwargs) -> None:
 def plan(preset: str, nodes: int = 1, gpus_per_node: int = 8, zero: int = 3, micro_batch: int | None = None,
          offload_teacher: bool = True, offload_optimizer: bool = False, grad_checkpointing: bool = False,
          mfu: float = 0.4, peak_tflops: float = 989.0, measure: bool = False,
-         ds_config: str = "ds_configs/zero3.json", local_rank: int = -1, **overrides) -> None:
+         ds_config: str = "ds_configs/zero3.json", local_rank: int = -1, placement: str = "", gpu_gb: float = 80.0,
+         **overrides) -> None:
     """Memory and step-time plan of a cluster run, before renting the cluster.
 
       --preset NAME          the model (vit_huge_patch14, ...)
@@ -287,6 +288,8 @@ def plan(preset: str, nodes: int = 1, gpus_per_node: int = 8, zero: int = 3, mic
       --zero 3               ZeRO stage
       --micro_batch N        samples per GPU (default: the preset's)
       --offload_teacher --offload_optimizer --grad_checkpointing   memory savers
+      --placement NAME       the teacher's (auto: the cheapest in traffic that fits --gpu_gb; default host
+                             with --offload_teacher, else replicated); the teacher table lists every placement
       --mfu 0.4 --peak_tflops 989   the step-time estimate's assumptions
       --measure              compare the plan with this machine's real engines"""
     cfg, ds_over = build_config(preset, None, ds_config=ds_config, **overrides)
@@ -294,7 +297,8 @@ def plan(preset: str, nodes: int = 1, gpus_per_node: int = 8, zero: int = 3, mic
     if not measure:
         args = dict(nodes=nodes, gpus_per_node=gpus_per_node, zero=zero, micro_batch=micro,
                     offload_teacher=offload_teacher, offload_optimizer=offload_optimizer,
-                    checkpointing=grad_checkpointing, mfu=mfu, peak_tflops=peak_tflops)
+                    checkpointing=grad_checkpointing, mfu=mfu, peak_tflops=peak_tflops, placement=placement,
+                    gpu_gb=gpu_gb)
         planner.print_plan(planner.plan(cfg, **args), cfg, args)
         return
     planner.measure_and_compare(cfg, ds_over, micro)

@@ -113,13 +113,21 @@ class MaskConfig:
     mask_noise_std: float = 0.01  # std of the decoder's noise "mask tokens"
 
 
+PLACEMENTS = ("auto", "replicated", "host", "device_bf16_host_ema", "device", "sharded")
+
+
 @dataclass
 class TeacherConfig:
     ema_decay: float = 0.9998
     ema_end_decay: float = 0.99999
     ema_anneal_end_step: int = 100_000
-    placement: str = "auto"      # sharded: ZeRO-3-partitioned, on CPU | replicated: a full copy per rank | auto:
-                                 # sharded when the student runs ZeRO-3, replicated otherwise
+    placement: str = "auto"      # replicated: a full copy per rank | partitioned like ZeRO-3: host (weights and
+                                 # fp32 EMA on the host; "sharded" says the same) | device_bf16_host_ema (weights on
+                                 # the device, fp32 EMA on the host) | device (all on the device) | auto: the
+                                 # cheapest in traffic that fits the device, by the memory `d2v plan` computes
+    window_gb: float = 4.0       # one teacher pass per optimizer step for images: every micro-batch's targets
+                                 # block by block, chunked to this many GB of targets + block inputs (0: a pass
+                                 # per micro-step)
     overlap_ema: str = "auto"    # sharded: blend beside the next step's work (auto: with a GPU) | true | false
 
 
@@ -294,8 +302,8 @@ class Config:
                               f"{m.image.img_size}: pick sizes with img_size % patch_size == 0")
         if not 1 <= m.average_top_k_layers <= m.depth:
             raise ConfigError(f"model.average_top_k_layers={m.average_top_k_layers} must be in [1, model.depth={m.depth}]")
-        if self.teacher.placement not in ("auto", "replicated", "sharded"):
-            raise ConfigError(f"teacher.placement={self.teacher.placement!r}: auto, replicated or sharded")
+        if self.teacher.placement not in PLACEMENTS:
+            raise ConfigError(f"teacher.placement={self.teacher.placement!r}: one of {', '.join(PLACEMENTS)}")
         if self.teacher.overlap_ema not in ("auto", "true", "false"):
             raise ConfigError(f"teacher.overlap_ema={self.teacher.overlap_ema!r}: auto, true or false")
         if self.data.sampling not in ("split", "resample"):
@@ -407,6 +415,7 @@ _RANGES = [
     ("teacher.ema_decay", _finite(0, 1, lo_open=True), "in (0, 1]"),
     ("teacher.ema_end_decay", _finite(0, 1, lo_open=True), "in (0, 1]"),
     ("teacher.ema_anneal_end_step", _NON_NEGATIVE, "an integer >= 0"),
+    ("teacher.window_gb", _NON_NEGATIVE, "a finite number >= 0 (0: a teacher pass per micro-step)"),
     ("model.embed_dim", _AT_LEAST_1, "an integer >= 1"),
     ("model.depth", _AT_LEAST_1, "an integer >= 1"),
     ("model.prenet_depth", _NON_NEGATIVE, "an integer >= 0"),

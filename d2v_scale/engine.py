@@ -3,15 +3,17 @@
 `build_engine` (pretraining): resolves the DeepSpeed JSON (unless given resolved), checks the masks on
 the token grid, builds the student (`Data2Vec`, or another wrapper of it such as the data2vec-1 pattern
 of `d2v bench`) with the same seed on every rank, copies the teacher from it before DeepSpeed
-partitions anything (sharded under ZeRO-3, replicated otherwise, or as `teacher.placement` says),
-loads `run.init_from`, compiles the blocks' forwards with `run.compile` (hooks outside), and
-initializes it with d2v_scale's AdamW (DeepSpeed's CPU Adam when the optimizer is offloaded). `build_finetune_engine` (fine-tuning):
+partitions anything (as `teacher.placement` says; auto: the cheapest in traffic that fits), after
+loading `run.init_from` into the student (the teacher starts from the loaded student, or from the
+file's own teacher), compiles the blocks' forwards with `run.compile` (hooks outside), and initializes
+it with d2v_scale's AdamW (DeepSpeed's CPU Adam when the optimizer is offloaded). `build_finetune_engine` (fine-tuning):
 a task's model (tasks/: a pretrained encoder + head) with layer-wise lr decay, through the same
 `initialize`. Training, fine-tuning, every benchmark, the planner's `--measure` and the test probes
 go through these; the models themselves never import DeepSpeed.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -23,11 +25,12 @@ from .dist import Dist
 from .dsconfig import compute_dtype, offloads_optimizer, resolve_ds_config, zero_stage
 from .export import read_weights
 from .masking import check_mask
+from .memory import placements
 from .models import token_grid
 from .models.transformer import Block
 from .optim import build_optimizer, param_groups_layer_decay
-from .sharded_teacher import ShardedTeacher
-from .teacher import ReplicatedTeacher
+from .teacher import ReplicatedTeacher, ShardedTeacher
+from .teacher.placement import choose
 
 
 @dataclass
@@ -39,34 +42,48 @@ class Built:
     n_params: int                  # student parameters (before any partitioning)
 
 
-def teacher_placement(cfg: Config, ds: dict) -> str:
-    """`teacher.placement`, with auto = sharded under a ZeRO-3 student, replicated otherwise."""
+def teacher_placement(cfg: Config, ds: dict, dist: Dist, model: nn.Module | None = None) -> str:
+    """`teacher.placement`, with auto = the cheapest in traffic whose run fits the device, by the
+    memory `d2v plan` computes (memory.py, teacher/placement.py); `sharded` is `host`."""
     placement = cfg.teacher.placement
-    if placement == "auto":
-        return "sharded" if zero_stage(ds) == 3 else "replicated"
-    return placement
+    if placement != "auto":
+        return "host" if placement == "sharded" else placement
+    model = model if model is not None else Data2Vec(cfg.model, cfg.mask.mask_noise_std)
+    s_numels = [p.numel() for p in model.parameters() if p.requires_grad]
+    t_numels = [p.numel() for n, p in model.encoder.named_parameters()
+                if model.encoder.ema_local_encoder or n.split(".")[0] not in model.encoder.local_modules]
+    block = sum(p.numel() for p in model.encoder.blocks[0].parameters())
+    micro = int(ds.get("train_micro_batch_size_per_gpu", cfg.data.batch_size))
+    gas = int(ds.get("gradient_accumulation_steps", 1))
+    bf16 = compute_dtype(ds) == torch.bfloat16
+    table = placements(cfg, s_numels, t_numels, block, dist.world, zero_stage(ds), bf16, offloads_optimizer(ds),
+                       micro, gas, cfg.model.grad_checkpointing)
+    if dist.device.type == "cuda":
+        capacity = torch.cuda.get_device_properties(dist.device).total_memory * 0.9
+    else:                                                   # the "device" is host memory
+        capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(1, dist.world)
+    return choose({k: v["traffic"] for k, v in table.items()}, {k: v["device_total"] for k, v in table.items()},
+                  capacity)
 
 
 def build_teacher(model: Data2Vec, cfg: Config, ds: dict, dist: Dist):
-    """The EMA teacher, copied from the student before DeepSpeed partitions it."""
-    if teacher_placement(cfg, ds) == "sharded":
-        overlap = {"auto": None, "true": True, "false": False}[cfg.teacher.overlap_ema]
-        return ShardedTeacher(model, cfg, ds, dist, asynchronous=overlap)
-    return ReplicatedTeacher(model.encoder, cfg.model, dtype=compute_dtype(ds), device=dist.device)
+    """The EMA teacher, copied from the student (with its init weights) before DeepSpeed partitions it."""
+    placement = teacher_placement(cfg, ds, dist, model)
+    if placement == "replicated":
+        return ReplicatedTeacher(model.encoder, cfg.model, dtype=compute_dtype(ds), device=dist.device)
+    overlap = {"auto": None, "true": True, "false": False}[cfg.teacher.overlap_ema]
+    return ShardedTeacher(model, cfg, dist, placement, dtype=compute_dtype(ds), master_on_host=offloads_optimizer(ds),
+                          asynchronous=overlap)
 
 
-def load_init_weights(model: Data2Vec, teacher, path: str) -> None:
-    """Start from an imported or exported weights file (student, and teacher when present; a file
-    with an encoder alone, `d2v export` or `d2v import-hf`, starts the teacher as that encoder,
-    as every EMA teacher starts as its student)."""
+def load_init_weights(model: Data2Vec, path: str) -> dict:
+    """Start the student from an imported or exported weights file; returns its teacher state (or {})."""
     student, teacher_state, _ = read_weights(path)
     missing, unexpected = model.load_state_dict(student, strict=False)
     if unexpected or [k for k in missing if k.startswith("encoder.")]:
         raise ConfigError(f"run.init_from={path}: weights do not fit the model (missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]}); check --preset")
-    if not teacher_state:
-        teacher_state = {n: student[f"encoder.{n}"] for n in teacher.names}
-    teacher.load_state_dict(teacher_state)
+    return teacher_state
 
 
 def compile_forward(module: nn.Module) -> None:
@@ -117,9 +134,10 @@ def build_engine(cfg: Config, dist: Dist, ds: dict | None = None, ds_overrides: 
     check_mask(cfg.mask, token_grid(cfg, cfg.data.min_sample_size))
     torch.manual_seed(cfg.run.seed)                         # identical init on every rank
     model = Data2Vec(cfg.model, cfg.mask.mask_noise_std)
-    teacher = build_teacher(model, cfg, ds, dist)
-    if cfg.run.init_from:
-        load_init_weights(model, teacher, cfg.run.init_from)
+    teacher_state = load_init_weights(model, cfg.run.init_from) if cfg.run.init_from else {}
+    teacher = build_teacher(model, cfg, ds, dist)           # from the loaded student, or its own weights
+    if teacher_state:
+        teacher.load_state_dict(teacher_state)
     if cfg.run.compile:
         compile_regions(model, teacher, ds)
     student: nn.Module = wrap(model) if wrap is not None else model

@@ -7,6 +7,7 @@ run draws exactly what an uninterrupted one would.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from .errors import D2VError
 from .evaluate import KnnMonitor
 from .flops import step_flops_per_sample
 from .masking import AheadMasks, MaskInfo, seed_for, step_masks
+from .memory import window_size
 from .metrics import Metrics, measure_peak_flops
 from .optim import lr_at, set_lr
 from .preempt import StopSignals, restart_banner, stopped
@@ -43,12 +45,12 @@ class TrainingError(D2VError, RuntimeError):
 
 def train_step(engine, teacher, batch: dict, cfg: Config, step: int, micro: int, dist: Dist,
                dtype: torch.dtype, mask: torch.Tensor | None = None,
-               stop_flags: torch.Tensor | None = None) -> tuple[dict, bool]:
-    """One micro-batch: student forward (teacher targets inside), backward, step, EMA. The masks come
-    with the batch (drawn ahead in the loader's workers) or are drawn here, both from (seed, step,
-    micro-step, rank); `mask` (B*M, T) replaces them (fairseq's precomputed_mask). `stop_flags` (2,)
-    are this rank's signal flags, returned summed over ranks in out["stop"], on the device: nothing
-    here waits for the device."""
+               stop_flags: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> tuple[dict, bool]:
+    """One micro-batch: student forward (teacher targets inside, or `targets` (B, T, D) from the window's
+    teacher pass), backward, step, EMA. The masks come with the batch (drawn ahead in the loader's
+    workers) or are drawn here, both from (seed, step, micro-step, rank); `mask` (B*M, T) replaces them
+    (fairseq's precomputed_mask). `stop_flags` (2,) are this rank's signal flags, returned summed over
+    ranks in out["stop"], on the device: nothing here waits for the device."""
     x = batch["source"].to(dist.device, non_blocking=True)             # image (B,3,H,W) | audio (B,S) | text (B,T)
     if x.is_floating_point():
         x = x.to(dtype)
@@ -67,7 +69,7 @@ def train_step(engine, teacher, batch: dict, cfg: Config, step: int, micro: int,
 
     # forward: student on the visible tokens of M clones, teacher targets once per sample
     set_lr(engine.optimizer, lr_at(step, cfg.optim))
-    out = engine(x, info, teacher, pad, layer_keep)
+    out = engine(x, info, teacher if targets is None else (lambda *_: targets), pad, layer_keep)
 
     # loss = mean over every masked token on every rank (DeepSpeed averages gradients over ranks);
     # the same all-reduce carries the stop-signal flags, so every rank learns of a signal together
@@ -133,7 +135,8 @@ def _train(cfg: Config, plan, dist: Dist, ds_overrides: dict | None) -> dict:
            f"params | world {dist.world} x micro {cfg.data.batch_size} x accum {gas} | ZeRO-"
            f"{zero_stage(ds)} | {str(matmul_dtype(ds)).replace('torch.', '')}"
            f"{' autocast' if matmul_dtype(ds) != dtype else ''} | "
-           f"{len(urls)} shards | steps {engine.global_steps} -> {stop}")
+           f"{len(urls)} shards | teacher {getattr(teacher, 'placement', 'replicated')} | steps "
+           f"{engine.global_steps} -> {stop}")
 
     signals = StopSignals(dist.rank, cfg.run.stop_timeout_s,
                           lambda: checkpoint.latest_tag(run_dir / checkpoint.CKPT_DIR), run_dir / "logs")
@@ -177,13 +180,35 @@ def is_comm_failure(e: Exception) -> bool:
         s in text for s in ("Connection reset", "Connection closed", "Broken pipe", "gloo", "NCCL", "ProcessGroup"))
 
 
+def with_targets(loader, teacher, window: int, gas: int, dist: Dist, dtype: torch.dtype):
+    """(batch, targets) of each micro-step: the targets of up to `window` micro-batches of one
+    accumulation window from one teacher pass (each block gathered once), computed when the first of
+    them is asked for, after the previous optimizer step's EMA; (batch, None) with `window` 1 (the
+    teacher then runs inside the student's forward)."""
+    it, pos = iter(loader), 0
+    while True:
+        chunk = list(itertools.islice(it, min(window, gas - pos) if window > 1 else 1))
+        if not chunk:
+            return
+        ys = [None] * len(chunk)
+        if window > 1:
+            for b in chunk:                                              # image (B, 3, H, W) on the device
+                b["source"] = b["source"].to(dist.device, non_blocking=True).to(dtype)
+            ys = teacher.window([(b["source"], None, None) for b in chunk])   # (B, T, D) fp32 each
+        pos = (pos + len(chunk)) % gas
+        yield from zip(chunk, ys)
+
+
 def _loop(engine, teacher, loader, cfg, dist, dtype, metrics, signals, run_dir, stop, encoder, monitor):
     last_saved, micro, out = None, 0, None
-    for batch in loader:
+    gas = engine.gradient_accumulation_steps()
+    window = window_size(cfg, cfg.data.batch_size, gas, torch.finfo(dtype).bits // 8)
+    for batch, targets in with_targets(loader, teacher, window, gas, dist, dtype):
         step = engine.global_steps
         if step >= stop:
             break
-        out, boundary = train_step(engine, teacher, batch, cfg, step, micro, dist, dtype, stop_flags=signals.flags)
+        out, boundary = train_step(engine, teacher, batch, cfg, step, micro, dist, dtype, stop_flags=signals.flags,
+                                   targets=targets)
         src = batch["source"]
         tokens = math.prod(encoder.token_shape(src))
         flops = step_flops_per_sample(cfg, tokens, encoder.num_extra_tokens, src.shape[-1])["total"] * src.shape[0]

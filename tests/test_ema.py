@@ -2,7 +2,7 @@
 chunked blend bit-identical to torch's per-tensor foreach path."""
 import torch
 
-from d2v_scale import ema
+from d2v_scale.teacher import ema
 
 
 def _layout(sizes, flat):

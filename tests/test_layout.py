@@ -87,7 +87,7 @@ def test_deepspeed_only_after_the_accelerator_is_chosen_and_one_student_engine()
                            if isinstance(node, ast.Attribute) and node.attr == "initialize"
                            and isinstance(node.value, ast.Name) and node.value.id == "deepspeed"]
     assert not top_level, top_level
-    assert sorted(initialize) == ["d2v_scale.engine", "d2v_scale.sharded_teacher"], initialize
+    assert sorted(initialize) == ["d2v_scale.engine"], initialize     # the teacher gathers its own blocks
     models = [p for p in (ROOT / "d2v_scale" / "models").rglob("*.py") if "deepspeed" in p.read_text()]
     assert not models, models
 

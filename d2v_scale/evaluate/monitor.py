@@ -63,11 +63,11 @@ class KnnMonitor:
     def __call__(self, student_encoder: nn.Module, teacher, dtype: torch.dtype) -> dict[str, float]:
         """Run on every rank at the same step; returns the same values on every rank."""
         t0 = time.perf_counter()
-        t_enc = teacher.encoder
-        local = None if t_enc.ema_local_encoder else student_encoder    # audio/text teacher: the student's CNN/embeddings
         pools = (self.cfg.eval.pool,)
         out = {}
-        with rng_kept(self.dist.device), torch.no_grad(), eval_mode(student_encoder, t_enc):
+        # the teacher as its last EMA left it (a pending blend waited for), gathered as it runs
+        with teacher.reading() as t_enc, rng_kept(self.dist.device), torch.no_grad(), eval_mode(student_encoder, t_enc):
+            local = None if t_enc.ema_local_encoder else student_encoder    # audio/text teacher: the student's CNN/embeddings
             out.update(self._knn(lambda x, pad: pooled(student_encoder, x, pad, pools), dtype, "student"))
             out.update(self._knn(lambda x, pad: pooled(t_enc, x, pad, pools, local), dtype, "teacher"))
         self.seconds += time.perf_counter() - t0

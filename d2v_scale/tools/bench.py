@@ -25,7 +25,7 @@ from ..d2v import Data2Vec
 from ..data import build_loader, register, shard_list
 from ..dist import print0
 from ..dsconfig import zero_stage
-from ..ema import local_source
+from ..teacher.ema import local_source
 from ..engine import build_engine
 from ..presets import build_config
 from ..teacher import ReplicatedTeacher
@@ -100,7 +100,7 @@ class _PerTensorEma:
     def __init__(self, teacher, rank: int):
         self.teacher, self.rank = teacher, rank
         self.fp32 = [a.clone() for a in teacher.fp32]
-        self.low = [p.ds_tensor.data.clone() for p in teacher.params] if teacher.engine.bfloat16_enabled() else None
+        self.low = [t.clone() for t in teacher.low] if teacher.low is not teacher.fp32 else None
 
     @torch.no_grad()
     def update(self, student_encoder, decay: float) -> None:
@@ -130,7 +130,7 @@ def bench_ema(preset: str = "vit_base_patch16", reps: int = 5, ds_config: str = 
     """
     gathered = str(gathered).lower() not in ("false", "0", "no")        # fire passes `false` as a string
     cfg, ds_over = build_config(preset, None, ds_config=ds_config, **overrides)
-    cfg.teacher.placement, cfg.data.global_batch = "sharded", 0
+    cfg.teacher.placement, cfg.data.global_batch = "host", 0
     with_vocab(cfg)
     dist = dist_mod.init()
     built = build_engine(cfg, dist, ds_overrides={"zero_optimization.stage3_param_persistence_threshold": 0,

@@ -1,19 +1,11 @@
 """`d2v plan`: per-GPU and per-host memory and the expected step time of a run, before renting it.
 
-Model states are counted per parameter from the real model built on the meta device (so ZeRO-3's
-per-parameter padding to a multiple of the world size is exact), for AdamW:
-  bf16 training: params 2 B, grads 2 B, fp32 grads 4 B, fp32 master 4 B, Adam moments 8 B
-  fp32 training: params 4 B, grads 4 B, fp32 master 4 B (ZeRO-1/2/3 keep a copy of the partition;
-                 without ZeRO the optimizer steps the params), Adam moments 8 B
-ZeRO-1 partitions the fp32 grads/master/moments, ZeRO-2 also the 16-bit grads, ZeRO-3 also the
-params (and adds the largest layer gathered at once); offload_optimizer moves the partitioned fp32
-states to host memory. DeepSpeed's own estimators are printed beside for comparison.
-Teacher: replicated = compute copy + fp32 accumulators on every GPU; sharded (+ offload) = 1/N
-compute slice + 1/N fp32 slice per rank in pinned host memory, a few blocks live on the GPU.
-Activations (bf16, Megatron-LM's per-layer count with flash/SDPA attention: 34 * D bytes per token;
-without flash add 5 * heads * n): student blocks on M x (T_keep + extra) tokens per sample, the conv
-decoder on M x T positions, targets and loss in fp32; with activation checkpointing each block keeps
-only its input (2 * D bytes per token) plus one block's activations during recomputation.
+The bytes come from memory.py (model states, activations, the window pass) and teacher/placement.py
+(each teacher placement's bytes and traffic), counted per parameter from the real model built on the
+meta device (so ZeRO-3's per-parameter padding to a multiple of the world size is exact); ZeRO-3 adds
+the largest layer gathered at once. DeepSpeed's own estimators are printed beside for comparison. The
+teacher table prints, per placement, the bytes per optimizer step over PCIe, through host memory,
+between GPUs and through device memory, and which one `--teacher.placement=auto` picks.
 """
 from __future__ import annotations
 
@@ -31,9 +23,10 @@ from ..dist import print0
 from ..dsconfig import offloads_optimizer, zero_stage
 from ..engine import build_engine
 from ..flops import step_flops_per_sample
-from ..masking import check_counts
 from ..models import ENCODERS, token_grid
+from ..memory import activation_bytes, model_states, placements, window_bytes, window_size
 from ..teacher import teacher_copy
+from ..teacher.placement import LINKS, choose, link_seconds, teacher_traffic
 from ..train import train_step
 
 GB = 1024 ** 3
@@ -47,107 +40,31 @@ def _meta_model(cfg):
     return model, teacher
 
 
-def model_states(student_numels: list[int], teacher_numels: list[int], world: int, zero: int, bf16: bool,
-                 offload_optimizer: bool, teacher: str) -> dict:
-    """Per-rank bytes of each model state (device and host)."""
-    part = sum(math.ceil(n / world) for n in student_numels)       # this rank's padded partition
-    full = sum(student_numels)
-    lp = 2 if bf16 else 4
-    shard = lambda stage: part if zero >= stage else full                # noqa: E731
-    dev = {"student params": lp * shard(3)}
-    states = {}
-    if bf16:
-        dev["16-bit grads"] = 2 * shard(2)
-    states["fp32 grads"] = 4 * shard(1)          # as reduced at the step (ZeRO-1 holds them full during backward)
-    if bf16 or zero >= 1:        # fp32 without ZeRO: the optimizer steps the params themselves
-        states["fp32 master"] = 4 * shard(1)
-    states["Adam moments"] = 8 * shard(1)
-    host = {}
-    for k, v in states.items():
-        (host if offload_optimizer and k != "16-bit grads" else dev)[k] = v
-    t_part = sum(math.ceil(n / world) for n in teacher_numels)
-    t_full = sum(teacher_numels)
-    if teacher == "sharded":
-        host["teacher compute slice"] = lp * t_part
-        if bf16:
-            host["teacher fp32 slice"] = 4 * t_part
-    else:
-        dev["teacher"] = lp * t_full
-        if bf16:
-            dev["teacher fp32 accumulators"] = 4 * t_full
-    return {"device": dev, "host": host}
-
-
-def activation_bytes(cfg, micro: int, checkpointing: bool, flash: bool = True) -> dict:
-    m, M = cfg.model, cfg.mask.clone_batch
-    D, L, H = m.embed_dim, m.prenet_depth + m.depth, m.num_heads
-    T, E = math.prod(token_grid(cfg)), ENCODERS[m.modality].num_extra_tokens
-    keep = check_counts(T, cfg.mask.mask_prob, cfg.mask.inverse_mask or cfg.mask.mask_length <= 1)
-    n = keep + E
-    tokens = micro * M * n
-    per_token_layer = 34 * D + (0 if flash else 5 * H * n)
-    if checkpointing:
-        student = L * 2 * D * tokens + per_token_layer * tokens
-    else:
-        student = L * per_token_layer * tokens
-    dd = m.decoder.decoder_dim
-    decoder = micro * M * T * (2 * D + m.decoder.decoder_layers * 6 * dd + 2 * dd + 2 * D)
-    masked = micro * M * (T - keep)
-    loss = micro * T * D * 4 + 3 * masked * D * 4
-    teacher = micro * (T + E) * D * (16 + 2 * m.average_top_k_layers)   # one live block + kept layer results
-    return {"student blocks": student, "decoder": decoder, "targets + loss (fp32)": loss,
-            "teacher forward (transient)": teacher}
-
-
-# links the teacher's bytes cross (GB/s per GPU); defaults near the H100 box of the README's figures
-LINKS = {"pcie": 45.0, "host": 20.0, "gpu": 1500.0, "gather": 150.0}
-
-
-def teacher_traffic(t_numel: int, world: int, gas: int, bf16: bool, placement: str, zero: int,
-                    master_on_host: bool) -> dict[str, float]:
-    """Per-rank bytes per optimizer step the teacher and its EMA move, by link:
-    pcie (host <-> GPU), host (host memory traffic of a host blend), gpu (device memory traffic of a
-    device blend), gather (GPU <-> GPU all-gathers). The teacher's forward runs every micro-step."""
-    lp, part = (2 if bf16 else 4), t_numel / world
-    blend = 8 + 12 + (6 if bf16 else 0)          # t *= decay (r+w t), t += w s (r t, r s, w t), low = t (r t, w low)
-    out = {"pcie": 0.0, "host": 0.0, "gpu": 0.0, "gather": 0.0}
-    if placement == "sharded":
-        out["pcie"] += gas * part * lp                                       # own slice to the GPU, per forward
-        out["gather"] += gas * (t_numel - part) * lp                         # the other ranks' slices
-        if master_on_host:
-            out["host"] += part * blend                                      # blended in place on the host
-        else:
-            out["pcie"] += part * (4 + 4 + (2 if bf16 else 0))               # streamed: t in, t out, low out
-            out["gpu"] += part * blend
-    else:
-        if zero >= 3:
-            out["gather"] += (t_numel - part) * lp                           # the EMA reads the student by gathers
-        out["gpu"] += t_numel * blend
-    return out
-
-
-def link_seconds(traffic: dict[str, float], links: dict[str, float]) -> dict[str, float]:
-    return {k: v / (links[k] * 1e9) for k, v in traffic.items()}
-
-
 def plan(cfg, nodes: int, gpus_per_node: int, zero: int, micro_batch: int, offload_teacher: bool = True,
          offload_optimizer: bool = False, checkpointing: bool = False, mfu: float = 0.4,
-         peak_tflops: float = 989.0, bf16: bool = True) -> dict:
+         peak_tflops: float = 989.0, bf16: bool = True, placement: str = "", gpu_gb: float = 80.0) -> dict:
+    """`placement`: the teacher's (default: host with offload_teacher, else replicated); auto picks the
+    cheapest in traffic whose device total fits `gpu_gb`."""
     world = nodes * gpus_per_node
     model, teacher = _meta_model(cfg)
     s_numels = [p.numel() for p in model.parameters() if p.requires_grad]
     t_numels = [p.numel() for p in teacher.parameters()]
+    block = sum(p.numel() for p in teacher.blocks[0].parameters())
     largest = max(s_numels)
-    teacher_kind = "sharded" if offload_teacher else "replicated"
-    ours = model_states(s_numels, t_numels, world, zero, bf16, offload_optimizer, teacher_kind)
+    gas = max(1, cfg.data.global_batch // (micro_batch * world)) if cfg.data.global_batch else 1
+    table = placements(cfg, s_numels, t_numels, block, world, zero, bf16, offload_optimizer, micro_batch, gas,
+                       checkpointing)
+    auto = choose({k: v["traffic"] for k, v in table.items()}, {k: v["device_total"] for k, v in table.items()},
+                  gpu_gb * GB)
+    placement = placement or ("host" if offload_teacher else "replicated")
+    placement = auto if placement == "auto" else "host" if placement == "sharded" else placement
+    ours = model_states(s_numels, t_numels, world, zero, bf16, offload_optimizer, placement, block)
     if zero >= 3:
         ours["device"]["gathered working set (largest layer x2)"] = (2 if bf16 else 4) * 2 * largest
-    if offload_teacher:
-        live = int(6e7)                                   # teacher ds config: stage3_max_live_parameters
-        ours["device"]["teacher live blocks"] = (2 if bf16 else 4) * min(live, sum(t_numels))
     acts = activation_bytes(cfg, micro_batch, checkpointing)
     acts_nockpt = activation_bytes(cfg, micro_batch, False)
-    gas = max(1, cfg.data.global_batch // (micro_batch * world)) if cfg.data.global_batch else 1
+    window = window_size(cfg, micro_batch, gas, 2 if bf16 else 4)
+    acts["teacher window pass (targets held)"] = window_bytes(cfg, micro_batch, window, 2 if bf16 else 4)
     note = None
     if cfg.data.global_batch and micro_batch * gas * world != cfg.data.global_batch:
         note = (f"the preset's global batch is {cfg.data.global_batch}; micro batch {micro_batch} x {world} GPUs "
@@ -170,9 +87,8 @@ def plan(cfg, nodes: int, gpus_per_node: int, zero: int, micro_batch: int, offlo
     else:
         ds_cpu, ds_gpu = estimate_zero2_model_states_mem_needs(total, gpus_per_node, nodes,
                                                                cpu_offload=offload_optimizer, additional_buffer_factor=1.0)
-    traffic = {kind: teacher_traffic(sum(t_numels), world, gas, bf16, kind, zero, offload_optimizer)
-               for kind in ("replicated", "sharded")}
-    return {"traffic": traffic, "links": dict(LINKS),
+    return {"traffic": {k: v["traffic"] for k, v in table.items()}, "placements": table, "auto": auto,
+            "placement": placement, "window": window, "gpu_gb": gpu_gb, "links": dict(LINKS),
             "world": world, "gas": gas, "global_batch": micro_batch * gas * world, "student_params": total,
             "teacher_params": sum(t_numels), "ours": ours, "activations": acts, "activations_no_ckpt": acts_nockpt,
             "fairseq": fairseq, "fairseq_activations": fairseq_acts, "flops_per_sample": flops, "step_s": step_s,
@@ -201,7 +117,7 @@ def print_plan(p: dict, cfg, args: dict) -> None:
           f"{args['micro_batch']} x accumulation {p['gas']} = global {p['global_batch']} | clones {cfg.mask.clone_batch}")
     if p["note"]:
         print(f"  note: {p['note']}")
-    ours = block(f"d2v_scale (teacher {'sharded, CPU-offloaded' if args['offload_teacher'] else 'replicated'}"
+    ours = block(f"d2v_scale (teacher {p['placement']}"
                  f"{', optimizer offloaded' if args['offload_optimizer'] else ''}"
                  f"{', activation checkpointing' if args['checkpointing'] else ''})", p["ours"], p["activations"])
     if args["checkpointing"]:
@@ -213,12 +129,19 @@ def print_plan(p: dict, cfg, args: dict) -> None:
           f"{sum(v for k, v in p['ours']['device'].items() if not k.startswith('teacher')) / GB:.2f} GiB GPU, "
           f"DeepSpeed {p['deepspeed_estimate_gpu'] / GB:.2f} GiB GPU / {p['deepspeed_estimate_cpu'] / GB:.2f} GiB host")
     print(f"  per-GPU total: d2v_scale {ours / GB:.1f} GiB vs fairseq-style {fair / GB:.1f} GiB")
-    print(f"  teacher + EMA traffic per optimizer step and rank (GB; ms at pcie {p['links']['pcie']:.0f}, host "
+    passes = next(iter(p["placements"].values()))["passes"]
+    print(f"  teacher placements: bytes per optimizer step and rank ({passes} teacher pass{'es' if passes > 1 else ''} "
+          f"per step, {p['window']} micro-batches each; ms at pcie {p['links']['pcie']:.0f}, host "
           f"{p['links']['host']:.0f}, gpu {p['links']['gpu']:.0f}, gather {p['links']['gather']:.0f} GB/s):")
-    for kind, traffic in p["traffic"].items():
-        secs = link_seconds(traffic, p["links"])
-        cells = "  ".join(f"{k} {traffic[k] / 1e9:.3f} ({secs[k] * 1e3:.1f} ms)" for k in traffic)
-        print(f"    {kind:<10} {cells}  -> +{sum(secs.values()) * 1e3:.1f} ms over compute if nothing overlaps")
+    print(f"    {'placement':<21} {'PCIe GB':>8} {'host mem GB':>11} {'GPU-GPU GB':>10} {'GPU mem GB':>13} "
+          f"{'teacher GiB GPU/host':>21} {'GPU total GiB':>13}  fits {p['gpu_gb']:.0f} GiB   time")
+    for kind, row in p["placements"].items():
+        t, secs = row["traffic"], link_seconds(row["traffic"], p["links"])
+        fits = "yes" if row["device_total"] <= p["gpu_gb"] * GB else "no"
+        mark = " <- auto" if kind == p["auto"] else ""
+        print(f"    {kind:<21} {t['pcie'] / 1e9:8.3f} {t['host'] / 1e9:11.3f} {t['gather'] / 1e9:10.3f} {t['gpu'] / 1e9:13.3f} "
+              f"{row['teacher_device'] / GB:10.2f}/{row['teacher_host'] / GB:<10.2f} {row['device_total'] / GB:13.1f}  "
+              f"{fits:<13} +{sum(secs.values()) * 1e3:.1f} ms{mark}")
     print(f"  compute: {p['flops_per_sample'] / 1e12:.2f} TFLOP per sample (student x3 + teacher forward); at "
           f"{args['mfu']:.0%} MFU of {args['peak_tflops']:.0f} TFLOP/s: {p['step_s']:.2f} s per step, "
           f"{p['samples_per_s']:.0f} samples/s, {p['samples_per_s'] / (args['nodes'] * args['gpus_per_node']):.1f} per GPU")
@@ -251,7 +174,7 @@ def measure(engine, teacher) -> dict:
         grads_list = [p.grad for p in engine.module.parameters()]
     g_bytes, _ = nbytes(grads_list)
     if teacher.sharded:
-        t_bytes, t_ptrs = nbytes([p.ds_tensor for p in teacher.params])
+        t_bytes, t_ptrs = nbytes(teacher.low)
     else:
         t_bytes, t_ptrs = nbytes(list(teacher.module.parameters()))
     a_bytes, _ = nbytes([a for a in teacher.fp32 if a.data_ptr() not in t_ptrs])
@@ -281,7 +204,7 @@ def measure_and_compare(cfg, ds_over: dict, micro: int) -> dict:
     engine.step = step
     measured = taken
     zero, offload_opt = zero_stage(ds), offloads_optimizer(ds)
-    kind = "sharded" if teacher.sharded else "replicated"
+    kind = teacher.placement if teacher.sharded else "replicated"
     model, t = _meta_model(cfg)
     pred = model_states([p.numel() for p in model.parameters() if p.requires_grad],
                         [p.numel() for p in t.parameters()], dist.world, zero, dtype == torch.bfloat16,
@@ -323,11 +246,11 @@ def _measure_ema(engine, teacher, cfg, dist, bf16: bool, zero: int, offload_opt:
         teacher.update(engine.module.encoder, 0.999)
         teacher.wait()
     measured = (time.perf_counter() - t0) / reps
-    kind = "sharded" if teacher.sharded else "replicated"
-    t_numel = sum(math.prod(shape) for shape in getattr(teacher, "shapes", {}).values()) or \
-        sum(p.numel() for p in teacher.module.parameters())
-    traffic = teacher_traffic(t_numel, dist.world, 0, bf16, kind, zero, master_on_host=dist.device.type != "cuda"
-                              or offload_opt)                            # gas 0: the EMA alone
+    kind = teacher.placement if teacher.sharded else "replicated"
+    numels = [math.prod(shape) for shape in getattr(teacher, "shapes", {}).values()] or \
+        [p.numel() for p in teacher.module.parameters()]
+    traffic = teacher_traffic(numels, dist.world, 0, bf16, kind, zero, master_on_host=dist.device.type != "cuda"
+                              or offload_opt)                            # no pass: the EMA alone
     local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
     bw = host_bandwidth() / max(1, local) if dist.device.type != "cuda" else None   # the ranks share it
     planned = sum(traffic.values()) / bw if bw else sum(link_seconds(traffic, LINKS).values())

@@ -76,7 +76,7 @@ def main(prefix: str, placement: str, ds_config: str, overlap: str = "auto", ste
         torch.save(final, prefix + ".teacher.pt")
         json.dump({"losses": losses, "exact": exact, "maxdiff": maxdiff, "ema_collectives": counted["calls"],
                    "ema_collective_bytes": counted["bytes"], "world": dist.world, "placement": placement,
-                   "teacher_device": str(getattr(teacher, "params", [None])[0].ds_tensor.device)
+                   "teacher_device": str(teacher.low[0].device)
                    if placement == "sharded" else "n/a"}, open(prefix + ".json", "w"))
 
 

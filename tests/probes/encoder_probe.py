@@ -59,8 +59,8 @@ def main(run_dir: str, shards: str, out: str):
     engine.eval()
     with torch.no_grad():
         student, _ = enc.extract_features(probe)                          # ZeRO-3: gathered per module
-        t_enc = teacher.encoder
-        teacher_x, _ = t_enc.extract_features(probe)
+        with teacher.reading() as t_enc:                                  # gathered block by block
+            teacher_x, _ = t_enc.extract_features(probe)
     if dist.is_main:
         torch.save({"probe": probe, "student": student, "teacher": teacher_x}, out)
         Path(out).with_suffix(".json").write_text(json.dumps(record))

@@ -8,12 +8,12 @@ compute-precision slices are laid out in that order in one flat buffer each (pin
 GPU), so sources, accumulators and compute slices coalesce into runs that are each contiguous.
 
 The blend `t = decay * t + (1 - decay) * s` (two elementwise ops per element, as torch's foreach path
-does them) then runs where the source is:
-  * source on a GPU (ZeRO-3 masters on the device): the accumulators stream through the device in
-    chunks on a side stream (pinned host -> device, blend, device -> pinned host for the fp32 chunk and
-    its compute-precision cast), behind the optimizer step and beside the next step's work;
-  * source on the host (CPU runs, offloaded optimizer): in place over each run, and the compute slice
-    written from it.
+does them) then runs where sources and accumulators are (`Blend`):
+  * both on the host (an offloaded optimizer, host accumulators): in place over each run, and the
+    compute slice written from it (and sent to the device when it lives there);
+  * otherwise on the device: what lives on the host streams through in chunks (host accumulators
+    down and back up: 8 bytes per element; sources down: 4), the compute slice is cast on the device.
+Every host <-> device copy goes through `Traffic`, which counts its bytes.
 """
 from __future__ import annotations
 
@@ -103,31 +103,60 @@ def blend_host(runs: list[Run], decay: float) -> None:
             run.low.copy_(run.dst)
 
 
-class DeviceBlend:
-    """The blend of runs whose sources are on a GPU: accumulators streamed through the device in
-    chunks on a side stream, one chunk buffer (the stream orders its reuse)."""
+class Traffic:
+    """Bytes the teacher moves per link, counted where its code moves them: `pcie` (between host
+    memory and the device) and `gather` (received from the other ranks). On a CPU run "host" and
+    "device" are the same memory, but the code makes the same copies it makes on a GPU, so the
+    counts are the GPU's (the tests compare them with `d2v plan`)."""
 
-    def __init__(self, device: torch.device, low_dtype: torch.dtype | None):
-        self.stream = torch.cuda.Stream(device)
-        with torch.cuda.stream(self.stream):
-            self.buf = torch.empty(DEVICE_CHUNK, dtype=torch.float32, device=device)
-            self.low = torch.empty(DEVICE_CHUNK, dtype=low_dtype, device=device) if low_dtype else None
+    def __init__(self):
+        self.bytes = {"pcie": 0, "gather": 0}
 
-    def __call__(self, runs: list[Run], decay: float) -> torch.cuda.Event:
-        """Queue the blend behind the work issued so far (the optimizer step); the event marks it done."""
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            for run in runs:
-                for i in range(0, run.dst.numel(), DEVICE_CHUNK):
-                    n = min(DEVICE_CHUNK, run.dst.numel() - i)
-                    t = self.buf[:n]
-                    t.copy_(run.dst[i: i + n], non_blocking=True)                         # pinned host -> device
-                    t.mul_(decay)
-                    t.add_(run.src[i: i + n], alpha=1.0 - decay)
-                    run.dst[i: i + n].copy_(t, non_blocking=True)                         # device -> pinned host
-                    if run.low is not None:
-                        self.low[:n].copy_(t)
-                        run.low[i: i + n].copy_(self.low[:n], non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        return event
+    def move(self, dst: torch.Tensor, src: torch.Tensor, link: str | None) -> torch.Tensor:
+        """dst <- src (same dtype), non-blocking where the memory allows; counted on `link`."""
+        dst.copy_(src, non_blocking=True)
+        if link is not None:
+            self.bytes[link] += src.numel() * src.element_size()
+        return dst
+
+    def reset(self) -> dict[str, int]:
+        out, self.bytes = dict(self.bytes), {"pcie": 0, "gather": 0}
+        return out
+
+
+class Blend:
+    """t <- decay * t + (1 - decay) * s over runs whose parts live on either side: `sides` names the
+    side ("host" or "device") of the sources (the student's masters), the fp32 accumulators and the
+    compute-precision slices. The blend computes on the host when sources and accumulators are both
+    there, else on the device, streaming what lives elsewhere through one chunk buffer each
+    (accumulators down and back up, sources down, compute slices cast on the device and sent up)."""
+
+    def __init__(self, device: torch.device, sides: dict[str, str], low_dtype: torch.dtype | None,
+                 traffic: Traffic):
+        self.sides, self.traffic = sides, traffic
+        self.compute = "host" if sides["src"] == sides["acc"] == "host" else "device"
+        where_ = torch.device("cpu") if self.compute == "host" else device
+        buf = lambda dtype: torch.empty(DEVICE_CHUNK, dtype=dtype, device=where_)     # noqa: E731
+        self.acc = buf(torch.float32) if sides["acc"] != self.compute else None
+        self.src = buf(torch.float32) if sides["src"] != self.compute else None
+        self.low = buf(low_dtype) if low_dtype is not None and sides["low"] != self.compute else None
+
+    @torch.no_grad()
+    def __call__(self, runs: list[Run], decay: float) -> None:
+        move = self.traffic.move
+        for run in runs:
+            for i in range(0, run.dst.numel(), DEVICE_CHUNK):
+                n = min(DEVICE_CHUNK, run.dst.numel() - i)
+                a, s = run.dst[i: i + n], run.src[i: i + n]
+                t = a if self.acc is None else move(self.acc[:n], a, "pcie")             # host -> device
+                if self.src is not None:
+                    s = move(self.src[:n], s, "pcie")
+                t.mul_(decay)
+                t.add_(s, alpha=1.0 - decay)
+                if self.acc is not None:
+                    move(a, t, "pcie")                                                    # device -> host
+                if run.low is not None:
+                    if self.low is None:
+                        run.low[i: i + n].copy_(t)
+                    else:
+                        move(run.low[i: i + n], self.low[:n].copy_(t), "pcie")
