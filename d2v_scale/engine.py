@@ -19,10 +19,11 @@ from torch import nn
 
 from .config import Config, ConfigError
 from .d2v import Data2Vec
+from .d2v1.model import Data2Vec1
 from .dist import Dist
 from .dsconfig import compute_dtype, offloads_optimizer, resolve_ds_config, zero_stage
 from .export import read_weights
-from .masking import check_mask
+from .masking import check_masks
 from .models import token_grid
 from .optim import build_optimizer, param_groups_layer_decay
 from .sharded_teacher import ShardedTeacher
@@ -41,6 +42,11 @@ class Built:
 def teacher_placement(cfg: Config, ds: dict) -> str:
     """`teacher.placement`, with auto = sharded under a ZeRO-3 student, replicated otherwise."""
     placement = cfg.teacher.placement
+    if cfg.model.algorithm == "data2vec":      # d2v1/model.py runs the teacher's blocks itself
+        if placement == "sharded":
+            raise ConfigError("teacher.placement=sharded: the data2vec 1 teacher is replicated (a full copy per "
+                              "rank, the student may still run ZeRO-3); use --teacher.placement=auto")
+        return "replicated"
     if placement == "auto":
         return "sharded" if zero_stage(ds) == 3 else "replicated"
     return placement
@@ -81,14 +87,14 @@ def build_engine(cfg: Config, dist: Dist, ds: dict | None = None, ds_overrides: 
     resolved here from `cfg.run.ds_config` and `ds_overrides`. `wrap(model) -> nn.Module` replaces
     the module DeepSpeed trains (it must expose `.encoder`); the teacher is always the data2vec one."""
     ds = ds if ds is not None else resolve_ds_config(cfg, dist.world, ds_overrides)
-    check_mask(cfg.mask, token_grid(cfg, cfg.data.min_sample_size))
+    check_masks(cfg, token_grid(cfg, cfg.data.min_sample_size))
     torch.manual_seed(cfg.run.seed)                         # identical init on every rank
-    model = Data2Vec(cfg.model, cfg.mask.mask_noise_std)
+    model = Data2Vec1(cfg.model) if cfg.model.algorithm == "data2vec" else Data2Vec(cfg.model, cfg.mask.mask_noise_std)
     teacher = build_teacher(model, cfg, ds, dist)
     if cfg.run.init_from:
         load_init_weights(model, teacher, cfg.run.init_from)
     if cfg.run.compile:       # regions: each block and the decoder (graphs stay small, ZeRO hooks outside)
-        for region in [*model.encoder.blocks, *teacher.encoder.blocks, model.decoder]:
+        for region in [*model.encoder.blocks, *teacher.encoder.blocks, *([model.decoder] if hasattr(model, "decoder") else [])]:
             region.compile()
     student: nn.Module = wrap(model) if wrap is not None else model
     n_params = sum(p.numel() for p in student.parameters())

@@ -22,7 +22,7 @@ from .data import DataError, Shards, check_shards, find_shards
 from .dsconfig import resolve_ds_config, validate_ds_config
 from .errors import one_line
 from .evaluate import EvalShards, eval_shards
-from .masking import check_mask
+from .masking import check_masks
 from .models import token_grid
 from .presets import FINETUNE_PRESETS
 from .pretrained import EncoderWeights, read_encoder
@@ -48,7 +48,7 @@ def preflight(cfg: Config, ds_overrides: dict | None, world: int, every_shard: b
                           "--init WEIGHTS --train SHARDS --val SHARDS ...`, or pretrain with a pretraining preset")
     shards = check_data(cfg, cfg.data.path, world, every_shard)
     resolve_from_data(cfg, shards)
-    check_mask(cfg.mask, token_grid(cfg, cfg.data.min_sample_size))
+    check_masks(cfg, token_grid(cfg, cfg.data.min_sample_size))
     bank = queries = None
     if cfg.eval.data:
         bank = eval_shards(cfg.eval.data, cfg.model.modality, "--eval.data", cfg.data.allow_pipe)

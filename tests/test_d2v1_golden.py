@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from d2v_scale.config import AudioConfig, Data2Vec1Config, ImageConfig, ModelConfig, TextConfig
-from d2v_scale.d2v1 import Data2Vec1
+from d2v_scale.d2v1.model import Data2Vec1
 from d2v_scale.d2v1.reference_keys import from_reference
 from d2v_scale.optim import param_groups
 from d2v_scale.teacher import ReplicatedTeacher

@@ -41,8 +41,8 @@ def block_mask(grid: tuple[int, int], num_masking: int, min_patches: int, max_pa
         budget = min(num_masking - count, max_patches)
         delta = 0
         for _ in range(10):
-            area = rng.uniform(min_patches, budget)
-            aspect = math.exp(rng.uniform(*log_aspect))
+            area = min_patches + (budget - min_patches) * rng.random()    # python's uniform: budget may be lower
+            aspect = math.exp(log_aspect[0] + (log_aspect[1] - log_aspect[0]) * rng.random())
             bh, bw = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
             if bw < w and bh < h:
                 top, left = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
