@@ -136,8 +136,8 @@ def resolve_from_data(cfg: Config, shards: Shards) -> None:
     if m.modality != "text" or m.text.vocab_size > 0:
         return
     vocab = shards.index.get("vocab_size", 0)
-    if vocab:
-        m.text.vocab_size = int(vocab)
+    if vocab:   # data2vec 1: + the <mask> id, added last as fairseq's masked_lm task adds it
+        m.text.vocab_size = int(vocab) + (1 if m.algorithm == "data2vec" else 0)
         return
     raise ConfigError("model.text.vocab_size is unknown: pass --data INDEX.json written by `d2v-shard text` "
                       "(it records the sentencepiece vocabulary) or set --model.text.vocab_size")
