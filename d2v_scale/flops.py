@@ -61,7 +61,9 @@ def step_flops_per_sample(cfg, tokens: int, extra: int = 0, source_len: int = 0)
     first, rest = local_flops(cfg, tokens, source_len)
     if m.algorithm == "data2vec":   # data2vec 1 (d2v1/model.py): every token, one view, a regression head
         M = 1
-        head = 2 * tokens * D * D * (1 if m.d2v1.head_layers == 1 else 4)   # upper bound: the masked tokens only
+        d = m.d2v1
+        frac = d.num_mask_patches / tokens if d.masking == "block" else cfg.mask.mask_prob   # masked tokens
+        head = 2 * tokens * frac * D * D * (1 if d.head_layers == 1 else 4)
         per_clone = L * block_flops(extra + tokens, D, m.mlp_ratio) + head
     else:
         keep = check_counts(tokens, cfg.mask.mask_prob, cfg.mask.inverse_mask or cfg.mask.mask_length <= 1)
