@@ -69,6 +69,27 @@ class DecoderConfig:
 
 
 @dataclass
+class Data2Vec1Config:
+    """The data2vec 1 recipe (model.algorithm=data2vec; d2v_scale/d2v1/). The target norms are the
+    model's *_norm_target_layer / *_norm_targets, the scale is model.loss_scale."""
+    recipe: str = ""             # where the preset's values come from (command or yaml)
+    target: str = "ffn"          # ffn: FFN output before the last residual (audio, text) | end: block output (vision)
+    loss_beta: float = 0.0       # smooth L1 beta; 0 = squared error
+    loss_reduction: str = "sum"  # sum: per token sum over D x loss_scale, / masked tokens (fairseq) | mean: mean
+                                 # over tokens and D (data2vec_vision's F.smooth_l1_loss), loss_scale ignored
+    head_layers: int = 1         # regression head: 1 = Linear(D, D) | 2 = Linear(D, 2D), GELU, Linear(2D, D)
+    masking: str = "span"        # block: BEiT's block-wise | span: wav2vec 2.0 spans | bert: masked-LM spans
+    num_mask_patches: int = 120  # block: patches masked per image (BEiT --num_mask_patches)
+    min_mask_patches_per_block: int = 16
+    max_mask_patches_per_block: int = 0   # 0: num_mask_patches
+    min_aspect: float = 0.3      # block aspect ratio in [min_aspect, 1/min_aspect]
+    min_masks: int = 1           # span: at least this many spans per row
+    require_same_masks: bool = True   # span: every row of a batch masks as many frames (the fewest)
+    leave_unmasked_prob: float = 0.0  # bert: of the chosen tokens, kept as they are (no loss: fairseq)
+    random_token_prob: float = 0.0    # bert: of the chosen tokens, replaced by a random token (no loss)
+
+
+@dataclass
 class ModelConfig:
     modality: str = "image"      # image | audio | text
     algorithm: str = "data2vec2"  # data2vec2 | data2vec (1: BEiT / wav2vec 2.0 / RoBERTa encoders, masked tokens kept)
@@ -101,6 +122,7 @@ class ModelConfig:
     image: ImageConfig | None = None
     audio: AudioConfig | None = None
     text: TextConfig | None = None
+    d2v1: Data2Vec1Config = field(default_factory=Data2Vec1Config)   # model.algorithm=data2vec only
 
 
 @dataclass

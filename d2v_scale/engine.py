@@ -21,10 +21,11 @@ from torch import nn
 
 from .config import Config, ConfigError
 from .d2v import Data2Vec
+from .d2v1.model import Data2Vec1
 from .dist import Dist
 from .dsconfig import compute_dtype, offloads_optimizer, resolve_ds_config, zero_stage
 from .export import read_weights
-from .masking import check_mask
+from .masking import check_masks
 from .memory import placements
 from .models import token_grid
 from .models.transformer import Block
@@ -46,6 +47,11 @@ def teacher_placement(cfg: Config, ds: dict, dist: Dist, model: nn.Module | None
     """`teacher.placement`, with auto = the cheapest in traffic whose run fits the device, by the
     memory `d2v plan` computes (memory.py, teacher/placement.py); `sharded` is `host`."""
     placement = cfg.teacher.placement
+    if cfg.model.algorithm == "data2vec":      # d2v1/model.py runs the teacher's blocks itself
+        if placement not in ("auto", "replicated"):
+            raise ConfigError(f"teacher.placement={placement}: the data2vec 1 teacher is replicated (a full copy per "
+                              "rank, the student may still run ZeRO-3); use --teacher.placement=auto")
+        return "replicated"
     if placement != "auto":
         return "host" if placement == "sharded" else placement
     model = model if model is not None else Data2Vec(cfg.model, cfg.mask.mask_noise_std)
@@ -112,7 +118,7 @@ def compile_regions(model: Data2Vec, teacher, ds: dict) -> None:
     names them in `zero_optimization.leaf_module` (the shipped zero3*.json do); the decoder stays eager."""
     check_compile(ds)
     regions = [*model.encoder.blocks, *teacher.encoder.blocks]
-    if zero_stage(ds) != 3:
+    if zero_stage(ds) != 3 and hasattr(model, "decoder"):     # data2vec 1 has no decoder
         regions.append(model.decoder)
     for region in regions:
         compile_forward(region)
@@ -131,9 +137,9 @@ def build_engine(cfg: Config, dist: Dist, ds: dict | None = None, ds_overrides: 
     resolved here from `cfg.run.ds_config` and `ds_overrides`. `wrap(model) -> nn.Module` replaces
     the module DeepSpeed trains (it must expose `.encoder`); the teacher is always the data2vec one."""
     ds = ds if ds is not None else resolve_ds_config(cfg, dist.world, ds_overrides)
-    check_mask(cfg.mask, token_grid(cfg, cfg.data.min_sample_size))
+    check_masks(cfg, token_grid(cfg, cfg.data.min_sample_size))
     torch.manual_seed(cfg.run.seed)                         # identical init on every rank
-    model = Data2Vec(cfg.model, cfg.mask.mask_noise_std)
+    model = Data2Vec1(cfg.model) if cfg.model.algorithm == "data2vec" else Data2Vec(cfg.model, cfg.mask.mask_noise_std)
     teacher_state = load_init_weights(model, cfg.run.init_from) if cfg.run.init_from else {}
     teacher = build_teacher(model, cfg, ds, dist)           # from the loaded student, or its own weights
     if teacher_state:

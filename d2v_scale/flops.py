@@ -58,9 +58,17 @@ def step_flops_per_sample(cfg, tokens: int, extra: int = 0, source_len: int = 0)
     """cfg: root Config; tokens: T on the mask grid; extra: CLS tokens; source_len: audio samples."""
     m, M = cfg.model, cfg.mask.clone_batch
     D, L = m.embed_dim, m.prenet_depth + m.depth
-    keep = check_counts(tokens, cfg.mask.mask_prob, cfg.mask.inverse_mask or cfg.mask.mask_length <= 1)
     first, rest = local_flops(cfg, tokens, source_len)
-    per_clone = L * block_flops(extra + keep, D, m.mlp_ratio) + decoder_flops(tokens, D, m.decoder, m.modality == "image")
+    if m.algorithm == "data2vec":   # data2vec 1 (d2v1/model.py): every token, one view, a regression head
+        M = 1
+        d = m.d2v1
+        frac = d.num_mask_patches / tokens if d.masking == "block" else cfg.mask.mask_prob   # masked tokens
+        head = 2 * tokens * frac * D * D * (1 if d.head_layers == 1 else 4)
+        per_clone = L * block_flops(extra + tokens, D, m.mlp_ratio) + head
+    else:
+        keep = check_counts(tokens, cfg.mask.mask_prob, cfg.mask.inverse_mask or cfg.mask.mask_length <= 1)
+        per_clone = L * block_flops(extra + keep, D, m.mlp_ratio) + decoder_flops(tokens, D, m.decoder,
+                                                                                  m.modality == "image")
     teacher = L * block_flops(extra + tokens, D, m.mlp_ratio)
     if m.modality == "audio":  # conv positions: on the full zeroed sequence per clone, and in the teacher
         a = m.audio

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .d2v1 import masks as d2v1_masks
 from .errors import D2VError
 from .models import token_grid
 
@@ -73,8 +74,12 @@ def seed_for(*parts: int) -> int:
     return hash(parts) & 0x7FFF_FFFF_FFFF
 
 
-def step_masks(cfg, rows: int, grid: tuple[int, ...], step: int, micro: int, rank: int) -> MaskInfo:
-    """The masks of micro-step (step, micro) on `rank` (cfg: the root Config), on the host."""
+def step_masks(cfg, rows: int, grid: tuple[int, ...], step: int, micro: int, rank: int,
+               source: torch.Tensor | None = None) -> MaskInfo:
+    """The masks of micro-step (step, micro) on `rank` (cfg: the root Config), on the host. data2vec 1
+    (model.algorithm=data2vec): one mask per sample of `source` (host batch), no token bookkeeping."""
+    if cfg.model.algorithm == "data2vec":
+        return MaskInfo(d2v1_masks.draw(cfg, source, grid, seed_for(cfg.run.seed, step, micro, rank)), None, None)
     gen = torch.Generator().manual_seed(seed_for(cfg.run.seed, step, micro, rank))
     return MaskInfo.from_mask(sample_mask(cfg.mask, rows, grid, gen))
 
@@ -92,7 +97,7 @@ class AheadMasks:
         step, micro = divmod(index, self.accumulation)
         source = batch["source"]                                              # (B, ...) on the host
         info = step_masks(self.cfg, source.shape[0] * self.cfg.mask.clone_batch,
-                          token_grid(self.cfg, source.shape[-1]), step, micro, self.rank)
+                          token_grid(self.cfg, source.shape[-1]), step, micro, self.rank, source)
         batch.update({f: getattr(info, f) for f in MaskInfo.FIELDS}, mask_step=torch.tensor([step, micro]))
         return batch
 
@@ -155,6 +160,14 @@ def sample_mask(cfg, rows: int, grid: tuple[int, ...], generator: torch.Generato
         return random_mask(rows, math.prod(grid), cfg.mask_prob, generator)
     return block_mask(rows, grid, cfg.mask_prob, cfg.mask_length, cfg.mask_prob_adjust,
                       cfg.inverse_mask, generator)
+
+
+def check_masks(cfg, grid: tuple[int, ...]) -> None:
+    """Raise MaskError / D2v1MaskError now (with the fix) if the root config's masking cannot be met on `grid`."""
+    if cfg.model.algorithm == "data2vec":
+        d2v1_masks.check(cfg, grid)
+    else:
+        check_mask(cfg.mask, grid)
 
 
 def check_mask(cfg, grid: tuple[int, ...]) -> None:

@@ -29,7 +29,7 @@ from .engine import check_compile
 from .errors import one_line
 from .evaluate import EvalShards, check_same_classes, eval_shards
 from .export import read_weight_shapes
-from .masking import check_mask
+from .masking import check_masks
 from .models import token_grid
 from .presets import FINETUNE_PRESETS
 from .pretrained import EncoderWeights, read_encoder
@@ -56,7 +56,7 @@ def preflight(cfg: Config, ds_overrides: dict | None, world: int, every_shard: b
                           "--init WEIGHTS --train SHARDS --val SHARDS ...`, or pretrain with a pretraining preset")
     shards = check_data(cfg, cfg.data.path, world, every_shard)
     resolve_from_data(cfg, shards)
-    check_mask(cfg.mask, token_grid(cfg, cfg.data.min_sample_size))
+    check_masks(cfg, token_grid(cfg, cfg.data.min_sample_size))
     check_init_from(cfg)
     bank = queries = None
     if cfg.eval.data:
@@ -150,8 +150,8 @@ def resolve_from_data(cfg: Config, shards: Shards) -> None:
     if m.modality != "text" or m.text.vocab_size > 0:
         return
     vocab = shards.index.get("vocab_size", 0)
-    if vocab:
-        m.text.vocab_size = int(vocab)
+    if vocab:   # data2vec 1: + the <mask> id, added last as fairseq's masked_lm task adds it
+        m.text.vocab_size = int(vocab) + (1 if m.algorithm == "data2vec" else 0)
         return
     raise ConfigError("model.text.vocab_size is unknown: pass --data INDEX.json written by `d2v-shard text` "
                       "(it records the sentencepiece vocabulary) or set --model.text.vocab_size")

@@ -14,6 +14,7 @@ import difflib
 from .config import (AudioConfig, Config, ConfigError, DataConfig, DecoderConfig, FinetuneConfig, ImageConfig,
                      MaskConfig, ModelConfig, OptimConfig, RunConfig, TeacherConfig, TextConfig,
                      apply_overrides, from_json)
+from .d2v1.presets import PRESETS as D2V1_PRESETS
 from .errors import has_url_credentials, url_credentials_refusal
 
 NO_COLLAPSE_GUARD = dict(min_target_var=0.0, min_pred_var=0.0)   # all vision yamls set both to 0
@@ -330,6 +331,7 @@ PRESETS.update({"audio_base_ctc": audio_base_ctc, "audio_large_ctc": audio_large
                 "audio_large_ctc_debug": _ctc_debug(audio_large_ctc, _audio_debug(audio_large))})
 FINETUNE_PRESETS.update({"audio_base": "audio_base_ctc", "audio_large": "audio_large_ctc",
                          "audio_base_debug": "audio_base_ctc_debug", "audio_large_debug": "audio_large_ctc_debug"})
+PRESETS.update(D2V1_PRESETS)   # data2vec 1 (d2v1/presets.py)
 FINETUNE_BY_MODALITY_WIDTH = {"audio": {768: "audio_base_ctc", 1024: "audio_large_ctc"}}   # widths of other modalities
 
 

@@ -45,7 +45,9 @@ def layer(module: str) -> int:
     `load_encoder`, evaluation); 3 the commands around it (benchmarks, planner, demo, d2v-shard); 4 the
     `d2v` command."""
     if module.startswith("d2v_scale.models") or module in ("d2v_scale.errors", "d2v_scale.config",
-                                                            "d2v_scale.presets", "d2v_scale.masking"):
+                                                            "d2v_scale.presets", "d2v_scale.masking",
+                                                            "d2v_scale.d2v1", "d2v_scale.d2v1.masks",
+                                                            "d2v_scale.d2v1.presets"):
         return 0
     if module.startswith("d2v_scale.data"):
         return 1

@@ -11,9 +11,10 @@ from torch import nn
 from d2v_scale.config import with_vocab
 from d2v_scale.d2v import Data2Vec
 from d2v_scale.data import build_loader, synthetic_batch
+from d2v_scale.d2v1.model import Data2Vec1
 from d2v_scale.flops import count_flops, step_flops_per_sample
 from d2v_scale.masking import AheadMasks, MaskInfo, block_mask, step_masks
-from d2v_scale.models import ENCODERS, token_grid
+from d2v_scale.models import token_grid
 from d2v_scale.models.decoder import Conv1dChannelsLast, ConvBlock
 from d2v_scale.presets import FINETUNE_PRESETS, PRESETS, get_preset
 from d2v_scale.teacher import ReplicatedTeacher
@@ -28,13 +29,14 @@ def test_flops_py_agrees_with_flop_counter_mode(name):
     cfg = with_vocab(get_preset(name))
     cfg.data.batch_size = 2
     torch.manual_seed(0)
-    model = Data2Vec(cfg.model, cfg.mask.mask_noise_std)
+    v1 = cfg.model.algorithm == "data2vec"
+    model = Data2Vec1(cfg.model) if v1 else Data2Vec(cfg.model, cfg.mask.mask_noise_std)
     teacher = ReplicatedTeacher(model.encoder, cfg.model)
     x = synthetic_batch(cfg)["source"]
     grid = model.encoder.token_shape(x)
-    info = step_masks(cfg, 2 * cfg.mask.clone_batch, grid, 0, 0, 0)
+    info = step_masks(cfg, 2 * cfg.mask.clone_batch, grid, 0, 0, 0, x)
     counted, by_op = count_flops(lambda: model(x, info, teacher)["loss"].backward())
-    est = step_flops_per_sample(cfg, math.prod(grid), ENCODERS[cfg.model.modality].num_extra_tokens,
+    est = step_flops_per_sample(cfg, math.prod(grid), model.encoder.num_extra_tokens,
                                 x.shape[-1])["total"] * 2
     assert abs(est / counted - 1) < 0.03, (est, counted, by_op)
     assert any("attention" in op for op in by_op)              # the CPU attention kernels are counted

@@ -9,7 +9,8 @@ loader's workers draw them, batches pinned on a GPU) is timed. Efficiency counts
 the FLOPs executed (FlopCounterMode on one real step, recompute included) are printed beside.
 `--compare timm` times a plain supervised timm ViT of the same width, depth and patch (or timm Blocks
 on the same tokens for audio/text; no checkpointing, so its model FLOPs are its counted FLOPs) in the
-same process and prints efficiency(d2v2) / efficiency(peer); `--compare d2v1` the data2vec-1 pattern.
+same process and prints efficiency(d2v2) / efficiency(peer); `--compare d2v1` the real data2vec 1
+model (d2v1/) of the same encoder size, masked views per second side by side.
 The same run with the EMA switched off is timed beside (the EMA's exposed share of the step); peak
 device memory and pinned host memory are printed. An efficiency above 100% is printed as a peak
 under-measured, never as a number. `--breakdown` adds synchronised per-phase times and the top device
@@ -37,7 +38,7 @@ from ..masking import AheadMasks
 from ..metrics import PEAK_SIZES, efficiency_text, measure_peak_flops
 from ..presets import build_config
 from ..train import train_step
-from .peers import Data2Vec1Style, PeerStep, peer_batch, timm_name, timm_peer
+from .peers import PeerStep, peer_batch, timm_name, timm_peer
 
 
 class D2VStep:
@@ -213,18 +214,55 @@ def _bench_timm(cfg, dist, batch_size: int, steps: int, warmup: int, sync, peak:
     return {"name": timm_name(cfg), "batch": batch_size, "step_s": dt, "flops": flops, "efficiency": flops / dt / peak}
 
 
+def d2v1_twin(cfg):
+    """The data2vec 1 recipe of cfg's modality (d2v1/presets.py) on the same encoder size, input and
+    micro batch: the same number of blocks (data2vec 2.0's prenet + shared), width, heads, MLP ratio."""
+    import dataclasses
+    from ..presets import get_preset
+    name = {"image": "d2v1_vit_base_patch16", "audio": "d2v1_audio_base", "text": "d2v1_text_base"}[cfg.model.modality]
+    c1 = get_preset(name)
+    m, m1 = cfg.model, c1.model
+    sub = {}
+    if m.modality == "image":
+        sub["image"] = dataclasses.replace(m1.image, img_size=m.image.img_size, patch_size=m.image.patch_size)
+        grid = (m.image.img_size // m.image.patch_size) ** 2          # BEiT's 120 of 196, scaled to the grid
+        c1.model.d2v1.num_mask_patches = round(grid * 120 / 196)
+        c1.model.d2v1.min_mask_patches_per_block = min(16, max(1, grid // 12))
+        c1.model.d2v1.max_mask_patches_per_block = grid
+    elif m.modality == "audio":
+        sub["audio"] = dataclasses.replace(m.audio, use_alibi=False)
+    else:
+        sub["text"] = m.text
+    c1.model = dataclasses.replace(m1, embed_dim=m.embed_dim, depth=m.prenet_depth + m.depth, num_heads=m.num_heads,
+                                   mlp_ratio=m.mlp_ratio, average_top_k_layers=min(m1.average_top_k_layers,
+                                                                                    m.prenet_depth + m.depth), **sub)
+    c1.data = dataclasses.replace(cfg.data)
+    c1.optim.warmup_steps = 0
+    c1.run = dataclasses.replace(cfg.run)
+    return c1
+
+
 def _bench_d2v1(cfg, ds_over, dist, built, dt: float, steps: int, warmup: int, sync) -> dict:
-    cfg1 = copy.deepcopy(cfg)
-    cfg1.mask.clone_batch = 1
-    d2v1 = D2VStep(build_engine(cfg1, dist, ds_overrides=ds_over, wrap=Data2Vec1Style), cfg1, dist)
+    """The real data2vec 1 model (d2v1/model.py) on the same encoder size and batch, timed the same way."""
+    cfg1 = d2v1_twin(cfg)
+    with_vocab(cfg1)
+    b1 = build_engine(cfg1, dist, ds_overrides=ds_over)
+    d2v1 = D2VStep(b1, cfg1, dist)
     dt1 = _time(d2v1, steps, warmup, sync, d2v1.draw_ahead)
-    M, T = cfg.mask.clone_batch, math.prod(built.engine.module.encoder.token_shape(d2v1.batch["source"]))
-    ratio = (M / dt) / (1 / dt1)
-    print0(f"\n  data2vec-1 pattern (1 mask/sample, student sees all {T} tokens, linear head), same model and batch:")
-    print0(f"  d2v1 step time       {dt1 * 1e3:10.1f} ms")
-    print0(f"  step time d2v2/d2v1  {dt / dt1:10.2f}   (d2v2 trains {M} masked views per sample)")
-    print0(f"  masked views/s ratio {ratio:10.2f}   (d2v2 / d2v1)")
-    return {"d2v1_step_s": dt1, "step_time_ratio_d2v2_over_d2v1": dt / dt1, "masked_views_per_s_ratio": ratio}
+    B, M = cfg.data.batch_size * d2v1.gas * dist.world, cfg.mask.clone_batch
+    v2, v1 = B * M / dt, B / dt1
+    enc = b1.engine.module.encoder
+    T = math.prod(enc.token_shape(d2v1.batch["source"]))
+    print0(f"\n  data2vec 1 ({cfg1.model.d2v1.recipe}) on the same encoder size ({cfg1.model.depth} blocks, "
+           f"{cfg1.model.embed_dim} dims), batch and engine: student sees all {T} tokens, 1 masked view per sample")
+    print0(f"  {'':<26} {'d2v2':>12} {'d2v1':>12}")
+    print0(f"  {'step time (ms)':<26} {dt * 1e3:>12.1f} {dt1 * 1e3:>12.1f}")
+    print0(f"  {'samples/s':<26} {B / dt:>12.4g} {B / dt1:>12.4g}")
+    print0(f"  {'masked views/s':<26} {v2:>12.4g} {v1:>12.4g}   (d2v2: {M} views per sample)")
+    print0(f"  masked views/s d2v2 / d2v1 {v2 / v1:>10.2f}")
+    return {"d2v1_step_s": dt1, "d2v1_preset": cfg1.model.d2v1.recipe, "masked_views_per_s_d2v2": v2,
+            "masked_views_per_s_d2v1": v1, "step_time_ratio_d2v2_over_d2v1": dt / dt1,
+            "masked_views_per_s_ratio": v2 / v1}
 
 
 class _Timed:

@@ -4,8 +4,7 @@
   the shape of timm's `vit_huge_patch14_224`), cross-entropy over 1000 classes, bf16 autocast on a
   GPU, fused AdamW; for audio and text, timm `Block`s of the same width and depth on the same number
   of tokens (the tokens given as inputs, a mean-pooled linear head).
-* `d2v1`: the data2vec (1) compute pattern on the same encoder: one mask per sample, the student
-  encodes the whole sequence with masked tokens blanked, a linear head predicts the targets.
+(`--compare d2v1` builds the real data2vec 1 model, d2v1/, through the engine: bench_step.py.)
 """
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from ..d2v import var_stats
 from ..models import token_grid
 
 NUM_CLASSES = 1000
@@ -87,33 +85,3 @@ class PeerStep:
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-
-
-class Data2Vec1Style(nn.Module):
-    """The data2vec (1) compute pattern on the same encoder, for `--compare d2v1`: one mask per sample,
-    the student encodes the whole sequence with masked tokens blanked, a linear head predicts the
-    targets at masked positions (no clones, no token dropping, no conv decoder)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.head = nn.Linear(model.cfg.embed_dim, model.cfg.embed_dim)
-
-    @property
-    def encoder(self):
-        return self.model.encoder
-
-    def forward(self, source, mask, teacher, padding_mask=None, layer_keep=None):
-        mask = mask.mask if hasattr(mask, "ids_keep") else mask                    # (B, T) bool
-        enc = self.model.encoder
-        feats, pad = enc.local_features(source, padding_mask)                       # (B, T, D)
-        with torch.no_grad():
-            y = teacher(source, feats.detach(), pad)                                  # (B, T, D)
-        x = feats * (~mask)[..., None].to(feats.dtype)                                # masked tokens blanked
-        x, _ = enc(x, None, 1, pad, layer_keep=layer_keep)                            # (B, E+T, D): all tokens
-        pred = self.head(x[:, enc.num_extra_tokens:])                                 # (B, T, D)
-        rows, pos = mask.nonzero(as_tuple=True)
-        pred_m, y_m = pred[rows, pos].float(), y[rows, pos]
-        loss = ((pred_m - y_m) ** 2).sum() * self.model.loss_scale
-        return {"loss": loss, "sample_size": rows.numel(), "pred_stats": var_stats(pred_m),
-                "target_stats": var_stats(y_m)}

@@ -1,0 +1,104 @@
+"""data2vec 1 maskings against the reference generators' statistics (tests/assets/d2v1), the presets,
+and pretraining through the real trainer (2 ranks, ZeRO-3, resume)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from d2v_scale.d2v1 import masks
+from d2v_scale.presets import get_preset
+from helpers import losses, rewound, run_d2v
+
+ASSETS = Path(__file__).parent / "assets" / "d2v1"
+
+
+def stats(name):
+    return torch.load(ASSETS / f"{name}_tiny.pt", weights_only=True)["mask_stats"]
+
+
+def test_block_mask_matches_beit_generator():
+    """BEiT's MaskingGenerator((14, 14), 120, 16, 196): same count distribution and the same spatial
+    profile (rectangles favour the centre) over 256 images each."""
+    ref = stats("image")
+    rng = np.random.default_rng(0)
+    ours = np.stack([masks.block_mask((14, 14), 120, 16, 196, 0.3, rng) for _ in range(256)])    # (256, 196)
+    counts, ref_counts = ours.sum(1), ref["masked_per_image"].numpy()
+    assert counts.max() <= 120 and abs(counts.mean() - ref_counts.mean()) < 1.0
+    assert abs((counts < 120).mean() - (ref_counts < 120).mean()) < 0.1     # images left under the target
+    profile = ours.reshape(256, 14, 14).mean((0, 2))                          # per row of patches
+    ref_profile = ref["position_freq"].numpy().reshape(14, 14).mean(1)
+    assert np.abs(profile - ref_profile).max() < 0.06
+    assert profile[6:8].mean() > profile[[0, 13]].mean() + 0.1               # centre masked more than edges
+
+
+def test_span_mask_matches_compute_mask_indices():
+    """fairseq compute_mask_indices(p 0.65, length 10, min_masks 1, require_same_masks) on 49 frames:
+    every row masks the same count, close to the reference's for a batch of 256."""
+    ref = stats("audio")["masked_per_row"].numpy()
+    legacy = np.random.RandomState(0)
+    raw = masks.span_mask((256, 49), [49] * 256, 0.65, 10, 1, legacy)
+    same = masks.same_count(raw.copy(), np.random.default_rng(0))
+    assert len(set(same.sum(1))) == 1 and len(set(ref)) == 1
+    assert abs(int(same.sum(1)[0]) - int(ref[0])) <= 4
+    assert ((raw & ~same).sum(1) >= 0).all() and not (same & ~raw).any()      # trimming only removes
+
+
+def test_bert_mask_matches_mask_tokens_dataset():
+    """fairseq MaskTokensDataset(p 0.35, mask_multiple_length 4) on the reference's 32-token row."""
+    ref = stats("text")
+    tokens = torch.load(ASSETS / "text_tiny.pt", weights_only=True)["tokens"][:1].repeat(256, 1)
+    code = masks.bert_mask(tokens, 0.35, 4, 0.0, 0.0, 100, 1, np.random.default_rng(0))
+    chosen = code == 1
+    assert abs(chosen.sum(1).float().mean() - ref["masked_per_row"].float().mean()) < 0.8
+    window = lambda f: f.unfold(0, 4, 4).mean(1)                                # noqa: E731  (8 windows)
+    assert (window(chosen.float().mean(0)) - window(ref["position_freq"])).abs().max() < 0.08
+
+
+def test_bert_mask_splits_chosen_tokens_and_never_masks_pads():
+    tokens = torch.randint(4, 99, (400, 64))
+    tokens[:, 50:] = 1                                                          # padding
+    code = masks.bert_mask(tokens, 0.35, 4, 0.1, 0.1, 100, 1, np.random.default_rng(1))
+    assert not bool((code[:, 50:] != 0).any())
+    mask, rand = (code == 1).sum().item(), (code >= 2).sum().item()
+    chosen = 0.35 * 50 * 400
+    assert 0.7 * chosen < mask + rand < 1.0 * chosen and 0.06 < rand / (mask + rand) < 0.14
+    assert int(code.max()) - 2 < 100
+
+
+def test_presets_name_their_source():
+    for name in ("d2v1_vit_base_patch16", "d2v1_vit_large_patch16", "d2v1_audio_base", "d2v1_audio_large",
+                 "d2v1_text_base"):
+        c, dbg = get_preset(name), get_preset(name + "_debug")
+        assert c.model.algorithm == dbg.model.algorithm == "data2vec" and c.model.d2v1.recipe
+        assert (c.model.d2v1.masking, c.model.d2v1.target) == (dbg.model.d2v1.masking, dbg.model.d2v1.target)
+    base = get_preset("d2v1_vit_base_patch16")
+    assert (base.model.average_top_k_layers, base.model.image.layer_scale_init_value, base.optim.lr) == (6, 1e-4, 2e-3)
+    assert base.teacher.ema_end_decay == 0.9998 and base.model.d2v1.loss_beta == 2.0
+    text = get_preset("d2v1_text_base")
+    assert (text.model.d2v1.head_layers, text.model.d2v1.loss_beta, text.mask.mask_prob) == (2, 4.0, 0.35)
+
+
+D2V1_ARGS = ["--preset", "d2v1_vit_base_patch16_debug", "--data.num_workers=1", "--data.batch_size=4",
+             "--run.log_every=1", "--optim.warmup_steps=2", "--run.save_every=4"]
+
+
+@pytest.mark.timeout(900)
+def test_d2v1_pretrains_on_two_ranks_zero3_and_resumes(image_shards, tmp_path):
+    """data2vec 1 through the same trainer: 2 ranks with a ZeRO-3 student and a replicated teacher,
+    shards, checkpoints, a falling loss; on 1 rank (ZeRO-2) a run resumed at step 4 repeats the
+    uninterrupted one bitwise."""
+    def args(out, ds, *extra):
+        return ["train", "--data", str(image_shards), "--ds_config", f"ds_configs/{ds}.json", "--out", str(out),
+                "--optim.max_steps=8", *D2V1_ARGS, *extra]
+    full = tmp_path / "full"
+    out = run_d2v(args(full, "zero3"), nproc=2, timeout=600).stdout
+    assert "d2v1_vit_base_patch16_debug" in out and "ZeRO-3" in out and "world 2" in out
+    assert json.loads((full / "config.json").read_text())["model"]["algorithm"] == "data2vec"
+    assert len(losses(full)) == 8 and losses(full)[-1] < losses(full)[0]
+    one = tmp_path / "one"
+    run_d2v(args(one, "zero2"))
+    resumed = run_d2v(args(rewound(one, tmp_path / "split", 4), "zero2", "--resume", "auto")).stdout
+    assert "resumed from" in resumed
+    assert losses(one) == losses(tmp_path / "split")
