@@ -78,8 +78,10 @@ def window_bytes(cfg, micro: int, window: int, lp: int = 2) -> int:
 def window_size(cfg, micro: int, gas: int, lp: int = 2) -> int:
     """Micro-batches per teacher pass: the whole accumulation window when its targets and block inputs
     fit `teacher.window_gb`, else as many as fit (at least 1); 1 when the window pass is off or the
-    teacher reads the student's local features (audio, text: they exist only inside its forward)."""
-    if cfg.teacher.window_gb <= 0 or not ENCODERS[cfg.model.modality].ema_local_encoder:
+    teacher reads the student's local features (audio, text: they exist only inside its forward), or is
+    data2vec 1's (d2v1/model.py runs its teacher's blocks itself, per micro-step)."""
+    if (cfg.teacher.window_gb <= 0 or cfg.model.algorithm == "data2vec"
+            or not ENCODERS[cfg.model.modality].ema_local_encoder):
         return 1
     return max(1, min(gas, int(cfg.teacher.window_gb * 1e9 // window_bytes(cfg, micro, 1, lp))))
 

@@ -294,6 +294,9 @@ def test_window_passes_are_chunked_inside_each_accumulation_window():
     cfg = get_preset("vit_base_patch16_debug")
     cfg.teacher.window_gb = 2.5 * window_bytes(cfg, 2, 1, 4) / 1e9
     assert window_size(cfg, 2, 5, 4) == 2
+    d2v1 = get_preset("d2v1_vit_base_patch16_debug")            # its teacher runs inside its own forward
+    d2v1.teacher.window_gb = cfg.teacher.window_gb
+    assert window_size(d2v1, 2, 5, 4) == 1
     torch.manual_seed(0)
     model = Data2Vec(cfg.model)
     one = Dist(0, 1, 0, torch.device("cpu"))
