@@ -23,6 +23,7 @@ import torch
 from .checkpoint import ResumePoint, find_resume
 from .config import Config, ConfigError, from_json
 from .d2v import Data2Vec
+from .d2v1.model import Data2Vec1
 from .data import DataError, Shards, check_first_sample, check_shards, find_shards
 from .dsconfig import resolve_ds_config, validate_ds_config
 from .engine import check_compile
@@ -165,7 +166,8 @@ def check_init_from(cfg: Config) -> None:
         return
     student, teacher = read_weight_shapes(path)
     with torch.device("meta"):                                  # shapes only: no memory, no init
-        want = {k: tuple(v.shape) for k, v in Data2Vec(cfg.model, cfg.mask.mask_noise_std).state_dict().items()}
+        model = Data2Vec1(cfg.model) if cfg.model.algorithm == "data2vec" else Data2Vec(cfg.model, cfg.mask.mask_noise_std)
+        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     encoder = {k[len("encoder."):]: v for k, v in want.items() if k.startswith("encoder.")}
     unexpected = sorted(set(student) - set(want))
     missing = sorted(k for k in want if k.startswith("encoder.") and k not in student)

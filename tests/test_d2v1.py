@@ -85,6 +85,27 @@ D2V1_ARGS = ["--preset", "d2v1_vit_base_patch16_debug", "--data.num_workers=1", 
 
 
 @pytest.mark.timeout(900)
+def test_check_reads_init_from_against_the_data2vec_1_model(tmp_path):
+    """`d2v check` compares --run.init_from with the model the config builds: a whole data2vec 1 model
+    (student with its regression head, and teacher) fits, data2vec 2.0 weights of the same size do not."""
+    from d2v_scale.config import ConfigError
+    from d2v_scale.d2v import Data2Vec
+    from d2v_scale.d2v1.model import Data2Vec1
+    from d2v_scale.export import write_weights
+    from d2v_scale.preflight import check_init_from
+    cfg = get_preset("d2v1_vit_base_patch16_debug")
+    state = Data2Vec1(cfg.model).state_dict()
+    teacher = {f"teacher.{k[len('encoder.'):]}": v.clone() for k, v in state.items() if k.startswith("encoder.")}
+    write_weights(tmp_path / "d2v1.safetensors", {**state, **teacher}, cfg.to_dict(), "model")
+    cfg.run.init_from = str(tmp_path / "d2v1.safetensors")
+    check_init_from(cfg)
+    v2 = get_preset("vit_base_patch16_debug")
+    write_weights(tmp_path / "d2v2.safetensors", Data2Vec(v2.model).state_dict(), v2.to_dict(), "model")
+    cfg.run.init_from = str(tmp_path / "d2v2.safetensors")
+    with pytest.raises(ConfigError, match="does not fit the model"):
+        check_init_from(cfg)
+
+
 def test_d2v1_pretrains_on_two_ranks_zero3_and_resumes(image_shards, tmp_path):
     """data2vec 1 through the same trainer: 2 ranks with a ZeRO-3 student and a replicated teacher,
     shards, checkpoints, a falling loss; on 1 rank (ZeRO-2) a run resumed at step 4 repeats the
