@@ -72,10 +72,20 @@ def test_second_run_refused_and_a_killed_runs_lock_taken_over(image_shards, tmp_
     assert states.read_bytes() == before and validate(newest) is None
     enc = tmp_path / "enc.safetensors"
     d2v(["export", str(run), str(enc)])
-    first_export = enc.read_bytes()
+    first_export = exported(enc)
     assert "already exists: pass --overwrite" in refused(d2v, ["export", run, enc])
+    assert exported(enc) == first_export
+    enc.write_bytes(b"")                                        # --overwrite replaces it, whatever it holds
     d2v(["export", str(run), str(enc), "--overwrite"])
-    assert enc.read_bytes() == first_export and not list(tmp_path.glob("*.partial"))
+    assert exported(enc) == first_export and not list(tmp_path.glob("*.partial"))
+
+
+def exported(path) -> tuple:
+    """A weights file's metadata and tensors (its bytes are not: safetensors writes the metadata map in
+    no fixed order)."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata(), {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}
 
 
 def test_lock_of_a_live_process_on_another_host_is_kept_until_its_heartbeat_stops(tmp_path):
