@@ -43,7 +43,7 @@ from .tools import bench as benches
 from .tools.bench_step import bench_step
 from .tools import plan as planner
 from .tools.demo import run_demo
-from .train import TrainingError
+from .run_end import TrainingError
 from .train import train as run_train
 from .transcribe import transcribe as run_transcribe
 

@@ -19,7 +19,7 @@ from . import checkpoint
 from . import dist as dist_mod
 from . import runlock
 from .config import Config
-from .data import DataError, build_loader
+from .data import build_loader
 from .dist import Dist, all_reduce_sum, print0
 from .dsconfig import zero_stage
 from .engine import build_finetune_engine
@@ -30,9 +30,9 @@ from .optim import lr_at, set_lr
 from .preempt import StopSignals, stopped
 from .shared_dir import prove_shared
 from .preflight import finetune_preflight
+from .run_end import TrainingError, run_end
 from .masking import seed_for
 from .tasks import Task
-from .train import TrainingError, is_comm_failure
 
 
 # -- one step ----------------------------------------------------------------------------------------
@@ -102,21 +102,17 @@ def _finetune(cfg: Config, plan, dist: Dist) -> dict:
            f"({plan.val.samples} samples) | steps {engine.global_steps} -> {stop}")
     signals = StopSignals(dist.rank, cfg.run.stop_timeout_s,
                           lambda: checkpoint.latest_tag(run_dir / checkpoint.CKPT_DIR), run_dir / "logs")
-    try:
-        last_saved, best = _loop(engine, task, loader, val, cfg, dist, dtype, metrics, signals, run_dir, stop,
-                                 every, best)
-    except DataError as e:                    # the data stopped (an object store down): name the checkpoint
-        latest = checkpoint.latest_tag(run_dir / checkpoint.CKPT_DIR)
-        raise DataError(f"{e}. The last complete checkpoint is {run_dir / checkpoint.CKPT_DIR / latest if latest else 'none'}; "
-                        "rerun with --resume auto once the data can be read") from None
-    except (RuntimeError, torch.distributed.DistBackendError) as e:
-        if not is_comm_failure(e):
-            raise
-        latest = checkpoint.latest_tag(run_dir / checkpoint.CKPT_DIR)
-        raise TrainingError(f"rank {dist.rank} lost contact with another rank ({type(e).__name__}: {str(e)[:200]}); "
-                            f"the last complete checkpoint is {latest}; rerun with --resume auto") from None
-    finally:
-        signals.restore()
+    loader.stop_pending = signals.requested
+
+    def save(step: int) -> Path:          # at a step's boundary: the loader's state gives back a half window
+        tag = f"step_{best['step']:08d}" if best["step"] else None
+        return checkpoint.save(engine, None, run_dir, step, {"step": step, "preset": cfg.preset,
+                               "task": cfg.finetune.task, "best_value": best["value"], "best_step": best["step"]},
+                               loader.boundary_state(gas), dist.rank, cfg.run.keep_last, best=tag)
+
+    with run_end(run_dir, dist.rank, engine, signals, metrics, save):
+        last_saved = _loop(engine, task, loader, val, cfg, dist, dtype, metrics, signals, save, run_dir, stop,
+                           every, best)
     summary = metrics.close(engine.global_steps, run_dir, str(last_saved) if last_saved else None,
                             {"best_step": best["step"], "best_weights": str(run_dir / "best.safetensors")})
     if dist.is_main:
@@ -124,7 +120,8 @@ def _finetune(cfg: Config, plan, dist: Dist) -> dict:
     return summary
 
 
-def _loop(engine, task, loader, val, cfg, dist, dtype, metrics, signals, run_dir, stop, every, best):
+def _loop(engine, task, loader, val, cfg, dist, dtype, metrics, signals, save, run_dir, stop, every, best):
+    """`best` ({value, step}) is updated in place: a checkpoint taken on the way out holds it."""
     last_saved, micro, window, t0 = None, 0, torch.zeros(2, dtype=torch.float64), time.perf_counter()
     for batch in loader:
         step = engine.global_steps
@@ -146,7 +143,7 @@ def _loop(engine, task, loader, val, cfg, dist, dtype, metrics, signals, run_dir
             t0 += time.perf_counter() - t_val                           # validation is not training throughput
             new_best = task.better(v[task.metric], best["value"])
             if new_best:
-                best = {"value": v[task.metric], "step": step}
+                best.update(value=v[task.metric], step=step)
             name = task.metric.split("/")[-1]
             v[f"val/best_{name}"] = best["value"]
             print0(f"validation step {step}: " + " ".join(f"{k.split('/')[-1]} {x:.4g}" for k, x in v.items()
@@ -168,18 +165,14 @@ def _loop(engine, task, loader, val, cfg, dist, dtype, metrics, signals, run_dir
         if stop_now:
             signals.acknowledge()
         if step % cfg.run.save_every == 0 or step == stop or stop_now or new_best:
-            tag = f"step_{best['step']:08d}" if best["step"] else None
-            last_saved = checkpoint.save(engine, None, run_dir, step, {"step": step, "preset": cfg.preset,
-                                         "task": cfg.finetune.task, "best_value": best["value"],
-                                         "best_step": best["step"]}, loader.state_dict(), dist.rank,
-                                         cfg.run.keep_last, best=tag)
+            last_saved = save(step)
             if new_best and dist.is_main:
                 export_best(run_dir, last_saved.name, cfg, task, best)
         if stop_now:
             stop_exit = stopped(seen, step, last_saved, dist.is_main)
             metrics.close(step, run_dir, str(last_saved))
             raise stop_exit
-    return last_saved, best
+    return last_saved
 
 
 def export_best(run_dir: Path, tag: str, cfg: Config, task: Task, best: dict) -> None:

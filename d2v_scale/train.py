@@ -19,12 +19,10 @@ from . import checkpoint
 from . import dist as dist_mod
 from . import runlock
 from .config import Config
-from .data import DataError, build_loader
-from .data.wds import DataStalled
+from .data import build_loader
 from .dist import Dist, all_reduce_sum, print0
 from .dsconfig import bf16_accumulation_warning, matmul_dtype, zero_stage
 from .engine import build_engine
-from .errors import D2VError
 from .evaluate import KnnMonitor
 from .flops import step_flops_per_sample
 from .masking import AheadMasks, MaskInfo, seed_for, step_masks
@@ -33,12 +31,9 @@ from .metrics import Metrics, measure_peak_flops
 from .optim import lr_at, set_lr
 from .preempt import StopSignals, restart_banner, stopped
 from .preflight import preflight
+from .run_end import TrainingError, run_end
 from .shared_dir import prove_shared
 from .teacher import decay_at
-
-
-class TrainingError(D2VError, RuntimeError):
-    """Training stopped on purpose (collapse guard, non-finite loss) with the reason and the fix."""
 
 
 # -- one step ----------------------------------------------------------------------------------------
@@ -143,41 +138,19 @@ def _train(cfg: Config, plan, dist: Dist, ds_overrides: dict | None) -> dict:
     if restart_banner():
         print0(restart_banner())
     loader.stop_pending = signals.requested
-    try:
-        last_saved = _loop(engine, teacher, loader, cfg, dist, dtype, metrics, signals, run_dir, stop, encoder, monitor)
-    except DataStalled as e:                  # a stop signal while no data comes: keep the last completed step
-        step, latest = engine.global_steps, checkpoint.latest_tag(run_dir / checkpoint.CKPT_DIR)
-        signals.acknowledge()
-        print0(f"d2v: {e}: checkpointing the last completed step ({step})")
-        last_saved = run_dir / checkpoint.CKPT_DIR / latest if latest == f"step_{step:08d}" else checkpoint.save(
-            engine, teacher, run_dir, step, {"step": step, "preset": cfg.preset, "ema_updates": teacher.updates},
-            loader.boundary_state(engine.gradient_accumulation_steps()), dist.rank, cfg.run.keep_last)
-        metrics.close(step, run_dir, str(last_saved))
-        raise stopped(signals.flags, step, last_saved, dist.is_main) from None
-    except DataError as e:                    # the data stopped (an object store down): name the checkpoint
-        latest = checkpoint.latest_tag(run_dir / checkpoint.CKPT_DIR)
-        raise DataError(f"{e}. The last complete checkpoint is {run_dir / checkpoint.CKPT_DIR / latest if latest else 'none'}; "
-                        "rerun with --resume auto once the data can be read") from None
-    except (RuntimeError, torch.distributed.DistBackendError) as e:
-        if not is_comm_failure(e):
-            raise
-        latest = checkpoint.latest_tag(run_dir / checkpoint.CKPT_DIR)
-        raise TrainingError(f"rank {dist.rank} lost contact with another rank ({type(e).__name__}: {str(e)[:200]}); "
-                            f"a rank died or was killed. The last complete checkpoint is {latest}; rerun with "
-                            f"--resume auto") from None
-    finally:
-        signals.restore()
+
+    def save(step: int) -> Path:          # at a step's boundary: the loader's state gives back a half window
+        return checkpoint.save(engine, teacher, run_dir, step, {"step": step, "preset": cfg.preset,
+                               "ema_updates": teacher.updates},
+                               loader.boundary_state(engine.gradient_accumulation_steps()), dist.rank, cfg.run.keep_last)
+
+    with run_end(run_dir, dist.rank, engine, signals, metrics, save):
+        last_saved = _loop(engine, teacher, loader, cfg, dist, dtype, metrics, signals, save, run_dir, stop, encoder,
+                           monitor)
     summary = metrics.close(engine.global_steps, run_dir, str(last_saved) if last_saved else None)
     if dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def is_comm_failure(e: Exception) -> bool:
-    """A collective failed because another rank died (the message names the last checkpoint)."""
-    text = str(e)
-    return isinstance(e, torch.distributed.DistBackendError) or any(
-        s in text for s in ("Connection reset", "Connection closed", "Broken pipe", "gloo", "NCCL", "ProcessGroup"))
 
 
 def with_targets(loader, teacher, window: int, gas: int, dist: Dist, dtype: torch.dtype):
@@ -199,7 +172,7 @@ def with_targets(loader, teacher, window: int, gas: int, dist: Dist, dtype: torc
         yield from zip(chunk, ys)
 
 
-def _loop(engine, teacher, loader, cfg, dist, dtype, metrics, signals, run_dir, stop, encoder, monitor):
+def _loop(engine, teacher, loader, cfg, dist, dtype, metrics, signals, save, run_dir, stop, encoder, monitor):
     last_saved, micro, out = None, 0, None
     gas = engine.gradient_accumulation_steps()
     window = window_size(cfg, cfg.data.batch_size, gas, torch.finfo(dtype).bits // 8)
@@ -235,9 +208,7 @@ def _loop(engine, teacher, loader, cfg, dist, dtype, metrics, signals, run_dir, 
         if stop_now:
             signals.acknowledge()
         if step % cfg.run.save_every == 0 or step == stop or stop_now:
-            last_saved = checkpoint.save(engine, teacher, run_dir, step, {"step": step, "preset": cfg.preset,
-                                         "ema_updates": teacher.updates}, loader.state_dict(), dist.rank,
-                                         cfg.run.keep_last)
+            last_saved = save(step)
         if stop_now:
             stop_exit = stopped(agreed, step, last_saved, dist.is_main)
             metrics.close(step, run_dir, str(last_saved))

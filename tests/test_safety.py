@@ -237,22 +237,34 @@ def test_a_pass_without_one_usable_sample_stops_the_loader(audio_shards, workers
 
 
 @pytest.mark.timeout(300)
-def test_a_stop_signal_ends_a_run_whose_data_never_arrives(image_shards, tmp_path):
+@pytest.mark.parametrize("command", ["train", "finetune"])
+def test_a_stop_signal_ends_a_run_whose_data_never_arrives(image_shards, tmp_path, command):
     """One shard is a FIFO nobody writes to: the data stream blocks for good. SIGTERM must still end
     the process (exit 143) at once, with a checkpoint of the last completed step (no step can come:
-    the run does not wait run.stop_timeout_s for one)."""
+    the run does not wait run.stop_timeout_s for one); pretraining and fine-tuning alike."""
     data = tmp_path / "data"
     data.mkdir()
     shutil.copy(sorted(image_shards.glob("*.tar"))[0], data / "a-000000.tar")
     os.mkfifo(data / "a-000001.tar")
-    cmd = [sys.executable, "-m", "d2v_scale.cli", "train", "--data", str(data), "--out", str(tmp_path / "run"),
-           "--optim.max_steps=50", "--run.stop_timeout_s=5", "--data.shuffle_buffer=0", *RUN_ARGS]
+    args = ["--out", str(tmp_path / "run"), "--optim.max_steps=50", "--run.stop_timeout_s=5",
+            "--data.shuffle_buffer=0", *RUN_ARGS]
+    if command == "train":
+        cmd = [sys.executable, "-m", "d2v_scale.cli", "train", "--data", str(data), *args]
+    else:                                                   # labels from the folder names of the shards' keys
+        from test_finetune import encoder_file
+        index = json.loads((image_shards / "index.json").read_text())
+        index["shards"] = [dict(index["shards"][0], url="a-000000.tar"), dict(index["shards"][1], url="a-000001.tar")]
+        (data / "index.json").write_text(json.dumps(index))
+        cmd = [sys.executable, "-m", "d2v_scale.cli", "finetune", "--task", "image_classification",
+               "--init", str(encoder_file(tmp_path / "enc.safetensors")), "--train", str(data),
+               "--val", str(image_shards / "index.json"), *args[:-len(TRAIN_ARGS)], "--data.num_workers=1",
+               "--data.batch_size=4", "--run.log_every=1", "--optim.warmup_steps=2"]
     proc = subprocess.Popen(cmd, cwd=str(ROOT), env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.time() + 200
         out = ""
-        while "d2v_scale: vit_base_patch16_debug" not in out and time.time() < deadline:
+        while "\nd2v_scale" not in "\n" + out and time.time() < deadline:
             out += proc.stdout.readline()                   # set-up done: the loop has started
         time.sleep(10)                                      # the stream is blocked on the FIFO by now
         proc.send_signal(signal.SIGTERM)
