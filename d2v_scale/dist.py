@@ -12,7 +12,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,17 +55,35 @@ def setup_env() -> None:
         env.setdefault("MASTER_PORT", str(free_port()))
 
 
-def _extensions_dir(stale_after_s: float = 900.0) -> None:
-    """JIT-built DeepSpeed ops go to a folder of this Python environment; a `lock` left by a build
-    that was killed midway would make every later run wait forever, so stale ones are removed."""
-    root = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions")))
-    for lock in root.glob("*/*/lock") if root.exists() else []:
-        try:
-            if time.time() - lock.stat().st_mtime > stale_after_s:
-                lock.unlink()
-                print(f"removed a stale DeepSpeed op build lock: {lock}", file=sys.stderr)
-        except OSError:
-            pass
+def _extensions_dir() -> None:
+    """JIT-built DeepSpeed ops go to a folder of this Python environment (built once per environment,
+    not once per user cache); `build_op` builds them there."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+
+
+def build_op(builder_name: str) -> None:
+    """Build (or find built) DeepSpeed's JIT op `builder_name` before DeepSpeed asks for it, so the
+    rendezvous bound times the meeting alone. torch marks a build (and every load) with a `lock` file
+    that a process killed meanwhile leaves behind, after which every later run would wait on it
+    forever. d2v_scale builds under an flock of its own, which the kernel releases when its holder
+    dies: a `lock` found while holding it was left by a dead process, and is removed."""
+    import fcntl
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    builder = get_accelerator().create_op_builder(builder_name)
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(sys.prefix, "torch_extensions"))
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".d2v-build.flock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)                    # released at close, or when this process dies
+        stale = root / builder.NAME / "lock"
+        if stale.exists():
+            stale.unlink(missing_ok=True)
+            print(f"d2v: removed {stale}, left by a process killed while it built or loaded the op",
+                  file=sys.stderr, flush=True)
+        builder.load(verbose=False)
 
 
 SHM_SEGMENT_BYTES = 69_206_024   # DeepSpeed 0.19's CPU all-reduce workspace, one per local rank
@@ -94,14 +111,6 @@ def _check_shm_room(deepspeed, ranks: int) -> None:
                   f"needs {need / 2**20:.0f} MiB for {ranks} ranks: using gloo's all-reduce instead (slower). "
                   "Give the container more shared memory (docker run --shm-size=1g) to get it back.",
                   file=sys.stderr, flush=True)
-
-
-def _build_comm_op(deepspeed, accelerator) -> None:
-    """DeepSpeed JIT-builds its CPU communication op inside init_distributed (minutes on a fresh
-    machine): built (or found built) here first, the rendezvous bound times the meeting alone."""
-    builder = accelerator.create_op_builder("ShareMemCommBuilder")
-    if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
-        builder.load(verbose=False)
 
 
 def _unlink_shm_allreduce_buffer(rank: int) -> None:
@@ -156,7 +165,7 @@ def init() -> Dist:
     shm_ranks = _shm_allreduce_ranks()
     if shm_ranks:
         _check_shm_room(deepspeed, shm_ranks)
-    _build_comm_op(deepspeed, get_accelerator())
+    build_op("ShareMemCommBuilder")        # DeepSpeed's CPU all-reduce (nothing to build on a GPU)
     rendezvous.meet(lambda: deepspeed.init_distributed(verbose=False), int(os.environ["RANK"]),
                     get_accelerator().communication_backend_name() == "nccl")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -67,6 +67,9 @@ def build_optimizer(model: nn.Module, cfg, offload: bool = False, groups: list[d
     groups = groups if groups is not None else param_groups(model, cfg.weight_decay, cfg.decay_all)
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        from .dist import build_op
+        build_op("CPUAdamBuilder")
         return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, adamw_mode=True)
     fused = torch.cuda.is_available()
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)

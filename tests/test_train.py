@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,6 +111,24 @@ def test_missing_data_path_fails_before_training(tmp_path):
     res = run_d2v(train_args(tmp_path / "nope-{000000..000003}.tar", tmp_path / "x"), check=False, timeout=120)
     assert res.returncode != 0 and "4 of 4 shards do not exist" in res.stdout
     assert not (tmp_path / "x").exists()
+
+
+def test_an_op_build_lock_left_by_a_killed_process_does_not_hang_later_runs(tmp_path):
+    """torch marks each build and load of a DeepSpeed op with a `lock` file; a process killed meanwhile
+    (Ctrl-C during the first run's build) leaves it, and every later run waited on it forever."""
+    import subprocess
+    import sys
+    from helpers import ROOT, child_env
+    env = child_env()
+    root = Path(env.get("TORCH_EXTENSIONS_DIR") or Path(sys.prefix) / "torch_extensions")
+    (root / "deepspeed_shm_comm").mkdir(parents=True, exist_ok=True)
+    (root / "deepspeed_shm_comm" / "lock").touch()            # what the killed process left
+    code = "from d2v_scale import dist; dist.select_accelerator(); dist.build_op('ShareMemCommBuilder'); print('loaded')"
+    res = subprocess.run([str(BIN / "python"), "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=240)
+    assert res.returncode == 0 and "loaded" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "left by a process killed while it built or loaded the op" in res.stderr
+    assert not (root / "deepspeed_shm_comm" / "lock").exists()
 
 
 @pytest.mark.timeout(300)
