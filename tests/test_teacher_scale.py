@@ -125,8 +125,8 @@ def test_plan_vit_huge_one_gpu_16_micro_steps_moves_at_most_5_1_gb_over_pcie():
 
 def test_plan_and_auto_count_the_data2vec_1_teacher():
     """`d2v plan` counts the data2vec 1 model and its teacher (without the modules it reads from the
-    student: speech pos_conv, text embeddings), a teacher pass per micro-step; `auto` places it like
-    data2vec 2.0's and every partitioned placement is accepted."""
+    student: speech pos_conv, text embeddings), a teacher pass per micro-step and data2vec 1's
+    activations (no decoder); `auto` places it like data2vec 2.0's and every placement is accepted."""
     from d2v_scale.config import with_vocab
     from d2v_scale.d2v1.model import Data2Vec1
     from d2v_scale.dist import Dist
@@ -144,6 +144,7 @@ def test_plan_and_auto_count_the_data2vec_1_teacher():
         p = plan(cfg, 1, 2, 3, 2, placement="auto")
         assert p["teacher_params"] == t and p["student_params"] == sum(q.numel() for q in model.parameters()), name
         assert p["window"] == 1 and p["placements"]["host"]["passes"] == p["gas"] == 2, name
+        assert "decoder" not in p["activations"] and "regression head" in p["activations"], name   # every token, a head
         cfg.teacher.placement = "auto"                                   # one rank, everything fits: no PCIe
         assert teacher_placement(cfg, {"train_micro_batch_size_per_gpu": 2}, one, model) == "device", name
         for placement in ("host", "device_bf16_host_ema", "device", "replicated"):
