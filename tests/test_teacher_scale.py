@@ -153,6 +153,40 @@ def test_plan_and_auto_count_the_data2vec_1_teacher():
     assert t < sum(p.numel() for p in model.encoder.parameters())        # text: the embeddings stay the student's
 
 
+def test_data2vec_1_teacher_features_use_the_students_copied_modules():
+    """What the kNN monitor reads (`reading()` + extract_features with the student as `local`): a data2vec
+    1 speech or text teacher, replicated or partitioned, runs the student's pos_conv / embeddings and its
+    own EMA blocks, bit for bit the student encoder with the teacher's weights loaded."""
+    import copy
+    from d2v_scale.config import with_vocab
+    from d2v_scale.d2v1.model import Data2Vec1
+    from d2v_scale.data import synthetic_batch
+    from d2v_scale.dist import Dist
+    from d2v_scale.presets import get_preset
+    from d2v_scale.teacher import ReplicatedTeacher, ShardedTeacher
+    one = Dist(0, 1, 0, torch.device("cpu"))
+    for name in ("d2v1_audio_base_debug", "d2v1_text_base_debug"):
+        cfg = with_vocab(get_preset(name))
+        torch.manual_seed(0)
+        model = Data2Vec1(cfg.model).eval()
+        teachers = [ReplicatedTeacher(model.encoder, cfg.model), ShardedTeacher(model, cfg, one, "host")]
+        with torch.no_grad():
+            for p in model.encoder.parameters():                         # the student moves, the EMA follows half way
+                p.add_(torch.randn_like(p), alpha=0.01)
+        for t in teachers:
+            t.update(model.encoder, 0.5)
+        hybrid = copy.deepcopy(model.encoder)                            # student's copied modules, teacher's EMA weights
+        missing, unexpected = hybrid.load_state_dict(teachers[0].state_dict(), strict=False)
+        assert not unexpected and missing and all(k.split(".")[0] in hybrid.local_modules for k in missing), name
+        x = synthetic_batch(cfg)["source"]
+        with torch.no_grad():
+            expected = hybrid.extract_features(x)[0]
+            for t in teachers:
+                with t.reading() as enc:
+                    assert torch.equal(enc.extract_features(x, None, model.encoder)[0], expected), (name, type(t))
+                assert all(getattr(enc, n) is None for n in enc.local_modules), name   # nothing kept
+
+
 def test_teacher_traffic_counts_one_gather_per_pass_and_the_streamed_blend():
     from d2v_scale.teacher.placement import teacher_traffic
     numels, world, passes = [1_000_001, 7], 4, 3
