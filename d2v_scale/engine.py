@@ -47,14 +47,9 @@ def teacher_placement(cfg: Config, ds: dict, dist: Dist, model: nn.Module | None
     """`teacher.placement`, with auto = the cheapest in traffic whose run fits the device, by the
     memory `d2v plan` computes (memory.py, teacher/placement.py); `sharded` is `host`."""
     placement = cfg.teacher.placement
-    if cfg.model.algorithm == "data2vec":      # d2v1/model.py runs the teacher's blocks itself
-        if placement not in ("auto", "replicated"):
-            raise ConfigError(f"teacher.placement={placement}: the data2vec 1 teacher is replicated (a full copy per "
-                              "rank, the student may still run ZeRO-3); use --teacher.placement=auto")
-        return "replicated"
     if placement != "auto":
         return "host" if placement == "sharded" else placement
-    model = model if model is not None else Data2Vec(cfg.model, cfg.mask.mask_noise_std)
+    model = model if model is not None else build_model(cfg)
     s_numels = [p.numel() for p in model.parameters() if p.requires_grad]
     t_numels = [p.numel() for n, p in model.encoder.named_parameters()
                 if model.encoder.ema_local_encoder or n.split(".")[0] not in model.encoder.local_modules]
@@ -70,6 +65,11 @@ def teacher_placement(cfg: Config, ds: dict, dist: Dist, model: nn.Module | None
         capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(1, dist.world)
     return choose({k: v["traffic"] for k, v in table.items()}, {k: v["device_total"] for k, v in table.items()},
                   capacity)
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """The student `cfg.model.algorithm` names: data2vec 2.0's `Data2Vec` or data2vec 1's `Data2Vec1`."""
+    return Data2Vec1(cfg.model) if cfg.model.algorithm == "data2vec" else Data2Vec(cfg.model, cfg.mask.mask_noise_std)
 
 
 def build_teacher(model: Data2Vec, cfg: Config, ds: dict, dist: Dist):
@@ -139,7 +139,7 @@ def build_engine(cfg: Config, dist: Dist, ds: dict | None = None, ds_overrides: 
     ds = ds if ds is not None else resolve_ds_config(cfg, dist.world, ds_overrides)
     check_masks(cfg, token_grid(cfg, cfg.data.min_sample_size))
     torch.manual_seed(cfg.run.seed)                         # identical init on every rank
-    model = Data2Vec1(cfg.model) if cfg.model.algorithm == "data2vec" else Data2Vec(cfg.model, cfg.mask.mask_noise_std)
+    model = build_model(cfg)
     teacher_state = load_init_weights(model, cfg.run.init_from) if cfg.run.init_from else {}
     teacher = build_teacher(model, cfg, ds, dist)           # from the loaded student, or its own weights
     if teacher_state:

@@ -12,7 +12,9 @@ per placement come from teacher/placement.py. Activations (bf16, Megatron-LM's p
 flash/SDPA attention: 34 * D bytes per token; without flash add 5 * heads * n): student blocks on
 M x (T_keep + extra) tokens per sample, the conv decoder on M x T positions, targets and loss in fp32;
 with activation checkpointing each block keeps only its input (2 * D bytes per token) plus one
-block's activations during recomputation.
+block's activations during recomputation. data2vec 1 (`d2v1_activation_bytes`): every token of one
+view, a regression head instead of the decoder, and the teacher's block results held until its targets
+are made.
 """
 from __future__ import annotations
 
@@ -49,6 +51,8 @@ def activation_bytes(cfg, micro: int, checkpointing: bool, flash: bool = True) -
     m, M = cfg.model, cfg.mask.clone_batch
     D, L, H = m.embed_dim, m.prenet_depth + m.depth, m.num_heads
     T, E = math.prod(token_grid(cfg)), ENCODERS[m.modality].num_extra_tokens
+    if m.algorithm == "data2vec":
+        return d2v1_activation_bytes(cfg, micro, checkpointing, flash)
     keep = check_counts(T, cfg.mask.mask_prob, cfg.mask.inverse_mask or cfg.mask.mask_length <= 1)
     n = keep + E
     tokens = micro * M * n
@@ -63,6 +67,24 @@ def activation_bytes(cfg, micro: int, checkpointing: bool, flash: bool = True) -
     loss = micro * T * D * 4 + 3 * masked * D * 4
     teacher = micro * (T + E) * D * (16 + 4)          # one live block + the running fp32 target sum
     return {"student blocks": student, "decoder": decoder, "targets + loss (fp32)": loss,
+            "teacher forward (transient)": teacher}
+
+
+def d2v1_activation_bytes(cfg, micro: int, checkpointing: bool, flash: bool = True) -> dict:
+    """data2vec 1 (d2v1/model.py): the student's blocks on every token of one view, a regression head on
+    the masked ones (at most all), no decoder; the teacher's block results of every block held until
+    the targets are made (bf16, one per block: d2v1/model.py keeps each block's output or FFN result)
+    beside the running block, then the top-K normalised in fp32."""
+    m = cfg.model
+    D, L, H = m.embed_dim, m.depth, m.num_heads
+    T, E = math.prod(token_grid(cfg)), ENCODERS[m.modality].num_extra_tokens
+    tokens = micro * (T + E)
+    per_token_layer = 34 * D + (0 if flash else 5 * H * (T + E))
+    student = (L * 2 * D + per_token_layer if checkpointing else L * per_token_layer) * tokens
+    head = micro * T * D * (2 + 4) * (1 if m.d2v1.head_layers == 1 else 3)     # input + fp32 prediction
+    loss = micro * T * D * 4 * 4                  # targets, the fp32 layer being normalised, y_m, the error
+    teacher = tokens * D * (16 + 2 * L)           # the running block + every block's result (bf16)
+    return {"student blocks": student, "regression head": head, "targets + loss (fp32)": loss,
             "teacher forward (transient)": teacher}
 
 

@@ -85,7 +85,7 @@ def test_forward_matches_reference(golden):
     assert out["sample_size"] == (f["sample_size"] if "sample_size" in f else f["targets"].shape[0])
     with torch.no_grad():
         feats, pad = model.encoder.local_features(source)
-        layers = model.teacher_layers(teacher.encoder, source, feats, pad)
+        layers = model.teacher_layers(teacher, source, feats, pad)
     ref_layers = f["teacher_layer_results"] if modality != "text" else f["teacher_fc_results"]
     for mine, ref in zip(layers[-len(ref_layers):], ref_layers):
         assert rel(mine, ref) < 1e-5

@@ -123,6 +123,70 @@ def test_plan_vit_huge_one_gpu_16_micro_steps_moves_at_most_5_1_gb_over_pcie():
     assert small["device_bf16_host_ema"]["auto"]                           # 24 GiB: only the weights fit
 
 
+def test_plan_and_auto_count_the_data2vec_1_teacher():
+    """`d2v plan` counts the data2vec 1 model and its teacher (without the modules it reads from the
+    student: speech pos_conv, text embeddings), a teacher pass per micro-step and data2vec 1's
+    activations (no decoder); `auto` places it like data2vec 2.0's and every placement is accepted."""
+    from d2v_scale.config import with_vocab
+    from d2v_scale.d2v1.model import Data2Vec1
+    from d2v_scale.dist import Dist
+    from d2v_scale.engine import teacher_placement
+    from d2v_scale.presets import get_preset
+    from d2v_scale.teacher import ReplicatedTeacher
+    from d2v_scale.tools.plan import plan
+    one = Dist(0, 1, 0, torch.device("cpu"))
+    for name in ("d2v1_vit_base_patch16_debug", "d2v1_audio_base_debug", "d2v1_text_base_debug"):
+        cfg = with_vocab(get_preset(name))
+        cfg.data.global_batch = 8                                        # 2 micro-steps of 2 on 2 ranks
+        model = Data2Vec1(cfg.model)
+        teacher = ReplicatedTeacher(model.encoder, cfg.model)
+        t = sum(p.numel() for p in teacher.module.parameters())
+        p = plan(cfg, 1, 2, 3, 2, placement="auto")
+        assert p["teacher_params"] == t and p["student_params"] == sum(q.numel() for q in model.parameters()), name
+        assert p["window"] == 1 and p["placements"]["host"]["passes"] == p["gas"] == 2, name
+        assert "decoder" not in p["activations"] and "regression head" in p["activations"], name   # every token, a head
+        cfg.teacher.placement = "auto"                                   # one rank, everything fits: no PCIe
+        assert teacher_placement(cfg, {"train_micro_batch_size_per_gpu": 2}, one, model) == "device", name
+        for placement in ("host", "device_bf16_host_ema", "device", "replicated"):
+            cfg.teacher.placement = placement
+            assert teacher_placement(cfg, {}, one) == placement, name
+    assert t < sum(p.numel() for p in model.encoder.parameters())        # text: the embeddings stay the student's
+
+
+def test_data2vec_1_teacher_features_use_the_students_copied_modules():
+    """What the kNN monitor reads (`reading()` + extract_features with the student as `local`): a data2vec
+    1 speech or text teacher, replicated or partitioned, runs the student's pos_conv / embeddings and its
+    own EMA blocks, bit for bit the student encoder with the teacher's weights loaded."""
+    import copy
+    from d2v_scale.config import with_vocab
+    from d2v_scale.d2v1.model import Data2Vec1
+    from d2v_scale.data import synthetic_batch
+    from d2v_scale.dist import Dist
+    from d2v_scale.presets import get_preset
+    from d2v_scale.teacher import ReplicatedTeacher, ShardedTeacher
+    one = Dist(0, 1, 0, torch.device("cpu"))
+    for name in ("d2v1_audio_base_debug", "d2v1_text_base_debug"):
+        cfg = with_vocab(get_preset(name))
+        torch.manual_seed(0)
+        model = Data2Vec1(cfg.model).eval()
+        teachers = [ReplicatedTeacher(model.encoder, cfg.model), ShardedTeacher(model, cfg, one, "host")]
+        with torch.no_grad():
+            for p in model.encoder.parameters():                         # the student moves, the EMA follows half way
+                p.add_(torch.randn_like(p), alpha=0.01)
+        for t in teachers:
+            t.update(model.encoder, 0.5)
+        hybrid = copy.deepcopy(model.encoder)                            # student's copied modules, teacher's EMA weights
+        missing, unexpected = hybrid.load_state_dict(teachers[0].state_dict(), strict=False)
+        assert not unexpected and missing and all(k.split(".")[0] in hybrid.local_modules for k in missing), name
+        x = synthetic_batch(cfg)["source"]
+        with torch.no_grad():
+            expected = hybrid.extract_features(x)[0]
+            for t in teachers:
+                with t.reading() as enc:
+                    assert torch.equal(enc.extract_features(x, None, model.encoder)[0], expected), (name, type(t))
+                assert all(getattr(enc, n) is None for n in enc.local_modules), name   # nothing kept
+
+
 def test_teacher_traffic_counts_one_gather_per_pass_and_the_streamed_blend():
     from d2v_scale.teacher.placement import teacher_traffic
     numels, world, passes = [1_000_001, 7], 4, 3
@@ -200,7 +264,8 @@ def test_every_placement_is_the_replicated_teacher_to_the_last_bit(tmp_path):
     """2 ranks, ZeRO-3, fp32, 2 micro-steps per optimizer step, one teacher pass per window: every
     placement gives the replicated teacher's losses and teacher bit for bit, across a resume from
     another placement's checkpoint and at another world size; readers between steps see the blended
-    teacher; the bytes each partitioned teacher moves are the plan's."""
+    teacher; the bytes each partitioned teacher moves are the plan's. The same for data2vec 1, every
+    modality, in the same launch (check_d2v1_placements)."""
     from d2v_scale.dist import free_port
     cmd = [str(BIN / "deepspeed"), "--num_accelerators", "2", "--no_local_rank", "--master_port", str(free_port()),
            str(PLACEMENT_PROBE), str(tmp_path), str(ROOT / "ds_configs" / "zero3.json")]
@@ -243,6 +308,63 @@ def test_every_placement_is_the_replicated_teacher_to_the_last_bit(tmp_path):
             state = t.full_state()
             assert all(torch.equal(state[n], full[n]) for n in full), (src, placement)
             assert torch.equal(t(x, None), y), (src, placement)
+    check_d2v1_placements(tmp_path)
+
+
+def check_d2v1_placements(out):
+    """data2vec 1 in the same launch (placement_probe.main_d2v1): every placement of every modality gives
+    the replicated teacher's losses and teacher bit for bit, a pass per micro-step moves what the plan
+    says, resumes across placements repeat the run, and the step-1 checkpoints hold one teacher: the
+    same slice files for every partitioned placement, read back at world 1 into every teacher."""
+    from d2v_scale import checkpoint
+    from d2v_scale.config import with_vocab
+    from d2v_scale.d2v1.model import Data2Vec1
+    from d2v_scale.data import synthetic_batch
+    from d2v_scale.dist import Dist
+    from d2v_scale.presets import get_preset
+    from d2v_scale.teacher import ReplicatedTeacher, ShardedTeacher
+    summary = json.loads((out / "d2v1_summary.json").read_text())
+    teachers = torch.load(out / "d2v1_teachers.pt", weights_only=True)
+    one = Dist(0, 1, 0, torch.device("cpu"))
+    presets = {"image": "d2v1_vit_base_patch16_debug", "audio": "d2v1_audio_base_debug", "text": "d2v1_text_base_debug"}
+    for modality, preset in presets.items():
+        ref, ref_t = summary[f"{modality}/replicated"]["losses"], teachers[f"{modality}/replicated"]
+        assert len(ref) == 4 and len(set(ref)) == 4, modality
+        runs = {k: v for k, v in summary.items() if k.startswith(modality + "/")}
+        assert len(runs) == 5, sorted(runs)
+        for name, run in runs.items():
+            assert run["losses"] == ref[-len(run["losses"]):], name          # floats equal, not close
+            t = teachers[name]
+            assert set(t) == set(ref_t) and all(torch.equal(t[n], ref_t[n]) for n in ref_t), name
+            if run["placement"] != "replicated":                          # 2 passes (one per micro-step) + the EMA
+                assert all({k: float(v) for k, v in step.items()} == {k: run["planned"][k] for k in ("pcie", "gather")}
+                           for step in run["traffic"]), (name, run["traffic"], run["planned"])
+        tags = {p: out / "d2v1" / modality / p / "checkpoints" / "step_00000001"
+                for p in ("replicated", "host", "device_bf16_host_ema", "device")}
+        for r in range(2):                                                # one rank's file, three placements
+            files = [torch.load(tags[p] / f"teacher_rank{r}.pt", weights_only=True)
+                     for p in ("host", "device_bf16_host_ema", "device")]
+            first = files[0]["slices"]
+            assert all(f["slices"].keys() == first.keys() and f["shapes"] == files[0]["shapes"] and
+                       all(torch.equal(f["slices"][n], first[n]) for n in first) for f in files), (modality, r)
+        full = checkpoint.read_teacher_state(tags["replicated"])
+        joined = checkpoint.read_teacher_state(tags["host"])
+        assert full.keys() == joined.keys() and all(torch.equal(full[n], joined[n]) for n in full), modality
+        cfg = with_vocab(get_preset(preset))
+        torch.manual_seed(0)
+        model = Data2Vec1(cfg.model).eval()
+        batch = synthetic_batch(cfg)
+        src, pad = batch["source"], batch.get("padding_mask")
+        with torch.no_grad():
+            feats, pad = model.encoder.local_features(src, pad)
+            replicated = ReplicatedTeacher(model.encoder, cfg.model)
+            checkpoint.load_teacher(replicated, tags["host"], 0)                  # 2 ranks' slices joined
+            y = model.teacher_layers(replicated, src, feats, pad)
+            for src_tag, placement in (("replicated", "host"), ("host", "device_bf16_host_ema"), ("device", "device")):
+                t = ShardedTeacher(model, cfg, one, placement)
+                checkpoint.load_teacher(t, tags[src_tag], 0)
+                assert all(torch.equal(a, b) for a, b in zip(model.teacher_layers(t, src, feats, pad), y)), \
+                    (modality, src_tag, placement)
 
 
 def test_partitioned_teachers_count_what_the_plan_says_and_start_from_the_rounded_init():

@@ -63,7 +63,7 @@ class Data2Vec1(nn.Module):
     def forward(self, source: torch.Tensor, mask: torch.Tensor | MaskInfo, teacher,
                 padding_mask: torch.Tensor | None = None, layer_keep: list[bool] | None = None) -> dict:
         """source: (B, ...) batch; mask: (B, T) bool (True = masked) or the text code (masks.py);
-        teacher: holds the EMA encoder (`teacher.encoder`)."""
+        teacher: the EMA teacher (replicated or partitioned: teacher/), its blocks run by `teacher_layers`."""
         code = mask.mask if isinstance(mask, MaskInfo) else mask
         masked = code.bool() if code.dtype == torch.bool else code == 1          # (B, T)
         enc = self.encoder
@@ -78,7 +78,7 @@ class Data2Vec1(nn.Module):
         x = x[:, enc.num_extra_tokens:]                                           # (B, T, D)
         with torch.no_grad():
             clean = feats if student_source is source else enc.local_features(source, padding_mask)[0]
-            y = make_targets(self.teacher_layers(teacher.encoder, source, clean.detach(), pad), self.cfg)
+            y = make_targets(self.teacher_layers(teacher, source, clean.detach(), pad), self.cfg)
 
         pred = self.head(x[masked]).float()                                       # (N, D)
         y_m = y[masked]                                                           # (N, D)
@@ -89,28 +89,28 @@ class Data2Vec1(nn.Module):
         out["target_var"] = mean_std(out["target_stats"])
         return out
 
-    def teacher_layers(self, t: nn.Module, source: torch.Tensor, feats: torch.Tensor,
+    def teacher_layers(self, teacher, source: torch.Tensor, feats: torch.Tensor,
                        pad: torch.Tensor | None) -> list[torch.Tensor]:
-        """The teacher's per-block results (B, T, D) on the unmasked input, eval mode."""
+        """The teacher's per-block results (B, T, D) on the unmasked input, eval mode. `teacher`: a
+        replicated or partitioned teacher (`block_results` runs its blocks, gathering each one for a
+        partitioned teacher); the modules it does not hold are the student's."""
         s = self.encoder
-        if self.modality == "image":                  # its own patch embedding, CLS and position bias
-            x, bias, pad = t.embed(t.local_features(source)[0], None, 1, None)
-        elif self.modality == "audio":                # fairseq TransformerEncoder.extract_features
-            x = feats if pad is None else feats.masked_fill(pad.unsqueeze(-1), 0.0)
-            pos = x
-            for blk in s.pos_conv:                    # the student's (copied by the EMA)
-                pos = blk(pos)                                                    # (B, T, D)
-            x, bias = t.norm_pre(x + pos), None
-        else:                                         # the student's embeddings (copied), no dropout
-            was = s.embed_drop.training
+
+        def embed(t: nn.Module):                      # t: the teacher's encoder, its non-block weights in place
+            if self.modality == "image":              # its own patch embedding, CLS and position bias
+                return t.embed(t.local_features(source)[0], None, 1, None)
+            if self.modality == "audio":              # fairseq TransformerEncoder.extract_features
+                x = feats if pad is None else feats.masked_fill(pad.unsqueeze(-1), 0.0)
+                pos = x
+                for blk in s.pos_conv:                # the student's (copied by the EMA)
+                    pos = blk(pos)                                                # (B, T, D)
+                return t.norm_pre(x + pos), None, pad
+            was = s.embed_drop.training               # the student's embeddings (copied), no dropout
             s.embed_drop.eval()
             try:
-                x, bias, pad = s.embed(feats, None, 1, pad)                       # (B, T, D)
+                return s.embed(feats, None, 1, pad)                               # (B, T, D)
             finally:
                 s.embed_drop.train(was)
-        E = t.num_extra_tokens
-        layers = []
-        for blk in t.blocks:
-            x, ffn = blk(x, bias, pad)                                            # (B, E+T, D) x2
-            layers.append((ffn if self.cfg.d2v1.target == "ffn" else x)[:, E:])
-        return layers
+
+        E, pick = s.num_extra_tokens, 1 if self.cfg.d2v1.target == "ffn" else 0
+        return [r[pick][:, E:] for r in teacher.block_results(embed)]             # (B, T, D) each

@@ -51,6 +51,20 @@ class Data2Vec1Encoder(Encoder):
     def embed(self, feats, mask, clones, padding_mask):
         raise NotImplementedError
 
+    def extract_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                         local: Encoder | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As `Encoder.extract_features`. A data2vec 1 teacher holds none of the modules the EMA copies
+        from the student (speech `pos_conv` and `mask_emb` beside the CNN, text embeddings: d2v1/model.py
+        NOT_IN_TEACHER): `local` (the student) lends them for the call, as the training step does."""
+        lent = [n for n in local.local_modules if getattr(self, n, None) is None] if local is not None else []
+        for name in lent:
+            setattr(self, name, getattr(local, name))
+        try:
+            return super().extract_features(source, padding_mask, local)
+        finally:
+            for name in lent:
+                setattr(self, name, None)
+
     def forward(self, feats: torch.Tensor, ids_keep: torch.Tensor | None = None, clones: int = 1,
                 padding_mask: torch.Tensor | None = None, return_layers: bool = False,
                 layer_keep: list[bool] | None = None, mask: torch.Tensor | None = None):

@@ -2,7 +2,8 @@
 
 Mirrors `fairseq/modules/ema_module.py`. EMA accumulators are fp32 whatever the compute dtype (a
 bf16 EMA at decay 0.9999 does not move). The partitioned teacher lives in `sharded.py` behind the
-same interface.
+same interface (`__call__`/`window`: data2vec 2.0 targets; `block_results`: each block's results, for
+data2vec 1's model).
 """
 from __future__ import annotations
 
@@ -56,6 +57,15 @@ class ReplicatedTeacher:
     def window(self, items: list[tuple]) -> list[torch.Tensor]:
         """Targets of several micro-batches in one pass (targets.window_targets)."""
         return window_targets(self.module, items, self.cfg, next(self.module.parameters()).dtype)
+
+    @torch.no_grad()
+    def block_results(self, embed):
+        """Each block's (x, ffn) (B, E+T, D) in order, on the input `embed(encoder) -> (x, bias,
+        padding_mask)` builds (data2vec 1: d2v1/model.py runs the teacher's blocks through this)."""
+        x, bias, pad = embed(self.module)
+        for blk in self.module.blocks:
+            x, ffn = blk(x, bias, pad)                                            # (B, E+T, D) x2
+            yield x, ffn
 
     # -- EMA -----------------------------------------------------------------------------------
     def _plan(self, sources: list[torch.Tensor]) -> list:

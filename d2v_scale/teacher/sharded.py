@@ -15,6 +15,8 @@ The forward gathers one block at a time, like the student: this rank's slice (se
 for `host`) and the other ranks' (one all-gather per block), `prefetch` blocks ahead. `window`
 computes the targets of every micro-batch of an accumulation window in one pass (block outer,
 micro-batch inner), so each block is gathered once per optimizer step, not once per micro-step.
+`block_results` yields each block's results to a model that builds its own targets (data2vec 1,
+d2v1/model.py), gathering the same way.
 
 The EMA is shard-local: rank r blends its own slice of the student's fp32 masters (ZeRO-3; the
 matching chunk of a replicated student's weights under ZeRO-0/1/2) into its own accumulators and
@@ -134,7 +136,7 @@ class ShardedTeacher:
             return
         idx = self.groups[g]
         link = "pcie" if self.sides["low"] == "host" else None
-        if self.world == 1 and link is None:                # the slice is the weight
+        if not idx or (self.world == 1 and link is None):   # nothing to move (data2vec 1 text: blocks only)
             self._inflight[g] = (None, None)
             return
         k = sum(self.low[i].numel() for i in idx)
@@ -211,6 +213,26 @@ class ShardedTeacher:
         rest = len(self.groups) - 1
         with self._held(rest):
             return window_targets(self.module, items, self.cfg, self.dtype, hold=self._held)
+
+    @torch.no_grad()
+    def block_results(self, embed):
+        """Each block's (x, ffn) (B, E+T, D) in order, on the input `embed(encoder) -> (x, bias,
+        padding_mask)` builds with the non-block weights in place (data2vec 1: d2v1/model.py runs the
+        teacher's blocks through this). Each block is gathered around its own forward, `prefetch`
+        ahead; the first one's gather starts before the embedding. Collective: every rank runs it."""
+        self.wait(host=False)                       # the previous step's EMA
+        rest = len(self.groups) - 1
+        try:
+            self._start(0)
+            with self._held(rest):
+                x, bias, pad = embed(self.module)
+            for i, blk in enumerate(self.module.blocks):
+                with self._held(i):
+                    x, ffn = blk(x, bias, pad)                                        # (B, E+T, D) x2
+                yield x, ffn
+        finally:                                    # a consumer that stopped early leaves no gather behind
+            for g in list(self._inflight):
+                self._release(g)
 
     # -- EMA -----------------------------------------------------------------------------------
     def _plan(self, student_encoder: nn.Module) -> list:

@@ -239,6 +239,7 @@ def d2v1_twin(cfg):
     c1.data = dataclasses.replace(cfg.data)
     c1.optim.warmup_steps = 0
     c1.run = dataclasses.replace(cfg.run)
+    c1.teacher.placement = cfg.teacher.placement               # the same teacher layout on both sides
     return c1
 
 

@@ -11,6 +11,12 @@ one teacher pass (train.with_targets, as `d2v train` runs it), and saves a check
     reader that did not wait would see the previous teacher.
 Rank 0 writes the losses of every micro-step, the final teachers, the readers' features and the bytes
 each partitioned teacher counted per optimizer step (and what teacher/placement.py plans for them).
+
+Then data2vec 1 (`d2v1`): the debug preset of each modality trains 2 optimizer steps (2 micro-steps per
+rank, a teacher pass per micro-step inside the student's forward, dropout and masks drawn as `d2v
+train` draws them, a padded utterance in each audio micro-batch) with every placement, checkpointing
+at step 1; one placement per modality resumes from another's checkpoint. Rank 0 writes
+d2v1_summary.json and d2v1_teachers.pt the same way.
 """
 import json
 import sys
@@ -23,6 +29,8 @@ from d2v_scale import checkpoint
 from d2v_scale import dist as dist_mod
 from d2v_scale.d2v import Data2Vec
 from d2v_scale.engine import build_engine
+from d2v_scale.config import with_vocab
+from d2v_scale.data import synthetic_batch
 from d2v_scale.export import write_weights
 from d2v_scale.masking import sample_mask
 from d2v_scale.presets import get_preset
@@ -99,6 +107,76 @@ def run(placement: str, ds_config: str, out: Path, dist, window: bool = True, re
             "placement": getattr(teacher, "placement", "replicated")}
 
 
+D2V1 = {"image": "d2v1_vit_base_patch16_debug", "audio": "d2v1_audio_base_debug", "text": "d2v1_text_base_debug"}
+D2V1_STEPS = 2
+D2V1_RESUMES = {"image": ("device_bf16_host_ema", "host"), "audio": ("replicated", "device"),
+                "text": ("host", "replicated")}           # placement, the placement whose checkpoint it reads
+
+
+def d2v1_config(modality: str, placement: str, ds_config: str, world: int):
+    cfg = with_vocab(get_preset(D2V1[modality]))
+    cfg.teacher.placement, cfg.run.ds_config, cfg.teacher.overlap_ema = placement, ds_config, "true"
+    cfg.optim.warmup_steps, cfg.teacher.ema_decay, cfg.teacher.ema_end_decay = 1, 0.9, 0.9   # visible teacher motion
+    cfg.data.batch_size, cfg.data.global_batch = MICRO, MICRO * GAS * world
+    return cfg
+
+
+def d2v1_batch(cfg, step: int, micro: int, world: int, rank: int) -> dict:
+    """This rank's slice of a fixed global batch (audio: the second utterance of each slice padded)."""
+    torch.manual_seed(2000 + 10 * step + micro)
+    cfg.data.batch_size = MICRO * world
+    batch = synthetic_batch(cfg)
+    cfg.data.batch_size = MICRO
+    out = {"source": batch["source"][rank * MICRO:(rank + 1) * MICRO]}
+    if cfg.model.modality == "audio":
+        pad = torch.zeros_like(out["source"], dtype=torch.bool)
+        pad[1, -4000:] = True
+        out["source"], out["padding_mask"] = out["source"].masked_fill(pad, 0.0), pad
+    return out
+
+
+def run_d2v1(modality: str, placement: str, ds_config: str, out: Path, dist, resume_from: Path | None = None):
+    cfg = d2v1_config(modality, placement, ds_config, dist.world)
+    built = build_engine(cfg, dist)
+    engine, teacher, dtype = built.engine, built.teacher, built.dtype
+    if resume_from is not None:
+        client, _ = checkpoint.load(engine, teacher, resume_from.parent, resume_from.name, dist.rank)
+        teacher.updates = client["ema_updates"]
+    losses, traffic = [], []
+    for step in range(engine.global_steps, D2V1_STEPS):
+        for micro in range(GAS):
+            batch = d2v1_batch(cfg, step, micro, dist.world, dist.rank)
+            o, _ = train_step(engine, teacher, batch, cfg, step, micro, dist, dtype)
+            t = torch.tensor([float(o["loss"].detach()), float(o["sample_size"])], dtype=torch.float64)
+            torch.distributed.all_reduce(t)
+            losses.append(t[0].item() / t[1].item())
+        if teacher.sharded:                                         # a pass per micro-step and the EMA
+            teacher.wait()
+            traffic.append(teacher.traffic.reset())
+        if engine.global_steps == 1 and resume_from is None:
+            checkpoint.save(engine, teacher, out, 1, {"step": 1, "ema_updates": teacher.updates}, {}, dist.rank)
+    final = teacher.full_state() if teacher.sharded else teacher.state_dict()
+    planned = teacher_traffic([int(torch.tensor(s).prod()) for s in teacher.shapes.values()], dist.world, GAS,
+                              False, teacher.placement, 3, master_on_host=False) if teacher.sharded else None
+    return {"losses": losses, "final": final, "traffic": traffic, "planned": planned,
+            "placement": getattr(teacher, "placement", "replicated")}
+
+
+def main_d2v1(out: Path, ds_config: str, dist) -> None:
+    results = {}
+    for modality in D2V1:
+        for p in PLACEMENTS:
+            results[f"{modality}/{p}"] = run_d2v1(modality, p, ds_config, out / "d2v1" / modality / p, dist)
+        p, src = D2V1_RESUMES[modality]
+        results[f"{modality}/resumed_{p}"] = run_d2v1(modality, p, ds_config, out / "d2v1" / modality / f"resumed_{p}",
+                                                      dist, resume_from=out / "d2v1" / modality / src / "checkpoints"
+                                                      / "step_00000001")
+    if dist.rank == 0:
+        torch.save({k: v["final"] for k, v in results.items()}, out / "d2v1_teachers.pt")
+        (out / "d2v1_summary.json").write_text(json.dumps(
+            {k: {kk: v[kk] for kk in ("losses", "traffic", "planned", "placement")} for k, v in results.items()}))
+
+
 def main(out: str, ds_config: str, delay: str = "0.3"):
     dist = dist_mod.init()
     held_back(float(delay))
@@ -128,6 +206,7 @@ def main(out: str, ds_config: str, delay: str = "0.3"):
         summary = {k: {kk: v[kk] for kk in ("losses", "traffic", "planned", "placement")} for k, v in results.items()}
         summary["init_from_teacher_is_the_loaded_student"] = init_from
         (out / "summary.json").write_text(json.dumps(summary))
+    main_d2v1(out, ds_config, dist)
 
 
 if __name__ == "__main__":
