@@ -44,10 +44,9 @@ def layer(module: str) -> int:
     """0 the models, masks and the config; 1 data; 2 the trainer's own modules (pretraining, fine-tuning,
     `load_encoder`, evaluation); 3 the commands around it (benchmarks, planner, demo, d2v-shard); 4 the
     `d2v` command."""
-    if module.startswith("d2v_scale.models") or module in ("d2v_scale.errors", "d2v_scale.config",
-                                                            "d2v_scale.presets", "d2v_scale.masking",
-                                                            "d2v_scale.d2v1", "d2v_scale.d2v1.masks",
-                                                            "d2v_scale.d2v1.presets"):
+    if module.startswith(("d2v_scale.models", "d2v_scale.config")) or module in (
+            "d2v_scale.errors", "d2v_scale.presets", "d2v_scale.masking", "d2v_scale.d2v1", "d2v_scale.d2v1.masks",
+            "d2v_scale.d2v1.presets"):
         return 0
     if module.startswith("d2v_scale.data"):
         return 1
