@@ -37,12 +37,42 @@ def test_span_mask_matches_compute_mask_indices():
     """fairseq compute_mask_indices(p 0.65, length 10, min_masks 1, require_same_masks) on 49 frames:
     every row masks the same count, close to the reference's for a batch of 256."""
     ref = stats("audio")["masked_per_row"].numpy()
-    legacy = np.random.RandomState(0)
-    raw = masks.span_mask((256, 49), [49] * 256, 0.65, 10, 1, legacy)
+    raw = masks.span_mask([49] * 256, 49, 0.65, 10, 1, np.random.default_rng(0))
     same = masks.same_count(raw.copy(), np.random.default_rng(0))
     assert len(set(same.sum(1))) == 1 and len(set(ref)) == 1
     assert abs(int(same.sum(1)[0]) - int(ref[0])) <= 4
     assert ((raw & ~same).sum(1) >= 0).all() and not (same & ~raw).any()      # trimming only removes
+
+
+def test_span_masks_of_a_padded_batch_lie_within_each_rows_real_frames():
+    """data2vec_audio passes the frame padding to compute_mask_indices: each row's spans are drawn over
+    its own real frames (none in the padding) and `require_same_masks` trims to the row with the fewest
+    real masked frames. Rows of 49, 30, 19 and 12 real frames of 49: the 12-frame row draws one span
+    (min_masks 1; 0.65 x 12 / 10 < 1) of 10 frames starting in [0, 2), so every row ends with 10."""
+    from d2v_scale.masking import step_masks
+    cfg = get_preset("d2v1_audio_base_debug")
+    source = torch.randn(4, 16_000)
+    pad = torch.zeros(4, 16_000, dtype=torch.bool)
+    for i, n in enumerate((16_000, 9920, 6400, 4000)):                       # 49, 30, 19, 12 frames
+        pad[i, n:] = True
+    real = torch.tensor([49, 30, 19, 12])
+    frames = torch.arange(49)[None] >= real[:, None]                          # (4, 49) True = padding
+    for step in range(50):
+        mask = step_masks(cfg, 4, (49,), step, 0, 0, source, pad).mask        # (4, 49)
+        assert mask.shape == (4, 49) and not bool((mask & frames).any())
+        assert mask.sum(1).tolist() == [10, 10, 10, 10]
+        short = np.flatnonzero(mask[3].numpy())
+        assert short[0] in (0, 1) and list(short) == list(range(short[0], short[0] + 10))
+    # without require_same_masks a row's count depends on its real length alone, padded or not
+    rng = np.random.default_rng(0)
+    padded = masks.span_mask([30] * 2000, 49, 0.65, 10, 1, rng)
+    alone = masks.span_mask([30] * 2000, 30, 0.65, 10, 1, rng)
+    assert not padded[:, 30:].any() and abs(padded.sum(1).mean() - alone.sum(1).mean()) < 0.5
+    assert abs(padded[:, :30].mean(0) - alone.mean(0)).max() < 0.06            # the same positions favoured
+    # fairseq's start range is [0, len - span): spans end by frame len - 2, the last real frame stays visible
+    assert padded[:, 28].any() and not padded[:, 29].any()
+    with pytest.raises(masks.D2v1MaskError, match="every one of a row"):     # fairseq raises the same
+        masks.span_mask([12], 49, 0.99, 10, 8, np.random.default_rng(0))
 
 
 def test_bert_mask_matches_mask_tokens_dataset():
