@@ -222,7 +222,7 @@ def _loop(engine, teacher, loader, cfg, dist, dtype, metrics, signals, run_dir, 
         evals = {}
         if monitor is not None and step % cfg.eval.every == 0:      # kNN of student and teacher, RNG untouched
             seconds = monitor.seconds
-            evals = monitor(encoder, teacher, dtype)
+            evals = monitor(encoder, teacher, dtype, getattr(engine.module, "teacher_features", None))
             metrics.pause(monitor.seconds - seconds)
             print0(f"eval step {step}: kNN top-1 student {evals['eval/knn_top1_student']:.2f} teacher "
                    f"{evals['eval/knn_top1_teacher']:.2f} ({monitor.seconds - seconds:.1f}s)")

@@ -92,6 +92,19 @@ class Data2Vec1(nn.Module):
     def teacher_layers(self, t: nn.Module, source: torch.Tensor, feats: torch.Tensor,
                        pad: torch.Tensor | None) -> list[torch.Tensor]:
         """The teacher's per-block results (B, T, D) on the unmasked input, eval mode."""
+        return self._teacher_pass(t, source, feats, pad)[1]
+
+    def teacher_features(self, t: nn.Module, source: torch.Tensor,
+                         padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The teacher's tokens of the full input (B, E+T, D) and the token padding (B, T) or None, as
+        `Encoder.extract_features` gives them: the last block's output of the pass that makes the
+        targets (audio, text: on the student's CNN / embeddings and positional convolution)."""
+        feats, pad = (None, None) if self.modality == "image" else self.encoder.local_features(source, padding_mask)
+        return t.norm(self._teacher_pass(t, source, feats, pad)[0]), pad
+
+    def _teacher_pass(self, t: nn.Module, source: torch.Tensor, feats: torch.Tensor | None,
+                      pad: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(last block's output (B, E+T, D) before the final norm, per-block results (B, T, D))."""
         s = self.encoder
         if self.modality == "image":                  # its own patch embedding, CLS and position bias
             x, bias, pad = t.embed(t.local_features(source)[0], None, 1, None)
@@ -113,4 +126,4 @@ class Data2Vec1(nn.Module):
         for blk in t.blocks:
             x, ffn = blk(x, bias, pad)                                            # (B, E+T, D) x2
             layers.append((ffn if self.cfg.d2v1.target == "ffn" else x)[:, E:])
-        return layers
+        return x, layers

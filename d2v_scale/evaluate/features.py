@@ -124,7 +124,12 @@ def eval_loader(stream: EvalStream, num_workers: int) -> torch.utils.data.DataLo
 def pooled(encoder, source: torch.Tensor, padding_mask, pools: tuple[str, ...], local=None) -> dict:
     """{how: (B, D)} pooled tokens of the full input (`local`: see Encoder.extract_features)."""
     x, pad = encoder.extract_features(source, padding_mask, local)              # (B, E+T, D)
-    return {how: pool_tokens(x, how, encoder.num_extra_tokens, pad) for how in pools}
+    return pool_all(x, pad, encoder.num_extra_tokens, pools)
+
+
+def pool_all(x: torch.Tensor, pad, num_extra_tokens: int, pools: tuple[str, ...]) -> dict:
+    """{how: (B, D)} of tokens x (B, E+T, D) with their padding (B, T) or None."""
+    return {how: pool_tokens(x, how, num_extra_tokens, pad) for how in pools}
 
 
 @torch.no_grad()
