@@ -50,7 +50,7 @@ def test_span_masks_of_a_padded_batch_lie_within_each_rows_real_frames():
     its own real frames (none in the padding) and `require_same_masks` trims to the row with the fewest
     real masked frames. Rows of 49, 30, 19 and 12 real frames of 49: the 12-frame row draws one span
     (min_masks 1; 0.65 x 12 / 10 < 1) of 10 frames starting in [0, 2), so every row ends with 10."""
-    from d2v_scale.masking import step_masks
+    from d2v_scale.masking import AheadMasks, step_masks
     cfg = get_preset("d2v1_audio_base_debug")
     source = torch.randn(4, 16_000)
     pad = torch.zeros(4, 16_000, dtype=torch.bool)
@@ -64,6 +64,8 @@ def test_span_masks_of_a_padded_batch_lie_within_each_rows_real_frames():
         assert mask.sum(1).tolist() == [10, 10, 10, 10]
         short = np.flatnonzero(mask[3].numpy())
         assert short[0] in (0, 1) and list(short) == list(range(short[0], short[0] + 10))
+    ahead = AheadMasks(cfg, 0, 1)({"source": source, "padding_mask": pad}, 7)   # the loader workers' draw
+    assert torch.equal(ahead["mask"], step_masks(cfg, 4, (49,), 7, 0, 0, source, pad).mask)
     # without require_same_masks a row's count depends on its real length alone, padded or not
     rng = np.random.default_rng(0)
     padded = masks.span_mask([30] * 2000, 49, 0.65, 10, 1, rng)
