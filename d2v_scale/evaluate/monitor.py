@@ -60,7 +60,8 @@ class KnnMonitor:
                             leave_one_out=len(self.streams) == 1)
         return {f"eval/knn_{k}_{who}": v for k, v in accuracy(scores, y_query).items()}
 
-    def __call__(self, student_encoder: nn.Module, teacher, dtype: torch.dtype, teacher_features=None) -> dict[str, float]:
+    def __call__(self, student_encoder: nn.Module, teacher, dtype: torch.dtype,
+                 teacher_features=None) -> dict[str, float]:
         """Run on every rank at the same step; returns the same values on every rank. `teacher_features`
         (t_enc, source, padding_mask) -> (tokens (B, E+T, D), token padding): how the model runs its
         teacher on a full input (data2vec 1: `Data2Vec1.teacher_features`, whose audio/text teacher runs
@@ -70,11 +71,12 @@ class KnnMonitor:
         out = {}
         # the teacher as its last EMA left it (a pending blend waited for), gathered as it runs
         with teacher.reading() as t_enc, rng_kept(self.dist.device), torch.no_grad(), eval_mode(student_encoder, t_enc):
-            if teacher_features is None:
-                local = None if t_enc.ema_local_encoder else student_encoder    # audio/text teacher: the student's CNN/embeddings
-                t_forward = lambda x, pad: pooled(t_enc, x, pad, pools, local)          # noqa: E731
-            else:
-                t_forward = lambda x, pad: pool_all(*teacher_features(t_enc, x, pad), t_enc.num_extra_tokens, pools)  # noqa: E731
+            local = None if t_enc.ema_local_encoder else student_encoder    # audio/text teacher: the student's CNN/embeddings
+
+            def t_forward(x, pad):
+                if teacher_features is None:
+                    return pooled(t_enc, x, pad, pools, local)
+                return pool_all(*teacher_features(t_enc, x, pad), t_enc.num_extra_tokens, pools)
             out.update(self._knn(lambda x, pad: pooled(student_encoder, x, pad, pools), dtype, "student"))
             out.update(self._knn(t_forward, dtype, "teacher"))
         self.seconds += time.perf_counter() - t0
