@@ -75,11 +75,13 @@ def seed_for(*parts: int) -> int:
 
 
 def step_masks(cfg, rows: int, grid: tuple[int, ...], step: int, micro: int, rank: int,
-               source: torch.Tensor | None = None) -> MaskInfo:
+               source: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None) -> MaskInfo:
     """The masks of micro-step (step, micro) on `rank` (cfg: the root Config), on the host. data2vec 1
-    (model.algorithm=data2vec): one mask per sample of `source` (host batch), no token bookkeeping."""
+    (model.algorithm=data2vec): one mask per sample of `source` (host batch), no token bookkeeping;
+    speech spans stay within each row's real frames (`padding_mask`: the batch's, True = pad)."""
     if cfg.model.algorithm == "data2vec":
-        return MaskInfo(d2v1_masks.draw(cfg, source, grid, seed_for(cfg.run.seed, step, micro, rank)), None, None)
+        seed = seed_for(cfg.run.seed, step, micro, rank)
+        return MaskInfo(d2v1_masks.draw(cfg, source, grid, seed, padding_mask), None, None)
     gen = torch.Generator().manual_seed(seed_for(cfg.run.seed, step, micro, rank))
     return MaskInfo.from_mask(sample_mask(cfg.mask, rows, grid, gen))
 
@@ -97,7 +99,8 @@ class AheadMasks:
         step, micro = divmod(index, self.accumulation)
         source = batch["source"]                                              # (B, ...) on the host
         info = step_masks(self.cfg, source.shape[0] * self.cfg.mask.clone_batch,
-                          token_grid(self.cfg, source.shape[-1]), step, micro, self.rank, source)
+                          token_grid(self.cfg, source.shape[-1]), step, micro, self.rank, source,
+                          batch.get("padding_mask"))
         batch.update({f: getattr(info, f) for f in MaskInfo.FIELDS}, mask_step=torch.tensor([step, micro]))
         return batch
 

@@ -58,7 +58,8 @@ def train_step(engine, teacher, batch: dict, cfg: Config, step: int, micro: int,
     torch.manual_seed(seed_for(cfg.run.seed, step, micro, dist.rank, 1))
     info = MaskInfo.from_mask(mask) if mask is not None else MaskInfo.from_batch(batch, step, micro)
     if info is None:
-        info = step_masks(cfg, x.shape[0] * M, encoder.token_shape(x, pad), step, micro, dist.rank, batch["source"])
+        info = step_masks(cfg, x.shape[0] * M, encoder.token_shape(x, pad), step, micro, dist.rank, batch["source"],
+                          batch.get("padding_mask"))
     info = info.to(dist.device)                                        # (B*M, T) masks and indices
     layer_keep = encoder.draw_layerdrop(seed_for(cfg.run.seed, step, micro))   # same on every rank
 

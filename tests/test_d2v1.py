@@ -1,6 +1,7 @@
 """data2vec 1 maskings against the reference generators' statistics (tests/assets/d2v1), the presets,
 and pretraining through the real trainer (2 ranks, ZeRO-3, resume)."""
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +38,44 @@ def test_span_mask_matches_compute_mask_indices():
     """fairseq compute_mask_indices(p 0.65, length 10, min_masks 1, require_same_masks) on 49 frames:
     every row masks the same count, close to the reference's for a batch of 256."""
     ref = stats("audio")["masked_per_row"].numpy()
-    legacy = np.random.RandomState(0)
-    raw = masks.span_mask((256, 49), [49] * 256, 0.65, 10, 1, legacy)
+    raw = masks.span_mask([49] * 256, 49, 0.65, 10, 1, np.random.default_rng(0))
     same = masks.same_count(raw.copy(), np.random.default_rng(0))
     assert len(set(same.sum(1))) == 1 and len(set(ref)) == 1
     assert abs(int(same.sum(1)[0]) - int(ref[0])) <= 4
     assert ((raw & ~same).sum(1) >= 0).all() and not (same & ~raw).any()      # trimming only removes
+
+
+def test_span_masks_of_a_padded_batch_lie_within_each_rows_real_frames():
+    """data2vec_audio passes the frame padding to compute_mask_indices: each row's spans are drawn over
+    its own real frames (none in the padding) and `require_same_masks` trims to the row with the fewest
+    real masked frames. Rows of 49, 30, 19 and 12 real frames of 49: the 12-frame row draws one span
+    (min_masks 1; 0.65 x 12 / 10 < 1) of 10 frames starting in [0, 2), so every row ends with 10."""
+    from d2v_scale.masking import AheadMasks, step_masks
+    cfg = get_preset("d2v1_audio_base_debug")
+    source = torch.randn(4, 16_000)
+    pad = torch.zeros(4, 16_000, dtype=torch.bool)
+    for i, n in enumerate((16_000, 9920, 6400, 4000)):                       # 49, 30, 19, 12 frames
+        pad[i, n:] = True
+    real = torch.tensor([49, 30, 19, 12])
+    frames = torch.arange(49)[None] >= real[:, None]                          # (4, 49) True = padding
+    for step in range(50):
+        mask = step_masks(cfg, 4, (49,), step, 0, 0, source, pad).mask        # (4, 49)
+        assert mask.shape == (4, 49) and not bool((mask & frames).any())
+        assert mask.sum(1).tolist() == [10, 10, 10, 10]
+        short = np.flatnonzero(mask[3].numpy())
+        assert short[0] in (0, 1) and list(short) == list(range(short[0], short[0] + 10))
+    ahead = AheadMasks(cfg, 0, 1)({"source": source, "padding_mask": pad}, 7)   # the loader workers' draw
+    assert torch.equal(ahead["mask"], step_masks(cfg, 4, (49,), 7, 0, 0, source, pad).mask)
+    # without require_same_masks a row's count depends on its real length alone, padded or not
+    rng = np.random.default_rng(0)
+    padded = masks.span_mask([30] * 2000, 49, 0.65, 10, 1, rng)
+    alone = masks.span_mask([30] * 2000, 30, 0.65, 10, 1, rng)
+    assert not padded[:, 30:].any() and abs(padded.sum(1).mean() - alone.sum(1).mean()) < 0.5
+    assert abs(padded[:, :30].mean(0) - alone.mean(0)).max() < 0.06            # the same positions favoured
+    # fairseq's start range is [0, len - span): spans end by frame len - 2, the last real frame stays visible
+    assert padded[:, 28].any() and not padded[:, 29].any()
+    with pytest.raises(masks.D2v1MaskError, match="every one of a row"):     # fairseq raises the same
+        masks.span_mask([12], 49, 0.99, 10, 8, np.random.default_rng(0))
 
 
 def test_bert_mask_matches_mask_tokens_dataset():
@@ -80,6 +113,67 @@ def test_presets_name_their_source():
     assert (text.model.d2v1.head_layers, text.model.d2v1.loss_beta, text.mask.mask_prob) == (2, 4.0, 0.35)
 
 
+def test_the_knn_monitor_reads_the_data2vec_1_teacher_on_the_students_copied_modules():
+    """What the kNN monitor pools for the teacher (`extract_features` with the student lending the modules
+    the EMA copies): with the teacher still the student's copy it gives the student encoder's full-input
+    tokens in all three modalities (padded speech included); once the teacher's blocks move, its tokens
+    move with them (it runs the teacher)."""
+    from d2v_scale.d2v1.model import Data2Vec1
+    from d2v_scale.teacher import ReplicatedTeacher
+    speech_pad = torch.zeros(2, 16_000, dtype=torch.bool)
+    speech_pad[1, 9920:] = True
+    cases = [("d2v1_vit_base_patch16_debug", torch.randn(2, 3, 32, 32), None),
+             ("d2v1_audio_base_debug", torch.randn(2, 16_000), speech_pad),
+             ("d2v1_text_base_debug", torch.randint(4, 50, (2, 16)), None)]
+    for name, x, pad in cases:
+        cfg = get_preset(name)
+        if cfg.model.text:
+            cfg.model.text.vocab_size = 60
+        torch.manual_seed(0)
+        model = Data2Vec1(cfg.model).eval()
+        teacher = ReplicatedTeacher(model.encoder, cfg.model)
+        with torch.no_grad():
+            tokens, t_pad = teacher.encoder.extract_features(x, pad, model.encoder)       # (B, E+T, D)
+            ref, ref_pad = model.encoder.extract_features(x, pad)
+            assert tokens.shape == ref.shape and torch.equal(tokens, ref), name
+            assert (t_pad is None) == (ref_pad is None) and (t_pad is None or torch.equal(t_pad, ref_pad))
+            teacher.encoder.blocks[-1].mlp.fc2.weight.mul_(2)
+            assert not torch.allclose(teacher.encoder.extract_features(x, pad, model.encoder)[0], ref), name
+
+
+def test_knn_monitor_runs_on_a_data2vec_1_speech_model(tmp_path):
+    """The kNN monitor of `--eval.every` on a data2vec 1 speech model (its teacher has no CNN or
+    positional convolution of its own) over padded batches of labelled tones: both encoders are
+    classified; with the teacher still the student's copy both give the same neighbours."""
+    import soundfile as sf
+    from helpers import BIN, child_env
+    from d2v_scale.d2v1.model import Data2Vec1
+    from d2v_scale.dist import Dist
+    from d2v_scale.evaluate import KnnMonitor, eval_shards
+    from d2v_scale.teacher import ReplicatedTeacher
+    (tmp_path / "wav").mkdir()
+    rows = []
+    for i in range(8):                                       # tones of two pitches, 1-1.7 s: padded batches
+        t = np.arange(int(16000 * (1 + i / 10))) / 16000
+        sf.write(tmp_path / "wav" / f"u{i}.wav", (0.3 * np.sin(2 * np.pi * (200 + 400 * (i % 2)) * t)).astype(np.float32),
+                 16000)
+        rows.append(f"u{i}.wav\t{'high' if i % 2 else 'low'}")
+    (tmp_path / "labels.tsv").write_text("\n".join(rows) + "\n")
+    res = subprocess.run([str(BIN / "d2v-shard"), "audio", str(tmp_path / "wav"), str(tmp_path / "as"), "--labels",
+                          str(tmp_path / "labels.tsv"), "--min_seconds", "0.5", "--workers", "1"],
+                         env=child_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    cfg = get_preset("d2v1_audio_base_debug")
+    cfg.eval.batch_size, cfg.eval.num_workers, cfg.eval.k = 4, 0, 3
+    torch.manual_seed(0)
+    model = Data2Vec1(cfg.model)
+    teacher = ReplicatedTeacher(model.encoder, cfg.model)
+    monitor = KnnMonitor(cfg, Dist(0, 1, 0, torch.device("cpu")), eval_shards(str(tmp_path / "as"), "audio", "--eval.data"))
+    out = monitor(model.encoder, teacher, torch.float32)
+    assert 0 < out["eval/knn_top1_student"] <= out["eval/knn_top5_student"] == 100
+    assert out["eval/knn_top1_teacher"] == out["eval/knn_top1_student"] and model.encoder.training
+
+
 D2V1_ARGS = ["--preset", "d2v1_vit_base_patch16_debug", "--data.num_workers=1", "--data.batch_size=4",
              "--run.log_every=1", "--optim.warmup_steps=2", "--run.save_every=4"]
 
@@ -108,18 +202,24 @@ def test_check_reads_init_from_against_the_data2vec_1_model(tmp_path):
 
 def test_d2v1_pretrains_on_two_ranks_zero3_and_resumes(image_shards, tmp_path):
     """data2vec 1 through the same trainer: 2 ranks with a ZeRO-3 student and a replicated teacher,
-    shards, checkpoints, a falling loss; on 1 rank (ZeRO-2) a run resumed at step 4 repeats the
-    uninterrupted one bitwise."""
-    def args(out, ds, *extra):
-        return ["train", "--data", str(image_shards), "--ds_config", f"ds_configs/{ds}.json", "--out", str(out),
-                "--optim.max_steps=8", *D2V1_ARGS, *extra]
+    shards, checkpoints, a falling loss, the kNN monitor on both encoders every 4 steps; a run resumed
+    at step 4 (2 ranks, ZeRO-3: the first step after the load records DeepSpeed's parameter trace,
+    the second fetches by it) repeats the uninterrupted one bitwise, kNN results included."""
+    def args(out, *extra):
+        return ["train", "--data", str(image_shards), "--ds_config", "ds_configs/zero3.json", "--out", str(out),
+                "--optim.max_steps=8", *D2V1_ARGS, "--eval.data", str(image_shards), "--eval.every=4",
+                "--eval.batch_size=16", *extra]
     full = tmp_path / "full"
-    out = run_d2v(args(full, "zero3"), nproc=2, timeout=600).stdout
+    out = run_d2v(args(full), nproc=2, timeout=600).stdout
     assert "d2v1_vit_base_patch16_debug" in out and "ZeRO-3" in out and "world 2" in out
     assert json.loads((full / "config.json").read_text())["model"]["algorithm"] == "data2vec"
     assert len(losses(full)) == 8 and losses(full)[-1] < losses(full)[0]
-    one = tmp_path / "one"
-    run_d2v(args(one, "zero2"))
-    resumed = run_d2v(args(rewound(one, tmp_path / "split", 4), "zero2", "--resume", "auto")).stdout
-    assert "resumed from" in resumed
-    assert losses(one) == losses(tmp_path / "split")
+    resumed = run_d2v(args(rewound(full, tmp_path / "split", 4), "--resume", "auto"), nproc=2, timeout=600).stdout
+    assert "resumed from" in resumed and "eval step 8: kNN top-1 student" in resumed
+    assert losses(full) == losses(tmp_path / "split")
+
+    def evals(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], {k: v for k, v in r.items() if k.startswith("eval/")}) for r in rows if "eval/knn_top1_teacher" in r]
+    assert [step for step, _ in evals(full)] == [4, 8] and evals(full) == evals(tmp_path / "split")
+    assert all(0 < e["eval/knn_top1_student"] <= e["eval/knn_top5_student"] for _, e in evals(full))

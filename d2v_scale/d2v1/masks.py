@@ -4,9 +4,12 @@
   MaskingGenerator`: rectangles of 16..max patches with log-uniform aspect ratio in [0.3, 1/0.3]
   added until `num_mask_patches` are covered (a rectangle must add 1..max new patches; after 10
   failed tries the image keeps what it has, so a few images end slightly under the target).
-* span (speech): wav2vec 2.0's spans, fairseq `data/data_utils.py: compute_mask_indices` (static
-  lengths, overlap allowed; the span drawing of models/ctc.py), then `require_same_masks`: every row
-  keeps as many masked frames as the row with the fewest, dropped at random.
+* span (speech): wav2vec 2.0's spans, fairseq `data/data_utils.py: compute_mask_indices` as
+  data2vec_audio calls it (static lengths, overlap allowed, the frame padding passed): each row draws
+  max(min_masks, int(p * len / span + U)) distinct starts in [0, len - span) over its own real length
+  `len` (the range widened to num + 1 starts when that leaves too few), spans clipped at `len`, so no
+  padded frame is masked; then `require_same_masks`: every row keeps as many masked frames as the
+  row with the fewest, dropped at random.
 * bert (text): fairseq `data/mask_tokens_dataset.py: MaskTokensDataset` with
   `mask_multiple_length`: int(p * T / span + U) starts, each masking `span` tokens; of those,
   `leave_unmasked_prob` stay as they are and `random_token_prob` become a random token. As in
@@ -23,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import D2VError
-from ..models.ctc import span_mask
+from ..models.audio import frames_for
 
 
 class D2v1MaskError(D2VError, ValueError):
@@ -55,6 +58,34 @@ def block_mask(grid: tuple[int, int], num_masking: int, min_patches: int, max_pa
             break
         count += delta
     return mask.reshape(-1)
+
+
+def span_mask(lengths: list[int], T: int, prob: float, span: int, min_masks: int,
+              rng: np.random.Generator) -> np.ndarray:
+    """(B, T) bool: the spans of each row within its real length (`lengths`, frames), as fairseq's
+    compute_mask_indices (mask_type static, no_overlap False) draws them."""
+    mask = np.zeros((len(lengths), T), dtype=bool)
+    for i, sz in enumerate(lengths):
+        num = max(min_masks, int(prob * sz / float(span) + rng.random()))
+        if num == 0:                                              # min_masks 0 on a short row
+            continue
+        low = span if sz - span > num else sz - num - 1           # fairseq: widen the start range when short
+        starts = rng.choice(sz - low, num, replace=False)                       # (num,)
+        idx = (starts[:, None] + np.arange(span)[None]).reshape(-1)             # (num * span,)
+        idx = np.unique(idx[idx < sz])
+        if len(idx) >= sz:
+            raise D2v1MaskError(f"mask.mask_prob={prob} x mask.mask_length={span} masks every one of a row's {sz} "
+                                "real frames: lower mask.mask_prob or raise data.min_sample_size")
+        mask[i, idx] = True
+    return mask
+
+
+def frame_lengths(cfg, padding_mask: torch.Tensor | None, B: int, T: int) -> list[int]:
+    """Real frames per row (the CNN's output length of each row's unpadded samples; T without padding)."""
+    if padding_mask is None:
+        return [T] * B
+    spec = cfg.model.audio.feature_encoder_spec
+    return [min(T, max(0, frames_for(spec, int(n)))) for n in (~padding_mask).sum(-1).tolist()]
 
 
 def same_count(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -90,8 +121,11 @@ def bert_mask(tokens: torch.Tensor, prob: float, span: int, leave_unmasked: floa
     return torch.from_numpy(code)
 
 
-def draw(cfg, source: torch.Tensor, grid: tuple[int, ...], seed: int) -> torch.Tensor:
-    """The masks of one micro-batch (cfg: the root Config): (B, T) bool, or the text code (int64)."""
+def draw(cfg, source: torch.Tensor, grid: tuple[int, ...], seed: int,
+         padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The masks of one micro-batch (cfg: the root Config): (B, T) bool, or the text code (int64).
+    padding_mask: the batch's (B, S) sample padding (True = pad), speech: spans within each row's
+    real frames."""
     d, B = cfg.model.d2v1, source.shape[0]
     rng = np.random.default_rng(seed)
     if d.masking == "block":
@@ -101,8 +135,8 @@ def draw(cfg, source: torch.Tensor, grid: tuple[int, ...], seed: int) -> torch.T
         return torch.from_numpy(np.stack(rows))
     if d.masking == "span":
         T = math.prod(grid)
-        legacy = np.random.RandomState(int(rng.integers(0, 2 ** 31)))
-        mask = span_mask((B, T), [T] * B, cfg.mask.mask_prob, cfg.mask.mask_length, d.min_masks, legacy)
+        lengths = frame_lengths(cfg, padding_mask, B, T)
+        mask = span_mask(lengths, T, cfg.mask.mask_prob, cfg.mask.mask_length, d.min_masks, rng)
         return torch.from_numpy(same_count(mask, rng) if d.require_same_masks else mask)
     if d.masking == "bert":
         t = cfg.model.text

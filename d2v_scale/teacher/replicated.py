@@ -113,6 +113,10 @@ class ReplicatedTeacher:
                     run.low.copy_(run.dst)
             return
         module = list(self.module.parameters())
+        # ZeRO-3: read the optimizer's fp32 master slices, never the student's parameters. Gathering them
+        # with deepspeed.zero.GatheredParameters re-partitions them on exit, persistent ones included, and
+        # a resumed run then stops in its second step with DeepSpeed's "tracing error ... expected the
+        # next 1 parameters in the parameter fetch queue" (tests/test_d2v1.py resumes under ZeRO-3)
         for idx in self.groups:  # one block at a time: the fp32 masters gathered, blended with foreach
             ema = [self.fp32[i] for i in idx]
             src = gather_masters([params[i] for i in idx], ema[0].device)
