@@ -8,7 +8,8 @@ changes no number: the teacher draws no random numbers).
 
 Loss (reference 4.1/4.2): per masked token, sum over D of (pred - target)^2 * s with
 s = loss_scale or 1/sqrt(D); the module returns the *summed* loss and `sample_size` (masked tokens
-on this rank), and the training step divides by the global masked count. The CLS term is
+on this rank: an int, or a device tensor when padding makes it data-dependent), and the training
+step divides by the global masked count. The CLS term is
 `cls_loss * sample_size * sum_rows,d (cls_pred - mean_t y)^2 * s`, exactly as fairseq weights it.
 """
 from __future__ import annotations
@@ -34,10 +35,15 @@ def init_bert(module: nn.Module) -> None:
             module.weight.data[module.padding_idx].zero_()
 
 
-def var_stats(x: torch.Tensor) -> torch.Tensor:
-    """(2*D + 1,) float64 [count, sum, sum of squares] of x (N, D), summable across ranks."""
+def var_stats(x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """(2*D + 1,) float64 [count, sum, sum of squares] of the rows of x (N, D) that `keep` (N,) bool
+    marks (None: all), summable across ranks."""
     x = x.detach().double()
-    n = torch.full((1,), x.shape[0], dtype=x.dtype, device=x.device)      # filled on the device: no copy
+    if keep is None:
+        n = torch.full((1,), x.shape[0], dtype=x.dtype, device=x.device)  # filled on the device: no copy
+    else:
+        n = keep.sum().to(x.dtype).reshape(1)                             # counted on the device
+        x = x * keep[:, None].to(x.dtype)                                 # (N, D) rows left out are 0
     return torch.cat([n, x.sum(0), (x * x).sum(0)])
 
 
@@ -67,14 +73,16 @@ class Data2Vec(nn.Module):
         self.encoder.set_grad_checkpointing(cfg.grad_checkpointing)
 
     def forward(self, source: torch.Tensor, mask: torch.Tensor | MaskInfo, teacher,
-                padding_mask: torch.Tensor | None = None, layer_keep: list[bool] | None = None) -> dict:
+                padding_mask: torch.Tensor | None = None, layer_keep: list[bool] | None = None,
+                padded: bool | None = None) -> dict:
         """source: (B, ...) batch; mask: (B*M, T) bool, True = masked, sample-major; teacher(source,
-        feats, padding_mask) -> (B, T, D) fp32 targets."""
+        feats, padding_mask) -> (B, T, D) fp32 targets; padded: whether the batch has padded tokens
+        (`encoder.has_padding`, decided on the host; None: found out here, a host wait on a GPU)."""
         info = mask if isinstance(mask, MaskInfo) else MaskInfo.from_mask(mask)
         M = info.mask.shape[0] // source.shape[0]
 
         # local features once per sample; the teacher may reuse them (audio, text)
-        feats, padding_mask = self.encoder.local_features(source, padding_mask)  # (B, T, D)
+        feats, padding_mask = self.encoder.local_features(source, padding_mask, padded)  # (B, T, D)
 
         # student: visible tokens of M clones, then the decoder over all positions
         pad_m = padding_mask.repeat_interleave(M, 0) if padding_mask is not None else None
@@ -86,22 +94,23 @@ class Data2Vec(nn.Module):
         with torch.no_grad():
             y = teacher(source, feats.detach(), padding_mask)                     # (B, T, D) fp32
 
-        # regression on masked tokens (rows sample-major: sample = row // M), in row-major order
-        if pad_m is None:            # exact-count masks: gathered at known sizes, no host round trip
-            idx = info.masked_positions()                                         # (B*M, T_m)
-            D = pred.shape[-1]
-            pred_m = torch.gather(pred, 1, idx[..., None].expand(-1, -1, D)).flatten(0, 1).float()  # (N, D)
-            idx_y = idx.reshape(source.shape[0], -1)                              # (B, M*T_m)
-            y_m = torch.gather(y, 1, idx_y[..., None].expand(-1, -1, D)).flatten(0, 1)              # (N, D)
-            sample_size = idx.numel()
-        else:                        # padded audio: a different count of real masked frames per row
-            rows, pos = (info.mask & ~pad_m).nonzero(as_tuple=True)
-            pred_m = pred[rows, pos].float()                                      # (N, D)
-            y_m = y[rows // M, pos]                                               # (N, D)
-            sample_size = rows.numel()
-        loss_reg = ((pred_m - y_m) ** 2).sum() * self.loss_scale
+        # regression on masked tokens (rows sample-major: sample = row // M), in row-major order:
+        # exact-count masks, gathered at known sizes; padded frames among them weigh 0 and are
+        # counted on the device (no `nonzero`: nothing sized by the data, no host round trip)
+        idx = info.masked_positions()                                             # (B*M, T_m)
+        D = pred.shape[-1]
+        pred_m = torch.gather(pred, 1, idx[..., None].expand(-1, -1, D)).flatten(0, 1).float()  # (N, D)
+        idx_y = idx.reshape(source.shape[0], -1)                                  # (B, M*T_m)
+        y_m = torch.gather(y, 1, idx_y[..., None].expand(-1, -1, D)).flatten(0, 1)              # (N, D)
+        err = (pred_m - y_m) ** 2                                                 # (N, D)
+        keep, sample_size = None, idx.numel()
+        if pad_m is not None:        # padded audio/text: a different count of real masked tokens per row
+            keep = ~torch.gather(pad_m, 1, idx).flatten()                         # (N,) True = a real token
+            err = torch.where(keep[:, None], err, 0.0)
+            sample_size = keep.sum()                                              # () int64, on the device
+        loss_reg = err.sum() * self.loss_scale
         out = {"loss_reg": loss_reg, "sample_size": sample_size,
-               "pred_stats": var_stats(pred_m), "target_stats": var_stats(y_m)}
+               "pred_stats": var_stats(pred_m, keep), "target_stats": var_stats(y_m, keep)}
 
         loss = loss_reg
         E = self.encoder.num_extra_tokens

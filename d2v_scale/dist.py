@@ -198,6 +198,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def device_scalar(v: int | float | torch.Tensor, device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    """() `dtype` on `device`: a host number filled there (no copy), a device count (the masked tokens
+    of a padded batch) converted there; neither is read back."""
+    if isinstance(v, torch.Tensor):
+        return v.to(dtype).reshape(())
+    return torch.full((), float(v), dtype=dtype, device=device)
+
+
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "reduce_scatter",
                 "reduce_scatter_tensor", "broadcast", "broadcast_object_list", "reduce", "gather", "scatter",
                 "all_to_all", "all_to_all_single", "barrier", "send", "recv", "isend", "irecv")

@@ -33,7 +33,8 @@ class MaskInfo:
     mask: torch.Tensor         # (B*M, T) bool, True = masked
     ids_keep: torch.Tensor     # (B*M, T_keep) positions fed to the encoder, in this order
     ids_restore: torch.Tensor  # (B*M, T) inverse of [ids_keep, ids_masked]: un-shuffles the decoder input
-    ids_masked: torch.Tensor | None = None   # (B*M, T - T_keep) masked positions, ascending (None: from mask)
+    ids_masked: torch.Tensor | None = None   # (B*M, T - T_keep) masked positions, ascending (None: from mask);
+    #                                          data2vec 1: (B, K) loss positions (d2v1/masks.py: loss_positions)
 
     FIELDS = ("mask", "ids_keep", "ids_restore", "ids_masked")
 
@@ -77,11 +78,11 @@ def seed_for(*parts: int) -> int:
 def step_masks(cfg, rows: int, grid: tuple[int, ...], step: int, micro: int, rank: int,
                source: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None) -> MaskInfo:
     """The masks of micro-step (step, micro) on `rank` (cfg: the root Config), on the host. data2vec 1
-    (model.algorithm=data2vec): one mask per sample of `source` (host batch), no token bookkeeping;
+    (model.algorithm=data2vec): one mask per sample of `source` (host batch) and its loss positions;
     speech spans stay within each row's real frames (`padding_mask`: the batch's, True = pad)."""
     if cfg.model.algorithm == "data2vec":
-        seed = seed_for(cfg.run.seed, step, micro, rank)
-        return MaskInfo(d2v1_masks.draw(cfg, source, grid, seed, padding_mask), None, None)
+        code = d2v1_masks.draw(cfg, source, grid, seed_for(cfg.run.seed, step, micro, rank), padding_mask)
+        return MaskInfo(code, None, None, d2v1_masks.loss_positions(code))
     gen = torch.Generator().manual_seed(seed_for(cfg.run.seed, step, micro, rank))
     return MaskInfo.from_mask(sample_mask(cfg.mask, rows, grid, gen))
 

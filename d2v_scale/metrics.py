@@ -18,7 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from .d2v import mean_std
-from .dist import all_reduce_sum
+from .dist import all_reduce_sum, device_scalar
 
 
 def _gemm_rate(n: int, device: torch.device, dtype: torch.dtype, seconds: float) -> float:
@@ -116,7 +116,7 @@ class Metrics:
         self.flops += flops
         loss = out["loss"].detach().double()
         vec = torch.stack([loss, out["loss_cls"].detach().double() if "loss_cls" in out else loss * 0,
-                           torch.full((), float(out["sample_size"]), dtype=loss.dtype, device=loss.device)])
+                           device_scalar(out["sample_size"], loss.device, loss.dtype)])
         self.sums = vec if self.sums is None else self.sums + vec
         self.samples += batch_size
         self.stats = (out["pred_stats"], out["target_stats"])

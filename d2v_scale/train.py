@@ -20,7 +20,7 @@ from . import dist as dist_mod
 from . import runlock
 from .config import Config
 from .data import build_loader
-from .dist import Dist, all_reduce_sum, print0
+from .dist import Dist, all_reduce_sum, device_scalar, print0
 from .dsconfig import bf16_accumulation_warning, matmul_dtype, zero_stage
 from .engine import build_engine
 from .evaluate import KnnMonitor
@@ -46,12 +46,13 @@ def train_step(engine, teacher, batch: dict, cfg: Config, step: int, micro: int,
     workers) or are drawn here, both from (seed, step, micro-step, rank); `mask` (B*M, T) replaces them
     (fairseq's precomputed_mask). `stop_flags` (2,) are this rank's signal flags, returned summed over
     ranks in out["stop"], on the device: nothing here waits for the device."""
+    encoder = engine.module.encoder
+    padded = encoder.has_padding(batch["source"], batch.get("padding_mask"))   # read on the host, where it was made
     x = batch["source"].to(dist.device, non_blocking=True)             # image (B,3,H,W) | audio (B,S) | text (B,T)
     if x.is_floating_point():
         x = x.to(dtype)
-    pad = batch.get("padding_mask")
+    pad = batch.get("padding_mask") if padded else None
     pad = pad.to(dist.device, non_blocking=True) if pad is not None else None
-    encoder = engine.module.encoder
     M = cfg.mask.clone_batch
 
     # masks and dropout: reproducible from (seed, step, micro-step, rank)
@@ -65,13 +66,12 @@ def train_step(engine, teacher, batch: dict, cfg: Config, step: int, micro: int,
 
     # forward: student on the visible tokens of M clones, teacher targets once per sample
     set_lr(engine.optimizer, lr_at(step, cfg.optim))
-    out = engine(x, info, teacher if targets is None else (lambda *_: targets), pad, layer_keep)
+    out = engine(x, info, teacher if targets is None else (lambda *_: targets), pad, layer_keep, padded=padded)
 
     # loss = mean over every masked token on every rank (DeepSpeed averages gradients over ranks);
     # the same all-reduce carries the stop-signal flags, so every rank learns of a signal together
     flags = stop_flags.tolist() if stop_flags is not None else [0.0, 0.0]
-    counts = all_reduce_sum(torch.stack([torch.full((), float(v), device=dist.device)      # filled on the
-                                         for v in [out["sample_size"], *flags]]))           # device: no copy
+    counts = all_reduce_sum(torch.stack([device_scalar(v, dist.device) for v in [out["sample_size"], *flags]]))
     out["stop"] = counts[1:]
     loss = out["loss"] * dist.world / counts[0].clamp_min(1)
 

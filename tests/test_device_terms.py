@@ -137,21 +137,64 @@ def test_host_sync_check_sees_what_waits_on_a_gpu():
         t.repeat_interleave(2)
 
 
+SYNC_CASES = ["vit_base_patch16_debug", "audio_base_debug", "audio_base_debug:padded", "text_base_debug:padded",
+              "d2v1_vit_base_patch16_debug", "d2v1_audio_base_debug:padded", "d2v1_text_base_debug:padded"]
+
+
 @pytest.mark.timeout(600)
 def test_the_step_makes_no_host_wait():
     """Two micro-steps (one at the accumulation boundary) of the real step through the ZeRO-2 engine,
-    under HostSyncCheck: the student's forward, the loss, the teacher's targets, the step's own code and
-    the metrics' accumulation read nothing back from the device and copy nothing to it blocking (on
-    today's main: the sample count's new_tensor twice per micro-step, the metrics' loss count).
-    DeepSpeed's own waits in its backward and optimizer step are listed apart."""
+    one rank, under HostSyncCheck, for data2vec 2.0 (image, audio, audio padded, text padded) and
+    data2vec 1 (image, audio padded, text padded): the student's forward, the loss, the teacher's
+    targets, the step's own code and the metrics' accumulation read nothing back from the device and
+    copy nothing to it blocking. Before: the sample count's new_tensor, the metrics' loss count; the
+    text encoders' `bool(pad.any())`, padded audio's frame-length check and `nonzero`, the targets'
+    padding check; data2vec 1's `x[masked]`, `y[masked]` and `int(masked.sum())`. Whether a batch pads
+    is read from the loader's host tensors. DeepSpeed's own waits in its backward and optimizer step
+    are listed apart."""
     res = run_group([sys.executable, str(ROOT / "tests" / "probes" / "sync_probe.py"), "ds_configs/zero2.json",
-                     "vit_base_patch16_debug", "audio_base_debug"], timeout=500, env=child_env(DS_ACCELERATOR="cpu"))
+                     *SYNC_CASES], timeout=550, env=child_env(DS_ACCELERATOR="cpu"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 2
+    assert [r["preset"] for r in rows] == SYNC_CASES
     for row in rows:
         assert row["step"] == [], row
         assert row["global_steps"] == 2
+
+
+def test_padding_is_decided_on_the_host_as_the_model_finds_it():
+    """`has_padding` on the loader's host tensors says what the encoders would find on the device:
+    audio by the CNN's frame-length rule (a few padded samples that lose no frame pad nothing), text
+    by its `<pad>` ids; with the answer passed down, no frame or token padding mask is asked for."""
+    from d2v_scale.config import with_vocab
+    from d2v_scale.models import build_encoder
+    from d2v_scale.tools.host_sync import HostSyncCheck
+    torch.manual_seed(0)
+    for preset in ["audio_base_debug", "d2v1_audio_base_debug"]:
+        cfg = get_preset(preset)
+        enc = build_encoder(cfg.model)
+        S = 16000
+        source = torch.randn(2, S)
+        for short in [0, 1, 2, 319, 320, 321, 8000]:             # the CNN's total stride is 320 samples
+            pad = torch.zeros(2, S, dtype=torch.bool)
+            pad[1, S - short:] = True
+            found = enc.local_features(source, pad)[1]             # padded=None: read back from the device
+            assert enc.has_padding(source, pad) == (found is not None), short
+            with HostSyncCheck("cpu", host=[source, pad]):
+                padded = enc.has_padding(source, pad)
+                mine = enc.local_features(source, pad, padded)[1]
+            assert (mine is None) == (found is None) and (found is None or torch.equal(mine, found)), short
+    for preset in ["text_base_debug", "d2v1_text_base_debug"]:
+        cfg = with_vocab(get_preset(preset))
+        enc = build_encoder(cfg.model)
+        ids = torch.randint(4, cfg.model.text.vocab_size, (2, 16))
+        for tail in [0, 3]:
+            ids[1, 16 - tail:] = cfg.model.text.pad_idx
+            with HostSyncCheck("cpu", host=[ids]):
+                padded = enc.has_padding(ids)
+                pad = enc.local_features(ids, None, padded)[1]
+            assert padded == (tail > 0) and (pad is None) == (tail == 0)
+            assert pad is None or pad.sum() == tail
 
 
 def test_the_peak_is_the_best_size_and_an_efficiency_above_one_is_never_a_number(monkeypatch):

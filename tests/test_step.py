@@ -87,6 +87,32 @@ def test_gathered_loss_is_bitwise_the_indexed_one():
     assert torch.equal(MaskInfo(mask, info.ids_keep, info.ids_restore).masked_positions(), idx)
 
 
+def test_weighted_losses_are_the_indexed_ones():
+    """Where the count of scored tokens varies by row (padded data2vec 2.0 batches; data2vec 1's masks)
+    the loss gathers a fixed count and weighs the rest 0: the scored rows are those indexing selects,
+    in its order, and the loss, the count and the variance statistics equal the indexed ones."""
+    from d2v_scale.d2v import var_stats
+    from d2v_scale.d2v1.masks import loss_positions
+    from d2v_scale.d2v1.targets import regression_loss
+    cfg = with_vocab(get_preset("d2v1_text_base_debug")).model
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, 20, 8, generator=gen), torch.randn(3, 20, 8, generator=gen)
+    code = torch.randint(0, 4, (3, 20), generator=gen)                # text code: 1 = <mask> scores
+    code[2] = 0                                                        # a row with nothing scored
+    for mask in (code == 1, code):
+        scored = code == 1
+        ids = loss_positions(mask)                                     # (B, K), K = the most of any row
+        assert ids.shape == (3, int(scored.sum(1).max()))
+        keep = torch.gather(scored, 1, ids).flatten()                  # (B*K,)
+        pred = torch.gather(x, 1, ids[..., None].expand(-1, -1, 8)).flatten(0, 1)
+        tgt = torch.gather(y, 1, ids[..., None].expand(-1, -1, 8)).flatten(0, 1)
+        assert torch.equal(pred[keep], x[scored]) and torch.equal(tgt[keep], y[scored])
+        assert int(keep.sum()) == int(scored.sum())
+        assert torch.allclose(regression_loss(pred, tgt, cfg, keep), regression_loss(x[scored], y[scored], cfg),
+                              rtol=1e-6, atol=0)
+        assert torch.allclose(var_stats(pred, keep), var_stats(x[scored]), rtol=1e-12, atol=1e-12)
+
+
 def _transposing_block(conv, dim, x):
     """The fairseq formulation: conv on (B, C, *spatial), LayerNorm over channels moved last and back."""
     h = x.movedim(-1, 1).contiguous()

@@ -121,6 +121,20 @@ def bert_mask(tokens: torch.Tensor, prob: float, span: int, leave_unmasked: floa
     return torch.from_numpy(code)
 
 
+def loss_mask(code: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool, True = the token carries the loss (`<mask>`), from a mask or the text code."""
+    return code if code.dtype == torch.bool else code == 1
+
+
+def loss_positions(code: torch.Tensor) -> torch.Tensor:
+    """(B, K) int64: each row's loss positions in ascending order (the row-major order of `x[mask]`),
+    K the most of any row; a shorter row ends with positions that carry none. K is read from the
+    data: made on the host with the masks (the step gets them with the batch, nothing waits)."""
+    loss = loss_mask(code)
+    order = torch.argsort((~loss).to(torch.int8), dim=1, stable=True)     # (B, T) loss positions first
+    return order[:, : int(loss.sum(1).max())] if loss.numel() else order[:, :0]
+
+
 def draw(cfg, source: torch.Tensor, grid: tuple[int, ...], seed: int,
          padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The masks of one micro-batch (cfg: the root Config): (B, T) bool, or the text code (int64).

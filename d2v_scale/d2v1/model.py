@@ -17,8 +17,8 @@ VisionTransformerForCyclicalTraining` with the step of `beit/engine_for_cyclical
   embeddings and the embedding LayerNorm are copied). A copied module always equals the student's
   at the next forward, so the teacher runs the student's own modules there and keeps no copy.
 
-Returns the summed loss and `sample_size` (masked tokens on this rank); the training step divides
-by the global masked count, as fairseq's trainer does.
+Returns the summed loss and `sample_size` (masked tokens on this rank, a device tensor); the training
+step divides by the global masked count, as fairseq's trainer does.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from torch import nn
 from ..d2v import mean_std, var_stats
 from ..masking import MaskInfo
 from ..models import build_encoder
+from .masks import loss_mask, loss_positions
 from .targets import make_targets, regression_loss
 
 # encoder attributes the teacher does not hold (the student's are used): see the module docstring
@@ -61,30 +62,37 @@ class Data2Vec1(nn.Module):
         self.encoder.set_grad_checkpointing(cfg.grad_checkpointing)
 
     def forward(self, source: torch.Tensor, mask: torch.Tensor | MaskInfo, teacher,
-                padding_mask: torch.Tensor | None = None, layer_keep: list[bool] | None = None) -> dict:
-        """source: (B, ...) batch; mask: (B, T) bool (True = masked) or the text code (masks.py);
-        teacher: the EMA teacher (replicated or partitioned: teacher/), its blocks run by `teacher_layers`."""
+                padding_mask: torch.Tensor | None = None, layer_keep: list[bool] | None = None,
+                padded: bool | None = None) -> dict:
+        """source: (B, ...) batch; mask: (B, T) bool (True = masked) or the text code (masks.py), or
+        the step's MaskInfo (with its loss positions, made on the host); teacher: the EMA teacher
+        (replicated or partitioned: teacher/), its blocks run by `teacher_layers`; padded: as
+        `Data2Vec.forward`."""
         code = mask.mask if isinstance(mask, MaskInfo) else mask
-        masked = code.bool() if code.dtype == torch.bool else code == 1          # (B, T)
+        ids = mask.ids_masked if isinstance(mask, MaskInfo) else None
+        ids = ids if ids is not None else loss_positions(code)                   # (B, K) (here: a host wait)
+        masked = loss_mask(code)                                                  # (B, T)
         enc = self.encoder
-        student_source = source
+        feats, pad = enc.local_features(source, padding_mask, padded)            # (B, T, D), the batch's padding
+        clean = feats.detach()                                                    # what the teacher reads
         if code.dtype != torch.bool:                                             # text: random replacements
-            student_source = torch.where(code >= 2, code - 2, source)
-
-        feats, pad = enc.local_features(student_source, padding_mask)            # (B, T, D)
+            feats = enc.local_features(torch.where(code >= 2, code - 2, source), padding_mask, False)[0]
         if pad is not None:
             masked = masked & ~pad
         x, _ = enc(feats, None, 1, pad, layer_keep=layer_keep, mask=masked)      # (B, E+T, D)
         x = x[:, enc.num_extra_tokens:]                                           # (B, T, D)
         with torch.no_grad():
-            clean = feats if student_source is source else enc.local_features(source, padding_mask)[0]
-            y = make_targets(self.teacher_layers(teacher, source, clean.detach(), pad), self.cfg)
+            y = make_targets(self.teacher_layers(teacher, source, clean, pad), self.cfg)
 
-        pred = self.head(x[masked]).float()                                       # (N, D)
-        y_m = y[masked]                                                           # (N, D)
-        loss = regression_loss(pred, y_m, self.cfg)
-        out = {"loss": loss, "loss_reg": loss, "sample_size": int(masked.sum()),
-               "pred_stats": var_stats(pred), "target_stats": var_stats(y_m)}
+        # the loss positions, gathered at the host's count K; those left over (shorter rows, padding)
+        # weigh 0 and the count stays on the device: nothing sized by the data, no host round trip
+        D = x.shape[-1]
+        keep = torch.gather(masked, 1, ids).flatten()                             # (B*K,)
+        pred = self.head(torch.gather(x, 1, ids[..., None].expand(-1, -1, D))).float().flatten(0, 1)  # (B*K, D)
+        y_m = torch.gather(y, 1, ids[..., None].expand(-1, -1, y.shape[-1])).flatten(0, 1)          # (B*K, D)
+        loss = regression_loss(pred, y_m, self.cfg, keep)
+        out = {"loss": loss, "loss_reg": loss, "sample_size": keep.sum(),
+               "pred_stats": var_stats(pred, keep), "target_stats": var_stats(y_m, keep)}
         out["pred_var"] = mean_std(out["pred_stats"])
         out["target_var"] = mean_std(out["target_stats"])
         return out

@@ -39,13 +39,16 @@ def make_targets(layers: list[torch.Tensor], cfg) -> torch.Tensor:
     return y                                                              # (B, T, D) fp32
 
 
-def regression_loss(pred: torch.Tensor, y: torch.Tensor, cfg) -> torch.Tensor:
-    """pred, y: (N, D) -> the summed loss (the trainer divides by N); cfg: ModelConfig."""
+def regression_loss(pred: torch.Tensor, y: torch.Tensor, cfg, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """pred, y: (N, D) -> the summed loss over the rows `keep` (N,) bool marks (None: all) (the trainer
+    divides by their count); cfg: ModelConfig."""
     d = cfg.d2v1
     if d.loss_beta == 0:
         err = F.mse_loss(pred.float(), y, reduction="none")               # (N, D)
     else:
         err = F.smooth_l1_loss(pred.float(), y, reduction="none", beta=d.loss_beta)
+    if keep is not None:
+        err = torch.where(keep[:, None], err, 0.0)                        # (N, D) rows left out weigh 0
     D = pred.shape[-1]
     if d.loss_reduction == "mean":
         return err.sum() / D

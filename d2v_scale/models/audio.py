@@ -54,6 +54,26 @@ def frames_for(spec: str, n_samples: int) -> int:
     return conv_layers_out(spec, n_samples)[-1][3]
 
 
+def frames_padded(spec: str, padding_mask: torch.Tensor | None) -> bool:
+    """Whether a (B, S) sample padding mask (True = pad; a host tensor, read here) pads any frame of
+    the CNN's output: the shortest row's frame count, by the CNN's own length rule (torchaudio's
+    `ConvLayerBlock`: floor((n - k) / s) + 1, never below 0), under the full length's."""
+    if padding_mask is None:
+        return False
+    n, full = int((~padding_mask.cpu().numpy()).sum(-1).min()), frames_for(spec, padding_mask.shape[-1])
+    for _, k, s in parse_conv_spec(spec):
+        n = max(0, (n - k) // s + 1)
+    return n < full
+
+
+def frame_padding(lengths: torch.Tensor | None, frames: int, padded: bool | None) -> torch.Tensor | None:
+    """(B, T) frame padding mask (True = pad) from the CNN's frame lengths (B,), or None: no lengths,
+    or `padded` None and no length short of `frames` (read back: a host wait on a GPU)."""
+    if lengths is None or (padded is None and not bool((lengths < frames).any())):
+        return None
+    return torch.arange(frames, device=lengths.device)[None] >= lengths[:, None]   # (B, T)
+
+
 class Fp32LayerNorm(TransposedLayerNorm):
     """torchaudio's channel LayerNorm computed in fp32 (fairseq `Fp32LayerNorm`), same parameters."""
 
@@ -111,15 +131,18 @@ class AudioEncoder(Encoder):
     def token_shape(self, source: torch.Tensor, padding_mask=None) -> tuple[int]:
         return (self.num_frames(source.shape[-1]),)
 
-    def local_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        """(B, S) waveform -> (B, T, D) features, (B, T) frame padding mask (True = pad) or None."""
-        lengths = None if padding_mask is None else (~padding_mask).sum(-1)
+    def has_padding(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> bool:
+        return frames_padded(self.spec, padding_mask)
+
+    def local_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                       padded: bool | None = None):
+        """(B, S) waveform -> (B, T, D) features, (B, T) frame padding mask (True = pad) or None:
+        None when `padded` is False (decided on the host), or, `padded` None, when no frame length read
+        back is short (a host wait on a GPU)."""
+        lengths = None if padding_mask is None or padded is False else (~padding_mask).sum(-1)
         x, lengths = self.feature_extractor(source, lengths)               # (B, T, C)
         x = self.feature_proj(self.feature_norm(x))                         # (B, T, D)
-        frame_pad = None
-        if lengths is not None and bool((lengths < x.shape[1]).any()):
-            frame_pad = torch.arange(x.shape[1], device=x.device)[None] >= lengths[:, None]   # (B, T)
-        return x, frame_pad
+        return x, frame_padding(lengths, x.shape[1], padded)
 
     def _alibi(self, pos: torch.Tensor, dtype) -> torch.Tensor | None:
         """-|p_i - p_j| * slope_h * clamp(scale_h, 0) for the kept positions pos (B', N) -> (B', H, N, N)."""
@@ -142,9 +165,8 @@ class AudioEncoder(Encoder):
             idx = ids_keep[..., None].expand(-1, -1, D)
             x = torch.gather(x, 1, idx) + torch.gather(x_pos, 1, idx)        # (B*M, T_keep, D)
             pos = ids_keep
-            if padding_mask is not None:
-                padding_mask = torch.gather(padding_mask, 1, ids_keep)
-                padding_mask = padding_mask if bool(padding_mask.any()) else None
+            if padding_mask is not None:                                      # kept even if no kept frame pads:
+                padding_mask = torch.gather(padding_mask, 1, ids_keep)        # asking would wait (B*M, T_keep)
         bias = self._alibi(pos, x.dtype)
         return self.pre_drop(self.norm_pre(x)), bias, padding_mask
 

@@ -54,7 +54,7 @@ class ImageEncoder(Encoder):
     def token_shape(self, source: torch.Tensor, padding_mask=None) -> tuple[int, int]:
         return self.grid
 
-    def local_features(self, source: torch.Tensor, padding_mask=None):
+    def local_features(self, source: torch.Tensor, padding_mask=None, padded=None):
         return self.patch_embed(source), None                                   # (B, T, D)
 
     def embed(self, feats, ids_keep, clones, padding_mask):

@@ -50,10 +50,15 @@ class RobertaEncoder(Data2Vec1Encoder):
     def token_shape(self, source: torch.Tensor, padding_mask=None) -> tuple[int]:
         return (source.shape[-1],)
 
-    def local_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        """(B, T) token ids -> (B, T, D) token embeddings, padding mask (True = pad) or None."""
+    def has_padding(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> bool:
+        return bool((source.cpu().numpy() == self.pad_idx).any())          # the loader's ids, read on the host
+
+    def local_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                       padded: bool | None = None):
+        """(B, T) token ids -> (B, T, D) token embeddings, padding mask (True = pad) or None (as
+        `TextEncoder.local_features`)."""
         pad = source.eq(self.pad_idx)
-        return self.embed_tokens(source), (pad if bool(pad.any()) else None)  # (B, T, D)
+        return self.embed_tokens(source), (pad if padded or (padded is None and bool(pad.any())) else None)  # (B, T, D)
 
     def embed(self, feats, mask, clones, padding_mask):
         x = feats.repeat_interleave(clones, dim=0) if clones > 1 else feats  # (B*M, T, D)

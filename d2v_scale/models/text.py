@@ -34,20 +34,24 @@ class TextEncoder(Encoder):
     def token_shape(self, source: torch.Tensor, padding_mask=None) -> tuple[int]:
         return (source.shape[-1],)
 
-    def local_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        """(B, T) token ids -> (B, T, D), padding mask (True = pad) or None."""
+    def has_padding(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> bool:
+        return bool((source.cpu().numpy() == self.pad_idx).any())          # the loader's ids, read on the host
+
+    def local_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                       padded: bool | None = None):
+        """(B, T) token ids -> (B, T, D), padding mask (True = pad) or None: None when `padded` is
+        False (decided on the host), or, `padded` None, when no id is the pad id (a host wait on a GPU)."""
         not_pad = source.ne(self.pad_idx)
         positions = torch.cumsum(not_pad, dim=1) * not_pad + self.pad_idx   # fairseq make_positions
         x = self.embed_tokens(source) + self.embed_positions(positions)     # (B, T, D)
         x = self.embed_drop(self.norm_embed(x))
         pad = ~not_pad
-        return x, (pad if bool(pad.any()) else None)
+        return x, (pad if padded or (padded is None and bool(pad.any())) else None)
 
     def embed(self, feats, ids_keep, clones, padding_mask):
         x = feats.repeat_interleave(clones, dim=0) if clones > 1 else feats  # (B*M, T, D)
         if ids_keep is not None:
             x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))  # (B*M, T_keep, D)
-            if padding_mask is not None:
-                padding_mask = torch.gather(padding_mask, 1, ids_keep)
-                padding_mask = padding_mask if bool(padding_mask.any()) else None
+            if padding_mask is not None:                                      # kept even if no kept token pads:
+                padding_mask = torch.gather(padding_mask, 1, ids_keep)        # asking would wait (B*M, T_keep)
         return self.pre_drop(x), None, padding_mask

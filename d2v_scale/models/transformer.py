@@ -116,8 +116,12 @@ class Encoder(nn.Module):
     """Modality encoder: `local_features` (patch conv / CNN / embeddings) + `embed` + blocks.
 
     Subclasses implement
-      * `local_features(source, padding_mask) -> (feats (B, T, D), frame_padding_mask | None)`,
-        computed once per sample (the teacher of audio/text reuses the student's);
+      * `local_features(source, padding_mask, padded) -> (feats (B, T, D), frame_padding_mask | None)`,
+        computed once per sample (the teacher of audio/text reuses the student's); `padded` is
+        `has_padding`'s answer (the training step's), or None to find it out from the tensors (a wait
+        on a GPU: evaluation, fine-tuning);
+      * `has_padding(source, padding_mask) -> bool`: whether any token of a batch is padding, read
+        from the host tensors the loader made (free there), so the step never asks the device;
       * `embed(feats, ids_keep, clones, padding_mask) -> (x, bias, padding_mask)`: positions,
         cloning x`clones` (sample-major), keeping the visible tokens `ids_keep` (B*M, T_keep),
         extra (CLS) tokens and the embedding LayerNorm/dropout;
@@ -147,6 +151,10 @@ class Encoder(nn.Module):
     def token_shape(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> tuple[int, ...]:
         """The token grid masks are drawn on: (h, w) for images, (T,) for audio and text."""
         raise NotImplementedError
+
+    def has_padding(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> bool:
+        """Whether a batch (its host tensors, as the loader made them) has a padded token: images never."""
+        return False
 
     def draw_layerdrop(self, seed: int) -> list[bool] | None:
         """Which blocks run this step (None: all). Drawn from a seed shared by every rank, so that

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torchaudio.models.wav2vec2.components import ConvLayerBlock, FeatureExtractor
 
-from .audio import Fp32LayerNorm, frames_for, parse_conv_spec
+from .audio import Fp32LayerNorm, frame_padding, frames_for, frames_padded, parse_conv_spec
 from .data2vec1 import Data2Vec1Encoder, post_norm_blocks
 from .decoder import Conv1dChannelsLast, ConvBlock
 
@@ -81,9 +81,14 @@ class Wav2Vec2Encoder(Data2Vec1Encoder):
     def token_shape(self, source: torch.Tensor, padding_mask=None) -> tuple[int]:
         return (self.num_frames(source.shape[-1]),)
 
-    def local_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        """(B, S) waveform -> (B, T, D) features, (B, T) frame padding mask (True = pad) or None."""
-        lengths = None if padding_mask is None else (~padding_mask).sum(-1)
+    def has_padding(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> bool:
+        return frames_padded(self.spec, padding_mask)
+
+    def local_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                       padded: bool | None = None):
+        """(B, S) waveform -> (B, T, D) features, (B, T) frame padding mask (True = pad) or None (as
+        `AudioEncoder.local_features`)."""
+        lengths = None if padding_mask is None or padded is False else (~padding_mask).sum(-1)
         if self.feature_grad_mult > 0:
             x, lengths = self.feature_extractor(source, lengths)           # (B, T, C)
             if self.feature_grad_mult != 1.0:
@@ -92,10 +97,7 @@ class Wav2Vec2Encoder(Data2Vec1Encoder):
             with torch.no_grad():
                 x, lengths = self.feature_extractor(source, lengths)       # (B, T, C)
         x = self.feature_proj(self.feature_norm(x))                         # (B, T, D)
-        frame_pad = None
-        if lengths is not None and bool((lengths < x.shape[1]).any()):
-            frame_pad = torch.arange(x.shape[1], device=x.device)[None] >= lengths[:, None]   # (B, T)
-        return x, frame_pad
+        return x, frame_padding(lengths, x.shape[1], padded)
 
     def embed(self, feats, mask, clones, padding_mask):
         x = feats.repeat_interleave(clones, dim=0) if clones > 1 else feats  # (B*M, T, D)

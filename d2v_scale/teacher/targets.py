@@ -24,8 +24,9 @@ def decay_at(step: int, cfg) -> float:
 
 
 def _instance_norm(y: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
-    """Normalise each (sample, channel) over tokens, fp32, eps 1e-5; padded tokens excluded."""
-    if padding_mask is None or not bool(padding_mask.any()):
+    """Normalise each (sample, channel) over tokens, fp32, eps 1e-5; padded tokens excluded (a mask
+    is given only where some token pads: encoders return None otherwise, so nothing is asked here)."""
+    if padding_mask is None:
         return F.instance_norm(y.float().transpose(1, 2)).transpose(1, 2)
     keep = (~padding_mask).unsqueeze(-1).float()                          # (B, T, 1)
     n = keep.sum(1, keepdim=True)
