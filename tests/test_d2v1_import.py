@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import d2v1_golden_batch
 
 from d2v_scale.config import from_dict
 from d2v_scale.d2v1.model import Data2Vec1
@@ -92,12 +93,7 @@ def test_imported_checkpoint_gives_the_reference_features_and_loss(modality, tmp
     model = Data2Vec1(cfg.model)
     model.load_state_dict(student)                                 # strict: the whole student is there
     teacher = ReplicatedTeacher(model.encoder, cfg.model)          # the golden forward's teacher: a copy
-    if modality == "image":
-        source, mask = g["inputs"], g["bool_masked_pos"].flatten(1)
-    elif modality == "audio":
-        source, mask = g["inputs"], g["mask"]
-    else:
-        source, mask = g["tokens"], g["src_tokens"].eq(model.encoder.mask_idx)
+    source, mask = d2v1_golden_batch(modality, g, getattr(model.encoder, "mask_idx", -1))
     f = g["forward"]
     torch.use_deterministic_algorithms(True)
     try:
