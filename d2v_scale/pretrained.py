@@ -109,7 +109,7 @@ def read_encoder(path: str | Path, teacher: bool = False, tag: str | None = None
                            "import-fairseq, d2v finetune) or a data2vec checkpoint (fairseq 2.0 or 1, data2vec_vision)")
     with open(path, "rb") as f:
         magic = f.read(8)
-    if path.suffix == ".pt" or magic[:2] == b"PK":          # torch's zip format: a fairseq checkpoint
+    if path.suffix in (".pt", ".pth") or magic[:2] == b"PK":   # torch's zip format: a reference checkpoint
         return _from_fairseq(path, teacher)
     return _from_file(path, teacher)
 
