@@ -145,6 +145,12 @@ def test_imported_vision_checkpoint_continues_pretraining_and_fine_tunes(tmp_pat
     assert float(model(g["inputs"], mask, teacher)["loss"].detach()) < float(first["loss"].detach())
 
     enc = finetune_encoder(read_encoder(path), 0.1, 0)
+    # the same run saved through DeepSpeed (--enable_deepspeed: `module`, client state beside it)
+    ds = checkpoint("image", g)
+    torch.save({"module": ds.pop("model"), **ds}, tmp_path / "mp_rank_00_model_states.pt")
+    import_checkpoint(tmp_path / "mp_rank_00_model_states.pt", tmp_path / "ds.safetensors")
+    for a, b in zip(read_weights(path)[:2], read_weights(tmp_path / "ds.safetensors")[:2]):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     clf = Classifier(enc, cfg.model.embed_dim, 5).train()
     torch.nn.functional.cross_entropy(clf(g["inputs"]), torch.tensor([0, 1])).backward()
     assert enc.blocks[0].attn.qkv.weight.grad is not None
@@ -187,6 +193,17 @@ def test_refusals_name_the_problem(tmp_path):
     torch.save(t, tmp_path / "ft.pt")
     with pytest.raises(D2VError, match="fine-tuned head"):
         import_checkpoint(tmp_path / "ft.pt", tmp_path / "c.safetensors")
+    v = checkpoint("image", torch.load(ASSETS / "image_tiny.pt", weights_only=True))
+    del v["model"]["rel_pos_bias.relative_position_bias_table"], v["model"]["rel_pos_bias.relative_position_index"]
+    torch.save(v, tmp_path / "checkpoint-799.pth")
+    with pytest.raises(D2VError, match="without the shared relative position bias"):
+        import_checkpoint(tmp_path / "checkpoint-799.pth", tmp_path / "e.safetensors")
+    ft = {"module": {k: v for k, v in checkpoint("image", torch.load(ASSETS / "image_tiny.pt", weights_only=True))[
+        "model"].items() if not k.startswith("lm_head.")}, "epoch": 99, "ds_version": "0.5.8"}
+    ft["module"].update({"fc_norm.weight": torch.ones(64), "head.weight": torch.zeros(1000, 64)})
+    torch.save(ft, tmp_path / "mp_rank_00_model_states.pt")           # the released fine-tuned ViT-B
+    with pytest.raises(D2VError, match="data2vec_vision checkpoint with a fine-tuned head"):
+        import_checkpoint(tmp_path / "mp_rank_00_model_states.pt", tmp_path / "f.safetensors")
     (tmp_path / "trunc.pth").write_bytes((tmp_path / "a.pt").read_bytes()[:1000])
     with pytest.raises(D2VError, match="not a torch checkpoint or is truncated"):
         import_checkpoint(tmp_path / "trunc.pth", tmp_path / "d.safetensors")

@@ -11,7 +11,9 @@ Three containers (read with `torch.load(weights_only=True)` by fairseq.py's load
   (`encoder.lm_head.*` before the rename) and the EMA of the sentence encoder under `encoder._ema`.
 * data2vec_vision `beit/run_cyclical.py` (`utils.save_model`) `checkpoint-799.pth`: `model` (BEiT
   names: `rel_pos_bias`, `blocks.i.gamma_1/2`, `mask_token`, `lm_head`), `model_ema` (timm
-  `ModelEmaV2`'s model, the same names), `optimizer`, `scaler`, `epoch` and the `args` Namespace.
+  `ModelEmaV2`'s model, the same names), `optimizer`, `scaler`, `epoch` and the `args` Namespace;
+  with `--enable_deepspeed` DeepSpeed's `mp_rank_00_model_states.pt` holds the model as `module`
+  (fine-tuned ones, with `head` / `fc_norm`, are refused: their pretraining checkpoint imports).
 
 Sizes are read from the tensors; the recipe (targets, loss, masking, EMA) from the checkpoint's
 config; everything else is the published recipe's (presets.py). Key names: reference_keys.py.
@@ -49,11 +51,16 @@ def family(ckpt: dict) -> str | None:
     name = str(model_cfg(ckpt).get("_name", ""))
     if name in ("data2vec_audio", "data2vec_text"):
         return name
-    model = ckpt.get("model")
-    if (isinstance(model, dict) and "cfg" not in ckpt and "patch_embed.proj.weight" in model
-            and "lm_head.weight" in model):
+    model = _vision_state(ckpt)
+    if isinstance(model, dict) and "cfg" not in ckpt and "patch_embed.proj.weight" in model:
         return "data2vec_vision"
     return None
+
+
+def _vision_state(ckpt: dict):
+    """BEiT's model state: `model` (torch.save), or `module` (run with --enable_deepspeed:
+    `mp_rank_00_model_states.pt`)."""
+    return ckpt.get("model", ckpt.get("module"))
 
 
 def _refuse(fcfg: dict, what: str, **want) -> None:
@@ -146,12 +153,14 @@ def _vision_config(args: dict, sd: dict) -> Config:
     if args.get("layer_results", "end") != "end":
         raise ReferenceCheckpointError(f"data2vec_vision --layer_results {args['layer_results']!r}: d2v_scale's "
                                        "data2vec 1 vision targets are the block outputs (end, the released recipe)")
+    if "rel_pos_bias.relative_position_bias_table" not in sd:
+        raise ReferenceCheckpointError("data2vec_vision checkpoint without the shared relative position bias "
+                                       "(--disable_rel_pos_bias): d2v_scale's BEiT encoder has one, as the "
+                                       "released recipe does")
     D = sd["cls_token"].shape[-1]
     depth = _blocks(sd, r"blocks\.(\d+)\.")
-    shared = "rel_pos_bias.relative_position_bias_table" in sd
-    table = sd["rel_pos_bias.relative_position_bias_table" if shared else
-               "blocks.0.attn.relative_position_bias.relative_position_bias_table"]
-    side = (int(round((table.shape[0] - 3) ** 0.5)) + 1) // 2                  # (2g-1)^2 + 3 rows
+    table = sd["rel_pos_bias.relative_position_bias_table"]                  # ((2g-1)^2 + 3, heads)
+    side = (int(round((table.shape[0] - 3) ** 0.5)) + 1) // 2
     patch = sd["patch_embed.proj.weight"].shape[-1]
     targets = args.get("target_layers", "[]")
     try:
@@ -175,7 +184,7 @@ def _vision_config(args: dict, sd: dict) -> Config:
                                   in_chans=sd["patch_embed.proj.weight"].shape[1],
                                   layer_scale_init_value=float(args.get("layer_scale_init_value",
                                                                         m.image.layer_scale_init_value)),
-                                  shared_rel_pos_bias=shared, abs_pos_emb="pos_embed" in sd),
+                                  shared_rel_pos_bias=True, abs_pos_emb="pos_embed" in sd),
         d2v1=dataclasses.replace(
             m.d2v1, recipe="imported data2vec_vision run_cyclical.py checkpoint (optimizer and schedule: the "
                            "beit/README.md ViT-B command)", loss_beta=float(args.get("l1_beta", m.d2v1.loss_beta)),
@@ -197,7 +206,7 @@ def eval_list(text: str) -> list:
 
 def _student(ckpt: dict, name: str) -> tuple[dict, dict | None]:
     """(the student's reference state, the EMA teacher's or None)."""
-    sd = {k: v for k, v in dict(ckpt["model"]).items()}
+    sd = dict(_vision_state(ckpt) if name == "data2vec_vision" else ckpt["model"])
     if name == "data2vec_audio":
         return sd, sd.pop("_ema", None)
     if name == "data2vec_text":
