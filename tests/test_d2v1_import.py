@@ -128,6 +128,7 @@ def test_imported_vision_checkpoint_continues_pretraining_and_fine_tunes(tmp_pat
     g, _, path = imported("image", tmp_path)
     cfg = from_dict(read_weights(path)[2])
     assert cfg.model.image.img_size == 56 and cfg.model.average_top_k_layers == 2 and cfg.model.d2v1.loss_beta == 2.0
+    assert (cfg.teacher.ema_decay, cfg.teacher.ema_end_decay, cfg.teacher.ema_anneal_end_step) == (0.999, 0.9998, 0)
     cfg.run.init_from = str(path)
     check_init_from(cfg)
     torch.manual_seed(1)

@@ -164,7 +164,7 @@ def _vision_config(args: dict, sd: dict) -> Config:
     patch = sd["patch_embed.proj.weight"].shape[-1]
     targets = args.get("target_layers", "[]")
     try:
-        top = [int(i) for i in (eval_list(targets) if isinstance(targets, str) else targets)]
+        top = [int(i) for i in (_int_list(targets) if isinstance(targets, str) else targets)]
     except ValueError:
         top = []
     if top and top != list(range(depth - len(top), depth)):
@@ -197,8 +197,8 @@ def _vision_config(args: dict, sd: dict) -> Config:
     return c
 
 
-def eval_list(text: str) -> list:
-    """run_cyclical's `--target_layers "[6,7,...]"` (a Python list literal of ints)."""
+def _int_list(text: str) -> list[int]:
+    """run_cyclical's `--target_layers "[6,7,...]"` (a list literal of ints, read without eval)."""
     if not re.fullmatch(r"\s*\[\s*(\d+\s*(,\s*\d+\s*)*,?)?\s*\]\s*", text):
         raise ValueError(text)
     return [int(i) for i in re.findall(r"\d+", text)]
