@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .d2v1.checkpoints import family, from_checkpoint
 from .export import check_writable, write_weights
-from .fairseq import from_fairseq, load_fairseq_checkpoint
+from .fairseq import FairseqImportError, from_fairseq, load_fairseq_checkpoint
 
 
 def import_checkpoint(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> dict:
@@ -27,6 +27,10 @@ def import_checkpoint(ckpt: str | Path, out: str | Path, overwrite: bool = False
     check_writable(out, overwrite)
     raw = load_fairseq_checkpoint(ckpt)
     name = family(raw)
+    if name is None and not isinstance(raw.get("cfg"), dict):
+        raise FairseqImportError(f"{ckpt} is not a data2vec checkpoint: expected fairseq's ckpt['model'] and "
+                                 "ckpt['cfg']['model'] (data2vec_multi, data2vec_audio, data2vec_text) or "
+                                 "data2vec_vision's ckpt['model'] with BEiT names")
     if name is None:                       # fairseq data2vec 2.0 (its refusals name what is missing)
         model = from_fairseq(raw)
         cfg, tensors = model.cfg, dict(model.student.state_dict())

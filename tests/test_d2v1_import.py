@@ -205,6 +205,9 @@ def test_refusals_name_the_problem(tmp_path):
     torch.save(ft, tmp_path / "mp_rank_00_model_states.pt")           # the released fine-tuned ViT-B
     with pytest.raises(D2VError, match="data2vec_vision checkpoint with a fine-tuned head"):
         import_checkpoint(tmp_path / "mp_rank_00_model_states.pt", tmp_path / "f.safetensors")
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, tmp_path / "other.pth")
+    with pytest.raises(D2VError, match="is not a data2vec checkpoint: expected"):
+        import_checkpoint(tmp_path / "other.pth", tmp_path / "g.safetensors")
     (tmp_path / "trunc.pth").write_bytes((tmp_path / "a.pt").read_bytes()[:1000])
     with pytest.raises(D2VError, match="not a torch checkpoint or is truncated"):
         import_checkpoint(tmp_path / "trunc.pth", tmp_path / "d.safetensors")
