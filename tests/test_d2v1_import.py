@@ -19,6 +19,7 @@ from d2v_scale.errors import D2VError
 from d2v_scale.export import read_weights
 from d2v_scale.imports import import_checkpoint
 from d2v_scale.models.beit import relative_position_index
+from d2v_scale.preflight import check_init_from
 from d2v_scale.teacher import ReplicatedTeacher
 
 ASSETS = Path(__file__).parent / "assets" / "d2v1"
@@ -109,6 +110,11 @@ def test_imported_checkpoint_gives_the_reference_features_and_loss(modality, tmp
     loss = out["loss"] / out["sample_size"] if modality == "image" else out["loss"]
     assert rel(loss.detach(), f["loss"]) < 1e-5
 
+    # `d2v check` reads the file against the model its config builds (speech and text: a teacher
+    # without the CNN / embeddings it never runs)
+    cfg.run.init_from = str(path)
+    check_init_from(cfg)
+
     # the teacher in the file is the checkpoint's EMA (fairseq: what it tracks; vision: the whole encoder)
     ema = g["teacher_after_ema"] if modality != "image" else g["student_state_dict"]
     ref = from_reference(modality, ema, teacher=True)
@@ -122,7 +128,6 @@ def test_imported_vision_checkpoint_continues_pretraining_and_fine_tunes(tmp_pat
     training step; --init as `d2v finetune` reads it (encoder, drop-path ramp, classifier, backward)."""
     from d2v_scale.engine import load_init_weights
     from d2v_scale.models import Classifier
-    from d2v_scale.preflight import check_init_from
     from d2v_scale.pretrained import finetune_encoder, read_encoder
 
     g, _, path = imported("image", tmp_path)
@@ -212,3 +217,15 @@ def test_refusals_name_the_problem(tmp_path):
     with pytest.raises(D2VError, match="not a torch checkpoint or is truncated"):
         import_checkpoint(tmp_path / "trunc.pth", tmp_path / "d.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".safetensors") == ["out.safetensors"]
+
+
+def test_check_reads_a_data2vec_2_speech_import_whose_teacher_has_no_cnn(tmp_path):
+    """The fairseq data2vec 2.0 speech teacher never runs the CNN (ema_local_encoder=False): the
+    imported file has none, and `d2v check` does not ask for one."""
+    g = torch.load(Path(__file__).parent / "assets" / "audio_tiny.pt", weights_only=True)
+    torch.save({"model": {**g["student_state_dict"], "_ema": g["teacher_state_dict"]},
+                "cfg": {"model": json.loads(g["config"])}}, tmp_path / "checkpoint_best.pt")
+    import_checkpoint(tmp_path / "checkpoint_best.pt", tmp_path / "w.safetensors")
+    cfg = from_dict(read_weights(tmp_path / "w.safetensors")[2])
+    cfg.run.init_from = str(tmp_path / "w.safetensors")
+    check_init_from(cfg)
