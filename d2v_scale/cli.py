@@ -33,8 +33,8 @@ from .dsconfig import bf16_accumulation_warning
 from .errors import D2VError, argument_with_url_credentials, one_line, url_credentials_refusal
 from .evaluate import probe as run_probe
 from .export import export_run
-from .fairseq import import_fairseq as run_import_fairseq
 from .hf import export_hf, import_hf as run_import_hf
+from .imports import import_checkpoint as run_import_fairseq
 from .finetune import finetune as run_finetune
 from .preflight import finetune_preflight, preflight
 from .presets import FINETUNE_PRESETS, build_config, finetune_preset_for
@@ -245,9 +245,10 @@ def reshard(run_dir: str, tag: str | None = None) -> None:
 
 
 def import_fairseq(ckpt: str, out: str, overwrite: bool = False) -> None:
-    """Convert a fairseq data2vec 2.0 checkpoint into a weights file (for --init or --run.init_from).
+    """Convert a data2vec 2.0 or data2vec 1 reference checkpoint into a weights file (for --init or --run.init_from).
 
-      CKPT                   the fairseq checkpoint (.pt)
+      CKPT                   fairseq data2vec_multi / data2vec_audio / data2vec_text checkpoint_best.pt,
+                             or data2vec_vision run_cyclical.py checkpoint-799.pth (read weights-only)
       OUT                    the .safetensors file to write
       --overwrite            replace an existing OUT"""
     print(json.dumps(run_import_fairseq(ckpt, out, overwrite), indent=1))

@@ -6,9 +6,11 @@ A fairseq checkpoint holds `ckpt["cfg"]["model"]` (the resolved `Data2VecMultiCo
 source batch and a precomputed (B*M, T) mask and returns fairseq's summed `loss`, `sample_size`,
 `pred_var` and `target_var`. Key names map one to one (reference 8.2-8.4); the prenet blocks
 (`context_encoder.blocks.j`) come first in `encoder.blocks`, then the shared ones.
+`load_fairseq_checkpoint` reads any reference checkpoint weights-only (`d2v import-fairseq`: imports.py).
 """
 from __future__ import annotations
 
+import argparse
 import pickle
 import re
 from pathlib import Path
@@ -21,7 +23,6 @@ from .config import (AudioConfig, Config, DecoderConfig, ImageConfig, MaskConfig
                      TeacherConfig, TextConfig)
 from .d2v import Data2Vec
 from .errors import D2VError, one_line
-from .export import check_writable, write_weights
 from .pickles import foreign_globals
 from .teacher import ReplicatedTeacher
 
@@ -195,7 +196,8 @@ def load_fairseq_checkpoint(path: str | Path) -> dict:
     refusal is one line with the fix."""
     if not Path(path).is_file():
         raise FairseqImportError(f"{path} not found; give the path of a fairseq checkpoint (checkpoint_best.pt)")
-    safe = [np.dtype, type(np.dtype("float64")), type(np.dtype("int64"))]
+    safe = [np.dtype, type(np.dtype("float64")), type(np.dtype("int64")),
+            argparse.Namespace]           # the `args` of data2vec_vision and older fairseq checkpoints
     core = getattr(np, "_core", None) or np.core                           # numpy >= 2 names it _core
     safe.append(core.multiarray.scalar)
     with torch.serialization.safe_globals(safe):
@@ -227,15 +229,3 @@ def load_fairseq_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict):
         raise FairseqImportError(f"{path} holds a {type(ckpt).__name__}, not a fairseq checkpoint dict")
     return ckpt
-
-
-def import_fairseq(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> dict:
-    """`d2v import-fairseq`: a fairseq checkpoint -> a d2v_scale weights file (student + teacher); an
-    existing OUT only replaced with `overwrite`."""
-    check_writable(out, overwrite)
-    model = from_fairseq(load_fairseq_checkpoint(ckpt))
-    tensors = dict(model.student.state_dict())
-    tensors.update({f"teacher.{k}": v for k, v in model.teacher.state_dict().items()})
-    write_weights(out, tensors, model.cfg.to_dict(), "model")
-    return {"out": str(out), "modality": model.cfg.model.modality, "tensors": len(tensors),
-            "student_params": sum(p.numel() for p in model.student.parameters())}

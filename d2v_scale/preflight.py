@@ -168,7 +168,10 @@ def check_init_from(cfg: Config) -> None:
     with torch.device("meta"):                                  # shapes only: no memory, no init
         model = Data2Vec1(cfg.model) if cfg.model.algorithm == "data2vec" else Data2Vec(cfg.model, cfg.mask.mask_noise_std)
         want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    encoder = {k[len("encoder."):]: v for k, v in want.items() if k.startswith("encoder.")}
+    enc = model.encoder                                         # the teacher holds no local modules it never runs
+    skip = () if enc.ema_local_encoder else tuple(enc.local_modules)
+    encoder = {k[len("encoder."):]: v for k, v in want.items()
+               if k.startswith("encoder.") and k.split(".")[1] not in skip}
     unexpected = sorted(set(student) - set(want))
     missing = sorted(k for k in want if k.startswith("encoder.") and k not in student)
     shapes = [f"{k} {student[k]} (model {want[k]})" for k in sorted(set(student) & set(want)) if student[k] != want[k]]

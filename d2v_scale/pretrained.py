@@ -1,6 +1,7 @@
 """`load_encoder(path)`: a pretrained encoder for downstream use, from any weights d2v_scale reads:
 a weights file (`d2v export`, `d2v import-fairseq`, `d2v finetune`), a run directory (any ZeRO stage,
-via checkpoint.py) or a fairseq data2vec 2.0 checkpoint; student or EMA teacher. The forward is
+via checkpoint.py), a fairseq data2vec 2.0 checkpoint or a data2vec 1 one (fairseq data2vec_audio /
+data2vec_text, data2vec_vision: d2v1/checkpoints.py); student or EMA teacher. The forward is
 fairseq's `extract_features(mask=False)`, as its fine-tuning models use (`mae_image_classification.py`).
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 from .checkpoint import CKPT_DIR, CheckpointError, consolidated_state, pick_tag, read_teacher_state
 from .config import Config, ConfigError, from_dict
 from .d2v import Data2Vec
+from .d2v1.checkpoints import family, from_checkpoint
 from .errors import one_line
 from .export import WeightsError, read_weights, read_weights_config
 from .fairseq import from_fairseq, load_fairseq_checkpoint
@@ -63,6 +65,12 @@ def _from_run(run_dir: Path, teacher: bool, tag: str | None) -> EncoderWeights:
 
 def _from_fairseq(path: Path, teacher: bool) -> EncoderWeights:
     ckpt = load_fairseq_checkpoint(path)
+    name = family(ckpt)
+    if name is not None:                                 # data2vec 1: fairseq audio / text, data2vec_vision
+        cfg, student, ema = from_checkpoint(ckpt, name)
+        if teacher and ema is None:
+            raise WeightsError(f"{path} has no EMA teacher; load the student (teacher=False)")
+        return EncoderWeights({**student.encoder.state_dict(), **(ema if teacher else {})}, cfg, {}, str(path))
     if teacher and "_ema" not in (ckpt.get("model") or {}):
         raise WeightsError(f"{path} has no '_ema' teacher; load the student (teacher=False)")
     model = from_fairseq(ckpt, strict=teacher)
@@ -98,10 +106,10 @@ def read_encoder(path: str | Path, teacher: bool = False, tag: str | None = None
         return _from_run(path, teacher, tag)
     if not path.is_file():
         raise WeightsError(f"{path} not found: give a run directory, a weights file (d2v export, d2v "
-                           "import-fairseq, d2v finetune) or a fairseq data2vec 2.0 checkpoint")
+                           "import-fairseq, d2v finetune) or a data2vec checkpoint (fairseq 2.0 or 1, data2vec_vision)")
     with open(path, "rb") as f:
         magic = f.read(8)
-    if path.suffix == ".pt" or magic[:2] == b"PK":          # torch's zip format: a fairseq checkpoint
+    if path.suffix in (".pt", ".pth") or magic[:2] == b"PK":   # torch's zip format: a reference checkpoint
         return _from_fairseq(path, teacher)
     return _from_file(path, teacher)
 

@@ -93,3 +93,13 @@ def losses(run_dir: Path) -> list[float]:
 
 TRAIN_ARGS = ["--preset", "vit_base_patch16_debug", "--data.num_workers=1", "--data.batch_size=4",
               "--run.log_every=1", "--optim.warmup_steps=2"]
+
+
+def d2v1_golden_batch(modality: str, g: dict, mask_idx: int):
+    """(source, mask) of a tests/assets/d2v1 golden file: images and BEiT's mask, waveforms and the span
+    mask, tokens and where the masked LM put `<mask>` (mask_idx)."""
+    if modality == "image":
+        return g["inputs"], g["bool_masked_pos"].flatten(1)
+    if modality == "audio":
+        return g["inputs"], g["mask"]
+    return g["tokens"], g["src_tokens"].eq(mask_idx)

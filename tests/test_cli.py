@@ -36,9 +36,11 @@ def test_import_fairseq_round_trip(tmp_path):
 
 
 def test_import_refuses_pickled_objects(tmp_path):
-    """Legacy checkpoints carry an argparse.Namespace: not loadable with weights_only=True -> the fix."""
-    import argparse
-    torch.save({"model": {}, "cfg": {"model": {}}, "args": argparse.Namespace(lr=[1e-3])}, tmp_path / "bad.pt")
+    """A config object torch.load(weights_only=True) refuses (here a pathlib path; omegaconf in legacy
+    fairseq files) -> the fix. (An argparse.Namespace `args`, as every data2vec_vision checkpoint
+    holds, is read: its values are still weights-only types.)"""
+    import pathlib
+    torch.save({"model": {}, "cfg": {"model": {}}, "args": pathlib.PosixPath("/checkpoint")}, tmp_path / "bad.pt")
     res = run_d2v(["import-fairseq", str(tmp_path / "bad.pt"), str(tmp_path / "w.safetensors")], check=False)
     assert res.returncode != 0 and "weights_only=True" in res.stdout
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import d2v1_golden_batch
 
 from d2v_scale.config import AudioConfig, Data2Vec1Config, ImageConfig, ModelConfig, TextConfig
 from d2v_scale.d2v1.model import Data2Vec1
@@ -56,13 +57,7 @@ def load(modality: str):
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and not missing, (missing, unexpected)
     teacher = ReplicatedTeacher(model.encoder, model.cfg)     # the reference's teacher starts as the student
-    if modality == "image":
-        source, mask = g["inputs"], g["bool_masked_pos"].flatten(1)
-    elif modality == "audio":
-        source, mask = g["inputs"], g["mask"]
-    else:
-        source, mask = g["tokens"], g["src_tokens"].eq(model.encoder.mask_idx)
-    return g, model, teacher, source, mask
+    return (g, model, teacher, *d2v1_golden_batch(modality, g, getattr(model.encoder, "mask_idx", -1)))
 
 
 @pytest.fixture(params=["image", "audio", "text"])

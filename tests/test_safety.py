@@ -357,12 +357,14 @@ def test_export_errors_are_one_line(run_copy, tmp_path):
 
 
 def test_import_fairseq_errors_are_one_line(tmp_path):
-    import argparse
+    import pathlib
     (tmp_path / "notes.txt").write_text("not a checkpoint\n")
-    torch.save({"model": {}, "cfg": {"model": {}}, "args": argparse.Namespace(lr=[1e-3])}, tmp_path / "legacy.pt")
+    # a config object torch.load(weights_only=True) refuses (omegaconf's in legacy fairseq files; an
+    # argparse.Namespace, data2vec_vision's `args`, is read)
+    torch.save({"model": {}, "cfg": {"model": {}}, "args": pathlib.PosixPath("/ckpt")}, tmp_path / "legacy.pt")
     torch.save({"model": {}, "cfg": {"model": {"embed_dim": 8}}}, tmp_path / "other.pt")
     cases = [("missing.pt", "missing.pt not found"), ("notes.txt", "is not a torch checkpoint"),
-             ("legacy.pt", "refuses (argparse.Namespace)"), ("other.pt", "not a data2vec 2.0")]
+             ("legacy.pt", "refuses (pathlib.PosixPath)"), ("other.pt", "not a data2vec 2.0")]
     for name, msg in cases:
         res = run_d2v(["import-fairseq", str(tmp_path / name), str(tmp_path / "w.safetensors")], check=False)
         assert msg in one_line_error(res), name
@@ -410,15 +412,15 @@ def test_deepspeed_ops_build_with_the_ninja_beside_python(monkeypatch):
 
 
 def test_a_code_payload_is_not_a_checkpoint_and_no_advice_loads_it(tmp_path, capsys):
-    """A pickle naming posix.system (alone, or behind an argparse.Namespace that torch names first) is
+    """A pickle naming posix.system (alone, or behind a pathlib path that torch names first) is
     'not a checkpoint, do not load it', never the convert-it advice that would torch.load it with
     weights_only=False; a file holding only fairseq's config objects keeps that advice."""
-    import argparse
+    import pathlib
 
     from d2v_scale import cli
     marker = tmp_path / "ran"
     torch.save({"model": {"w": torch.zeros(2)}, "x": Payload(marker)}, tmp_path / "evil.pt")
-    torch.save({"args": argparse.Namespace(lr=1e-3), "model": {}, "x": Payload(marker)}, tmp_path / "mixed.pt")
+    torch.save({"args": pathlib.PosixPath("/ckpt"), "model": {}, "x": Payload(marker)}, tmp_path / "mixed.pt")
     for name in ("evil.pt", "mixed.pt"):
         for argv in (["import-fairseq", str(tmp_path / name), str(tmp_path / "w.safetensors")],
                      ["probe", "--init", str(tmp_path / name), "--train", "x", "--val", "y"]):
@@ -428,10 +430,10 @@ def test_a_code_payload_is_not_a_checkpoint_and_no_advice_loads_it(tmp_path, cap
             assert "is not a checkpoint" in msg and "posix.system" in msg and "do not load it" in msg, msg
             assert "python -c" not in msg and "trust the file" not in msg, msg
     assert not marker.exists()
-    torch.save({"model": {}, "cfg": {"model": {}}, "args": argparse.Namespace(lr=[1e-3])}, tmp_path / "legacy.pt")
+    torch.save({"model": {}, "cfg": {"model": {}}, "args": pathlib.PosixPath("/ckpt")}, tmp_path / "legacy.pt")
     with pytest.raises(SystemExit) as e:
         cli.main(["import-fairseq", str(tmp_path / "legacy.pt"), str(tmp_path / "w.safetensors")])
-    assert "refuses (argparse.Namespace)" in str(e.value) and "weights_only=False" in str(e.value)
+    assert "refuses (pathlib.PosixPath)" in str(e.value) and "weights_only=False" in str(e.value)
 
 
 SECRET_URL = "s3://AKIAEXAMPLEKEY:wJalrSECRETexample@bucket/img"

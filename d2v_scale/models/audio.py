@@ -5,7 +5,8 @@ LayerNorm computed in fp32 like fairseq's Fp32LayerNorm) -> LayerNorm + Linear t
 features, computed once per sample; the teacher reuses them). Then convolutional relative positions
 run on the full-length sequence with the masked frames zeroed and are added to the visible frames,
 an ALiBi bias with a learned per-head scale is built for the kept positions only, the embedding
-LayerNorm, dropout, prenet and shared blocks.
+LayerNorm, dropout, prenet and shared blocks. The front end (CNN, positional convs, `local_features`)
+is the data2vec 1 speech encoder's too (wav2vec2.py).
 """
 from __future__ import annotations
 
@@ -95,35 +96,41 @@ def alibi_slopes(heads: int) -> list[float]:
     return pow2(closest) + alibi_slopes(2 * closest)[0::2][: heads - closest]
 
 
-class AudioEncoder(Encoder):
-    local_modules = ("feature_extractor", "feature_norm", "feature_proj")
-    ema_local_encoder = False   # the teacher runs on the student's CNN features (fairseq ema_local_encoder=False)
+class GradMultiply(torch.autograd.Function):
+    """fairseq GradMultiply: identity forward, gradient x scale backward."""
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        a, D = cfg.audio, cfg.embed_dim
-        self.spec = a.feature_encoder_spec
-        layers, cin = [], 1
-        for c, k, s in parse_conv_spec(a.feature_encoder_spec):
-            layers.append(ConvLayerBlock(cin, c, k, s, bias=False, layer_norm=Fp32LayerNorm(c, elementwise_affine=True)))
-            cin = c
-        self.feature_extractor = FeatureExtractor(nn.ModuleList(layers))
-        self.feature_norm = nn.LayerNorm(cin)                               # eps 1e-5 (nn.LayerNorm default)
-        self.feature_proj = nn.Linear(cin, D)
-        k = max(3, a.conv_pos_width // a.conv_pos_depth)
-        self.pos_conv = nn.ModuleList([
-            ConvBlock(Conv1dChannelsLast(D, D, k, padding=k // 2, groups=a.conv_pos_groups), D) for _ in range(a.conv_pos_depth)])
-        self.num_heads = cfg.num_heads
-        if a.use_alibi:
-            self.alibi_scale = nn.Parameter(torch.ones(1, 1, cfg.num_heads, 1, 1))
-            self.register_buffer("slopes", torch.tensor(alibi_slopes(cfg.num_heads)), persistent=False)
-        else:
-            self.alibi_scale = None
-        self.norm_pre = nn.LayerNorm(D, eps=cfg.norm_eps)
-        self.pre_drop = nn.Dropout(cfg.prenet_dropout)
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.clone()
 
-    def reset_parameters(self) -> None:
-        self.feature_proj.reset_parameters()   # fairseq resets project_features' Linear after BERT init
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def conv_feature_extractor(spec: str, bias: bool) -> tuple[FeatureExtractor, int]:
+    """The wav2vec 2.0 CNN in layer-norm mode (fp32 channel LayerNorm) and its output channels."""
+    layers, cin = [], 1
+    for c, k, s in parse_conv_spec(spec):
+        layers.append(ConvLayerBlock(cin, c, k, s, bias=bias, layer_norm=Fp32LayerNorm(c, elementwise_affine=True)))
+        cin = c
+    return FeatureExtractor(nn.ModuleList(layers)), cin
+
+
+def positional_convs(a, D: int) -> nn.ModuleList:
+    """data2vec's multi-layer positional conv: conv_pos_depth x [grouped conv, LayerNorm, GELU], kernel
+    max(3, conv_pos_width // conv_pos_depth)."""
+    k = max(3, a.conv_pos_width // a.conv_pos_depth)
+    return nn.ModuleList([ConvBlock(Conv1dChannelsLast(D, D, k, padding=k // 2, groups=a.conv_pos_groups), D)
+                          for _ in range(a.conv_pos_depth)])
+
+
+class WaveformFeatures:
+    """What both speech encoders (data2vec 2.0's and wav2vec 2.0's) do before their Transformer:
+    waveform -> frames (`spec`, `feature_extractor`, `feature_norm`, `feature_proj`, set by the encoder)."""
+    spec: str
+    feature_grad_mult = 1.0      # wav2vec 2.0: the CNN's gradient scale (0: frozen)
 
     def num_frames(self, n_samples: int) -> int:
         return frames_for(self.spec, n_samples)
@@ -140,9 +147,37 @@ class AudioEncoder(Encoder):
         None when `padded` is False (decided on the host), or, `padded` None, when no frame length read
         back is short (a host wait on a GPU)."""
         lengths = None if padding_mask is None or padded is False else (~padding_mask).sum(-1)
-        x, lengths = self.feature_extractor(source, lengths)               # (B, T, C)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.feature_grad_mult > 0):
+            x, lengths = self.feature_extractor(source, lengths)           # (B, T, C)
+        if self.feature_grad_mult > 0 and self.feature_grad_mult != 1.0:
+            x = GradMultiply.apply(x, self.feature_grad_mult)
         x = self.feature_proj(self.feature_norm(x))                         # (B, T, D)
         return x, frame_padding(lengths, x.shape[1], padded)
+
+
+class AudioEncoder(WaveformFeatures, Encoder):
+    local_modules = ("feature_extractor", "feature_norm", "feature_proj")
+    ema_local_encoder = False   # the teacher runs on the student's CNN features (fairseq ema_local_encoder=False)
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        a, D = cfg.audio, cfg.embed_dim
+        self.spec = a.feature_encoder_spec
+        self.feature_extractor, cin = conv_feature_extractor(a.feature_encoder_spec, bias=False)
+        self.feature_norm = nn.LayerNorm(cin)                               # eps 1e-5 (nn.LayerNorm default)
+        self.feature_proj = nn.Linear(cin, D)
+        self.pos_conv = positional_convs(a, D)
+        self.num_heads = cfg.num_heads
+        if a.use_alibi:
+            self.alibi_scale = nn.Parameter(torch.ones(1, 1, cfg.num_heads, 1, 1))
+            self.register_buffer("slopes", torch.tensor(alibi_slopes(cfg.num_heads)), persistent=False)
+        else:
+            self.alibi_scale = None
+        self.norm_pre = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.pre_drop = nn.Dropout(cfg.prenet_dropout)
+
+    def reset_parameters(self) -> None:
+        self.feature_proj.reset_parameters()   # fairseq resets project_features' Linear after BERT init
 
     def _alibi(self, pos: torch.Tensor, dtype) -> torch.Tensor | None:
         """-|p_i - p_j| * slope_h * clamp(scale_h, 0) for the kept positions pos (B', N) -> (B', H, N, N)."""

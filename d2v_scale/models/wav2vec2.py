@@ -14,27 +14,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchaudio.models.wav2vec2.components import ConvLayerBlock, FeatureExtractor
 
-from .audio import Fp32LayerNorm, frame_padding, frames_for, frames_padded, parse_conv_spec
+from .audio import WaveformFeatures, conv_feature_extractor, positional_convs
 from .data2vec1 import Data2Vec1Encoder, post_norm_blocks
-from .decoder import Conv1dChannelsLast, ConvBlock
 
 
-class _GradMultiply(torch.autograd.Function):
-    """fairseq GradMultiply: identity forward, gradient x scale backward."""
-
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.scale, None
-
-
-class Wav2Vec2Encoder(Data2Vec1Encoder):
+class Wav2Vec2Encoder(WaveformFeatures, Data2Vec1Encoder):
     local_modules = ("feature_extractor", "feature_norm", "feature_proj")
     ema_local_encoder = False   # fairseq ema_transformer_only: the teacher reads the student's pre_encoder_features
 
@@ -43,19 +28,12 @@ class Wav2Vec2Encoder(Data2Vec1Encoder):
         a, D = cfg.audio, cfg.embed_dim
         self.spec = a.feature_encoder_spec
         self.feature_grad_mult = a.feature_grad_mult
-        layers, cin = [], 1
-        for c, k, s in parse_conv_spec(a.feature_encoder_spec):
-            layers.append(ConvLayerBlock(cin, c, k, s, bias=a.conv_bias, layer_norm=Fp32LayerNorm(c, elementwise_affine=True)))
-            cin = c
-        self.feature_extractor = FeatureExtractor(nn.ModuleList(layers))
+        self.feature_extractor, cin = conv_feature_extractor(a.feature_encoder_spec, bias=a.conv_bias)
         self.feature_norm = nn.LayerNorm(cin, eps=cfg.norm_eps)
         self.feature_proj = nn.Linear(cin, D)                               # fairseq post_extract_proj
         self.dropout_input = nn.Dropout(cfg.dropout_input)
         self.mask_emb = nn.Parameter(torch.zeros(D))
-        k = max(3, a.conv_pos_width // a.conv_pos_depth)
-        self.pos_conv = nn.ModuleList([
-            ConvBlock(Conv1dChannelsLast(D, D, k, padding=k // 2, groups=a.conv_pos_groups), D)
-            for _ in range(a.conv_pos_depth)])
+        self.pos_conv = positional_convs(a, D)
         self.norm_pre = nn.LayerNorm(D, eps=cfg.norm_eps)                  # fairseq encoder.layer_norm
         self.pre_drop = nn.Dropout(cfg.encoder_dropout)
 
@@ -74,30 +52,6 @@ class Wav2Vec2Encoder(Data2Vec1Encoder):
         for blk in self.pos_conv:
             blk.conv.reset_parameters()
         nn.init.uniform_(self.mask_emb)
-
-    def num_frames(self, n_samples: int) -> int:
-        return frames_for(self.spec, n_samples)
-
-    def token_shape(self, source: torch.Tensor, padding_mask=None) -> tuple[int]:
-        return (self.num_frames(source.shape[-1]),)
-
-    def has_padding(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> bool:
-        return frames_padded(self.spec, padding_mask)
-
-    def local_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                       padded: bool | None = None):
-        """(B, S) waveform -> (B, T, D) features, (B, T) frame padding mask (True = pad) or None (as
-        `AudioEncoder.local_features`)."""
-        lengths = None if padding_mask is None or padded is False else (~padding_mask).sum(-1)
-        if self.feature_grad_mult > 0:
-            x, lengths = self.feature_extractor(source, lengths)           # (B, T, C)
-            if self.feature_grad_mult != 1.0:
-                x = _GradMultiply.apply(x, self.feature_grad_mult)
-        else:
-            with torch.no_grad():
-                x, lengths = self.feature_extractor(source, lengths)       # (B, T, C)
-        x = self.feature_proj(self.feature_norm(x))                         # (B, T, D)
-        return x, frame_padding(lengths, x.shape[1], padded)
 
     def embed(self, feats, mask, clones, padding_mask):
         x = feats.repeat_interleave(clones, dim=0) if clones > 1 else feats  # (B*M, T, D)
