@@ -101,7 +101,7 @@ def test_imported_checkpoint_gives_the_reference_features_and_loss(modality, tmp
         out = model.train()(source, mask, teacher)
         with torch.no_grad():
             feats, pad = model.encoder.local_features(source)
-            layers = model.teacher_layers(teacher.encoder, source, feats, pad)
+            layers = model.teacher_layers(teacher, source, feats, pad)
     finally:
         torch.use_deterministic_algorithms(False)
     ref_layers = f["teacher_fc_results"] if modality == "text" else f["teacher_layer_results"]
