@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import Config, ConfigError
 from .d2v import Data2Vec
-from .d2v1.model import Data2Vec1
+from .student import build_model
 from .dist import Dist
 from .dsconfig import compute_dtype, offloads_optimizer, resolve_ds_config, zero_stage
 from .export import read_weights
@@ -65,11 +65,6 @@ def teacher_placement(cfg: Config, ds: dict, dist: Dist, model: nn.Module | None
         capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(1, dist.world)
     return choose({k: v["traffic"] for k, v in table.items()}, {k: v["device_total"] for k, v in table.items()},
                   capacity)
-
-
-def build_model(cfg: Config) -> nn.Module:
-    """The student `cfg.model.algorithm` names: data2vec 2.0's `Data2Vec` or data2vec 1's `Data2Vec1`."""
-    return Data2Vec1(cfg.model) if cfg.model.algorithm == "data2vec" else Data2Vec(cfg.model, cfg.mask.mask_noise_std)
 
 
 def build_teacher(model: Data2Vec, cfg: Config, ds: dict, dist: Dist):

@@ -22,8 +22,7 @@ import torch
 
 from .checkpoint import ResumePoint, find_resume
 from .config import Config, ConfigError, from_json
-from .d2v import Data2Vec
-from .d2v1.model import Data2Vec1
+from .student import build_model
 from .data import DataError, Shards, check_first_sample, check_shards, find_shards
 from .dsconfig import resolve_ds_config, validate_ds_config
 from .engine import check_compile
@@ -166,7 +165,7 @@ def check_init_from(cfg: Config) -> None:
         return
     student, teacher = read_weight_shapes(path)
     with torch.device("meta"):                                  # shapes only: no memory, no init
-        model = Data2Vec1(cfg.model) if cfg.model.algorithm == "data2vec" else Data2Vec(cfg.model, cfg.mask.mask_noise_std)
+        model = build_model(cfg)
         want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     enc = model.encoder                                         # the teacher holds no local modules it never runs
     skip = () if enc.ema_local_encoder else tuple(enc.local_modules)

@@ -15,7 +15,7 @@ from torch import nn
 
 from .checkpoint import CKPT_DIR, CheckpointError, consolidated_state, pick_tag, read_teacher_state
 from .config import Config, ConfigError, from_dict
-from .d2v import Data2Vec
+from .student import build_model
 from .d2v1.checkpoints import family, from_checkpoint
 from .errors import one_line
 from .export import WeightsError, read_weights, read_weights_config
@@ -120,7 +120,7 @@ def random_weights(path: str | Path) -> EncoderWeights:
     cfg = _config(read_config(path), path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)
-        model = Data2Vec(cfg.model, cfg.mask.mask_noise_std)
+        model = build_model(cfg)
     return EncoderWeights(model.encoder.state_dict(), cfg, {}, f"random init of {path}")
 
 

@@ -179,6 +179,22 @@ D2V1_ARGS = ["--preset", "d2v1_vit_base_patch16_debug", "--data.num_workers=1", 
 
 
 @pytest.mark.timeout(900)
+def test_a_probes_random_baseline_of_a_data2vec_1_run_is_the_data2vec_1_encoder(tmp_path):
+    """`d2v probe --random_init` measures a run against the encoder its pretraining started from: for a
+    data2vec 1 run the BEiT / wav2vec 2.0 / RoBERTa encoder at the run's seed (it built data2vec 2.0's)."""
+    from d2v_scale.export import write_weights
+    from d2v_scale.pretrained import random_weights
+    from d2v_scale.student import build_model
+    for name in ("d2v1_vit_base_patch16_debug", "d2v1_audio_base_debug"):
+        cfg = get_preset(name)
+        torch.manual_seed(cfg.run.seed)
+        encoder = build_model(cfg).encoder.state_dict()
+        write_weights(tmp_path / f"{name}.safetensors", {k: v.add(1) for k, v in encoder.items()}, cfg.to_dict(),
+                      "encoder")
+        baseline = random_weights(tmp_path / f"{name}.safetensors").encoder
+        assert baseline.keys() == encoder.keys() and all(torch.equal(baseline[k], v) for k, v in encoder.items())
+
+
 def test_check_reads_init_from_against_the_data2vec_1_model(tmp_path):
     """`d2v check` compares --run.init_from with the model the config builds: a whole data2vec 1 model
     (student with its regression head, and teacher) fits, data2vec 2.0 weights of the same size do not."""

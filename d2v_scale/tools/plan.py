@@ -17,8 +17,7 @@ import torch
 
 from .. import dist as dist_mod
 from ..config import with_vocab
-from ..d2v import Data2Vec
-from ..d2v1.model import Data2Vec1
+from ..student import build_model
 from ..data import synthetic_batch
 from ..dist import print0
 from ..dsconfig import offloads_optimizer, zero_stage
@@ -34,9 +33,8 @@ GB = 1024 ** 3
 
 
 def _meta_model(cfg):
-    m = with_vocab(cfg).model
     with torch.device("meta"):
-        model = Data2Vec1(m) if m.algorithm == "data2vec" else Data2Vec(m, cfg.mask.mask_noise_std)
+        model = build_model(with_vocab(cfg))
         teacher = teacher_copy(model.encoder)          # data2vec 1: without the modules it reads from the student
     return model, teacher
 
