@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from .data2vec1 import Data2Vec1Encoder, post_norm_blocks
+from .text import TokenIds
 
 
-class RobertaEncoder(Data2Vec1Encoder):
+class RobertaEncoder(TokenIds, Data2Vec1Encoder):
     local_modules = ("embed_tokens",)
     ema_local_encoder = False   # fairseq ema_transformer_layers_only: the teacher embeds with the student's table
 
@@ -46,12 +47,6 @@ class RobertaEncoder(Data2Vec1Encoder):
                     nn.init.zeros_(m.bias)
                 if isinstance(m, nn.Embedding) and m.padding_idx is not None:
                     m.weight.data[m.padding_idx].zero_()
-
-    def token_shape(self, source: torch.Tensor, padding_mask=None) -> tuple[int]:
-        return (source.shape[-1],)
-
-    def has_padding(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> bool:
-        return bool((source.cpu().numpy() == self.pad_idx).any())          # the loader's ids, read on the host
 
     def local_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None,
                        padded: bool | None = None):

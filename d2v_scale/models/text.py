@@ -13,7 +13,19 @@ from torch import nn
 from .transformer import Encoder
 
 
-class TextEncoder(Encoder):
+class TokenIds:
+    """What both text encoders (data2vec 2.0's and RoBERTa, roberta.py) read from their input: one
+    token per id, padding where the id is `pad_idx` (set by the encoder)."""
+    pad_idx: int
+
+    def token_shape(self, source: torch.Tensor, padding_mask=None) -> tuple[int]:
+        return (source.shape[-1],)
+
+    def has_padding(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> bool:
+        return bool((source.cpu().numpy() == self.pad_idx).any())          # the loader's ids, read on the host
+
+
+class TextEncoder(TokenIds, Encoder):
     local_modules = ("embed_tokens", "embed_positions", "norm_embed")
     ema_local_encoder = False     # fairseq ema_encoder_only: the teacher is the blocks
     decoder_default_init = False  # the text decoder keeps BERT init (fairseq does not reset it)
@@ -30,12 +42,6 @@ class TextEncoder(Encoder):
         self.norm_embed = nn.LayerNorm(D)                                   # eps 1e-5 (fairseq LayerNorm)
         self.embed_drop = nn.Dropout(t.dropout)
         self.pre_drop = nn.Dropout(cfg.prenet_dropout)
-
-    def token_shape(self, source: torch.Tensor, padding_mask=None) -> tuple[int]:
-        return (source.shape[-1],)
-
-    def has_padding(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> bool:
-        return bool((source.cpu().numpy() == self.pad_idx).any())          # the loader's ids, read on the host
 
     def local_features(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None,
                        padded: bool | None = None):
