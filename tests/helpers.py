@@ -64,6 +64,28 @@ def run_d2v(args: list[str], nproc: int = 1, timeout: float = 240, cwd: Path = R
     return result
 
 
+def d2v_here(args: list) -> subprocess.CompletedProcess:
+    """`d2v ARGS` in this process, returned as run_d2v(check=False) returns it (what it printed, then its
+    exit line): for commands that refuse or only check, where a new interpreter would cost more than the
+    command. An exception other than the exit fails the test; so does one that started a process group."""
+    import contextlib
+    import io
+
+    import torch.distributed
+
+    from d2v_scale import cli
+    out, code = io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            cli.main([str(a) for a in args])
+        except SystemExit as e:
+            if isinstance(e.code, str):
+                out.write(e.code + "\n")
+            code = e.code if isinstance(e.code, int) else 1
+    assert not torch.distributed.is_initialized(), f"d2v {args[0]} started a process group in the test process"
+    return subprocess.CompletedProcess(["d2v", *map(str, args)], code, out.getvalue(), "")
+
+
 def shm_segments() -> set[str]:
     """DeepSpeed CPU all-reduce segments of this user in /dev/shm (RAM: 69 MB per rank)."""
     shm = Path("/dev/shm")
@@ -93,3 +115,11 @@ def losses(run_dir: Path) -> list[float]:
 
 TRAIN_ARGS = ["--preset", "vit_base_patch16_debug", "--data.num_workers=1", "--data.batch_size=4",
               "--run.log_every=1", "--optim.warmup_steps=2"]
+
+
+LAUNCH_STEPS = 40
+LAUNCH_ARGS = ["--optim.max_steps=%d" % LAUNCH_STEPS, "--run.log_every=1", "--data.batch_size=4",
+               "--data.num_workers=1", "--optim.warmup_steps=2", "--run.save_every=1000"]
+"""The launcher tests' run (the debug ViT on the test image shards, 2 ranks, ZeRO-3): Slurm, hostfiles,
+pdsh over ssh, a killed rank and streaming from S3 must each retrace its uninterrupted run
+(`zero3_reference` in conftest.py) bit for bit."""
