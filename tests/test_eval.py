@@ -18,7 +18,7 @@ from d2v_scale.export import export_run, write_weights
 from d2v_scale.fairseq import from_fairseq
 from d2v_scale.presets import get_preset
 from d2v_scale.teacher import make_targets
-from helpers import BIN, ROOT, TRAIN_ARGS, child_env, losses, run_d2v, run_group
+from helpers import BIN, ROOT, TRAIN_ARGS, child_env, d2v_here, losses, run_d2v, run_group
 
 ASSETS = ROOT / "tests" / "assets"
 PROBE = ROOT / "tests" / "probes" / "encoder_probe.py"
@@ -191,8 +191,8 @@ def test_refusals_name_the_problem_and_the_fix(image_dir, image_shards, tmp_path
         (flat / p.name).write_bytes(p.read_bytes())
     shard("image", flat, tmp_path / "unlabelled", "--maxcount", 4)
     enc = random_encoder(tmp_path / "img.safetensors")
-    res = run_d2v(["probe", "--init", str(enc), "--train", str(tmp_path / "unlabelled"), "--val",
-                   str(image_shards)], check=False)
+    res = d2v_here(["probe", "--init", str(enc), "--train", str(tmp_path / "unlabelled"), "--val",
+                    str(image_shards)])
     assert res.returncode != 0 and res.stdout.strip().splitlines()[-1].startswith("d2v: error: --train")
     assert "no class label" in res.stdout and "d2v-shard image DIR" in res.stdout and "Traceback" not in res.stdout
     with pytest.raises(DataError, match="its index says the shards have no class labels"):
