@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 
-from helpers import BIN, ROOT, child_env, losses, run_d2v, run_group
+from helpers import BIN, ROOT, child_env, d2v_here, losses, run_d2v, run_group
 
 
 def test_import_fairseq_round_trip(tmp_path):
@@ -16,7 +16,9 @@ def test_import_fairseq_round_trip(tmp_path):
             "cfg": {"model": json.loads(g["config"])}, "args": None,
             "extra_state": {"metrics": {}, "val_loss": None}, "optimizer_history": []}
     torch.save(ckpt, tmp_path / "checkpoint_last.pt")
-    out = run_d2v(["import-fairseq", str(tmp_path / "checkpoint_last.pt"), str(tmp_path / "w.safetensors")]).stdout
+    res = d2v_here(["import-fairseq", str(tmp_path / "checkpoint_last.pt"), str(tmp_path / "w.safetensors")])
+    out = res.stdout
+    assert res.returncode == 0, out
     assert json.loads(out[out.index("{"):])["modality"] == "image"
 
     from d2v_scale.config import from_dict
@@ -39,7 +41,7 @@ def test_import_refuses_pickled_objects(tmp_path):
     """Legacy checkpoints carry an argparse.Namespace: not loadable with weights_only=True -> the fix."""
     import argparse
     torch.save({"model": {}, "cfg": {"model": {}}, "args": argparse.Namespace(lr=[1e-3])}, tmp_path / "bad.pt")
-    res = run_d2v(["import-fairseq", str(tmp_path / "bad.pt"), str(tmp_path / "w.safetensors")], check=False)
+    res = d2v_here(["import-fairseq", str(tmp_path / "bad.pt"), str(tmp_path / "w.safetensors")])
     assert res.returncode != 0 and "weights_only=True" in res.stdout
 
 
