@@ -114,7 +114,11 @@ def losses(run_dir: Path) -> list[float]:
 
 
 TRAIN_ARGS = ["--preset", "vit_base_patch16_debug", "--data.num_workers=1", "--data.batch_size=4",
-              "--run.log_every=1", "--optim.warmup_steps=2"]
+              "--run.log_every=1", "--optim.warmup_steps=2", "--run.peak_tflops=1"]
+"""The short runs' flags. A given peak spares each start the GEMM peak measurement (MFU is not what these
+runs check; the launcher runs, test_modalities.py and test_device_terms.py measure it)."""
+ZERO2_ARGS = ["--ds_config", "ds_configs/zero2.json", "--run.save_every=2", *TRAIN_ARGS]
+"""1 rank, ZeRO-2, a checkpoint every 2 steps: `zero2_run` in conftest.py is 4 steps of it."""
 
 
 LAUNCH_STEPS = 40
