@@ -14,7 +14,7 @@ import pytest
 
 from d2v_scale.tools.demo_data import espeak, make_corpus, make_images, make_speech
 from d2v_scale.tools.objectstore import SeaweedFS
-from helpers import BIN, ROOT, child_env, shm_segments
+from helpers import BIN, ROOT, ZERO2_ARGS, child_env, run_d2v, shm_segments
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -37,6 +37,16 @@ def image_shards(image_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards")
     subprocess.run([str(BIN / "d2v-shard"), "image", str(image_dir), str(out / "img-%06d.tar"),
                     "--maxcount", "12", "--workers", "2"], check=True, capture_output=True, env=child_env())
+    return out
+
+
+@pytest.fixture(scope="session")
+def zero2_run(image_shards, tmp_path_factory) -> Path:
+    """One 1-rank ZeRO-2 run of 4 steps with checkpoints at steps 2 and 4 (ZERO2_ARGS). Never written
+    to: test_safety works on copies, test_train compares the other ZeRO stages with it and resumes a
+    copy rewound to step 2, test_eval's kNN-monitor run must give its losses."""
+    out = tmp_path_factory.mktemp("zero2") / "run"
+    run_d2v(["train", "--data", str(image_shards), "--out", str(out), "--optim.max_steps=4", *ZERO2_ARGS])
     return out
 
 

@@ -21,9 +21,7 @@ import torch
 
 from d2v_scale.checkpoint import validate, weights_only_loads
 
-from helpers import BIN, ROOT, TRAIN_ARGS, child_env, d2v_here, run_d2v
-
-RUN_ARGS = ["--ds_config", "ds_configs/zero2.json", "--run.save_every=2", *TRAIN_ARGS]
+from helpers import BIN, ROOT, ZERO2_ARGS as RUN_ARGS, child_env, d2v_here, run_d2v
 
 
 class Payload:
@@ -44,11 +42,10 @@ def one_line_error(res):
 
 
 @pytest.fixture(scope="module")
-def trained_run(image_shards, tmp_path_factory):
-    """One 1-rank ZeRO-2 run of 4 steps with checkpoints at steps 2 and 4; tests work on copies."""
-    out = tmp_path_factory.mktemp("trained") / "run"
-    run_d2v(["train", "--data", str(image_shards), "--out", str(out), "--optim.max_steps=4", *RUN_ARGS])
-    return out
+def trained_run(zero2_run):
+    """One 1-rank ZeRO-2 run of 4 steps with checkpoints at steps 2 and 4 (RUN_ARGS, shared with
+    test_train.py); tests work on copies."""
+    return zero2_run
 
 
 @pytest.fixture
