@@ -14,7 +14,7 @@ import pytest
 
 from d2v_scale.tools.demo_data import espeak, make_corpus, make_images, make_speech
 from d2v_scale.tools.objectstore import SeaweedFS
-from helpers import BIN, ROOT, child_env, shm_segments
+from helpers import BIN, LAUNCH_ARGS, ROOT, ZERO2_ARGS, child_env, run_d2v, shm_segments
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -40,6 +40,26 @@ def image_shards(image_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def zero2_run(image_shards, tmp_path_factory) -> Path:
+    """One 1-rank ZeRO-2 run of 4 steps with checkpoints at steps 2 and 4 (ZERO2_ARGS). Never written
+    to: test_safety works on copies, test_train compares the other ZeRO stages with it and resumes a
+    copy rewound to step 2, test_eval's kNN-monitor run must give its losses."""
+    out = tmp_path_factory.mktemp("zero2") / "run"
+    run_d2v(["train", "--data", str(image_shards), "--out", str(out), "--optim.max_steps=4", *ZERO2_ARGS])
+    return out
+
+
+@pytest.fixture(scope="session")
+def zero3_reference(image_shards, tmp_path_factory) -> Path:
+    """The uninterrupted 2-rank ZeRO-3 run of LAUNCH_ARGS (the deepspeed launcher, one host): the losses
+    every launcher, host layout and data source must reproduce. One launch serves all of them."""
+    out = tmp_path_factory.mktemp("reference")
+    run_d2v(["train", "--preset", "vit_base_patch16_debug", "--data", str(image_shards), "--ds_config",
+             "ds_configs/zero3.json", "--out", str(out), *LAUNCH_ARGS, "--run.peak_tflops=1"], nproc=2, timeout=600)
+    return out
+
+
 def pytest_configure(config):
     # webdataset leaves the local file of a shard it stopped reading mid-way to the garbage collector
     config.addinivalue_line("filterwarnings", "ignore::ResourceWarning")
@@ -61,6 +81,17 @@ def s3(tmp_path_factory):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_images(s3, image_dir) -> str:
+    """The test images sharded straight into the bucket by `d2v-shard image` (8 shards of 12, as
+    image_shards on disk); their index URL."""
+    res = subprocess.run([str(BIN / "d2v-shard"), "image", str(image_dir), "s3://d2v-test/img/train-%06d.tar",
+                          "--maxcount", "12", "--workers", "2"], env=child_env(**s3.env()), capture_output=True,
+                         text=True, timeout=300)
+    assert "wrote 96 images in 8 shards" in res.stdout, res.stdout + res.stderr
+    return "s3://d2v-test/img/index.json"
 
 
 @pytest.fixture(scope="session")

@@ -64,6 +64,28 @@ def run_d2v(args: list[str], nproc: int = 1, timeout: float = 240, cwd: Path = R
     return result
 
 
+def d2v_here(args: list) -> subprocess.CompletedProcess:
+    """`d2v ARGS` in this process, returned as run_d2v(check=False) returns it (what it printed, then its
+    exit line): for commands that refuse or only check, where a new interpreter would cost more than the
+    command. An exception other than the exit fails the test; so does one that started a process group."""
+    import contextlib
+    import io
+
+    import torch.distributed
+
+    from d2v_scale import cli
+    out, code = io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            cli.main([str(a) for a in args])
+        except SystemExit as e:
+            if isinstance(e.code, str):
+                out.write(e.code + "\n")
+            code = e.code if isinstance(e.code, int) else 1
+    assert not torch.distributed.is_initialized(), f"d2v {args[0]} started a process group in the test process"
+    return subprocess.CompletedProcess(["d2v", *map(str, args)], code, out.getvalue(), "")
+
+
 def shm_segments() -> set[str]:
     """DeepSpeed CPU all-reduce segments of this user in /dev/shm (RAM: 69 MB per rank)."""
     shm = Path("/dev/shm")
@@ -92,7 +114,19 @@ def losses(run_dir: Path) -> list[float]:
 
 
 TRAIN_ARGS = ["--preset", "vit_base_patch16_debug", "--data.num_workers=1", "--data.batch_size=4",
-              "--run.log_every=1", "--optim.warmup_steps=2"]
+              "--run.log_every=1", "--optim.warmup_steps=2", "--run.peak_tflops=1"]
+"""The short runs' flags. A given peak spares each start the GEMM peak measurement (MFU is not what these
+runs check; the launcher runs, test_modalities.py and test_device_terms.py measure it)."""
+ZERO2_ARGS = ["--ds_config", "ds_configs/zero2.json", "--run.save_every=2", *TRAIN_ARGS]
+"""1 rank, ZeRO-2, a checkpoint every 2 steps: `zero2_run` in conftest.py is 4 steps of it."""
+
+
+LAUNCH_STEPS = 40
+LAUNCH_ARGS = ["--optim.max_steps=%d" % LAUNCH_STEPS, "--run.log_every=1", "--data.batch_size=4",
+               "--data.num_workers=1", "--optim.warmup_steps=2", "--run.save_every=1000"]
+"""The launcher tests' run (the debug ViT on the test image shards, 2 ranks, ZeRO-3): Slurm, hostfiles,
+pdsh over ssh, a killed rank and streaming from S3 must each retrace its uninterrupted run
+(`zero3_reference` in conftest.py) bit for bit."""
 
 
 def d2v1_golden_batch(modality: str, g: dict, mask_idx: int):

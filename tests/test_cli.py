@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 
-from helpers import BIN, ROOT, child_env, losses, run_d2v, run_group
+from helpers import BIN, ROOT, child_env, d2v_here, losses, run_d2v, run_group
 
 
 def test_import_fairseq_round_trip(tmp_path):
@@ -16,7 +16,9 @@ def test_import_fairseq_round_trip(tmp_path):
             "cfg": {"model": json.loads(g["config"])}, "args": None,
             "extra_state": {"metrics": {}, "val_loss": None}, "optimizer_history": []}
     torch.save(ckpt, tmp_path / "checkpoint_last.pt")
-    out = run_d2v(["import-fairseq", str(tmp_path / "checkpoint_last.pt"), str(tmp_path / "w.safetensors")]).stdout
+    res = d2v_here(["import-fairseq", str(tmp_path / "checkpoint_last.pt"), str(tmp_path / "w.safetensors")])
+    out = res.stdout
+    assert res.returncode == 0, out
     assert json.loads(out[out.index("{"):])["modality"] == "image"
 
     from d2v_scale.config import from_dict
@@ -41,20 +43,24 @@ def test_import_refuses_pickled_objects(tmp_path):
     holds, is read: its values are still weights-only types.)"""
     import pathlib
     torch.save({"model": {}, "cfg": {"model": {}}, "args": pathlib.PosixPath("/checkpoint")}, tmp_path / "bad.pt")
-    res = run_d2v(["import-fairseq", str(tmp_path / "bad.pt"), str(tmp_path / "w.safetensors")], check=False)
+    res = d2v_here(["import-fairseq", str(tmp_path / "bad.pt"), str(tmp_path / "w.safetensors")])
     assert res.returncode != 0 and "weights_only=True" in res.stdout
 
 
-def test_show_config_and_check(image_shards):
-    out = run_d2v(["show_config", "--preset", "vit_huge_patch14", "--mask.clone_batch=8"]).stdout
-    cfg = json.loads(out)
+def test_show_config_and_check(image_shards, capsys):
+    """In this process (the commands' exits as subprocesses are checked throughout the suite)."""
+    from d2v_scale import cli
+    cli.main(["show_config", "--preset", "vit_huge_patch14", "--mask.clone_batch=8"])
+    cfg = json.loads(capsys.readouterr().out)
     assert cfg["mask"]["clone_batch"] == 8 and cfg["model"]["image"]["patch_size"] == 14
-    ok = run_d2v(["check", "--preset", "vit_base_patch16_debug", "--data", str(image_shards), "--ds_config",
-                  "ds_configs/zero3.json", "--world", "2", "--data.num_workers=2"]).stdout
+    cli.main(["check", "--preset", "vit_base_patch16_debug", "--data", str(image_shards), "--ds_config",
+              "ds_configs/zero3.json", "--world", "2", "--data.num_workers=2"])
+    ok = capsys.readouterr().out
     assert ok.startswith("ok:") and "8 shards | world 2" in ok
-    bad = run_d2v(["check", "--preset", "vit_base_patch16_debug", "--data", str(image_shards), "--ds_config",
-                   "ds_configs/zero3.json", "--world", "4", "--data.num_workers=4"], check=False)
-    assert bad.returncode != 0 and "cannot be split over 4 ranks x 4 workers" in bad.stdout
+    with pytest.raises(SystemExit) as bad:
+        cli.main(["check", "--preset", "vit_base_patch16_debug", "--data", str(image_shards), "--ds_config",
+                  "ds_configs/zero3.json", "--world", "4", "--data.num_workers=4"])
+    assert str(bad.value).startswith("d2v: error:") and "cannot be split over 4 ranks x 4 workers" in str(bad.value)
 
 
 @pytest.mark.timeout(300)

@@ -18,7 +18,7 @@ from d2v_scale.export import export_run, write_weights
 from d2v_scale.fairseq import from_fairseq
 from d2v_scale.presets import get_preset
 from d2v_scale.teacher import make_targets
-from helpers import BIN, ROOT, TRAIN_ARGS, child_env, losses, run_d2v, run_group
+from helpers import BIN, ROOT, ZERO2_ARGS, child_env, d2v_here, losses, run_d2v, run_group
 
 ASSETS = ROOT / "tests" / "assets"
 PROBE = ROOT / "tests" / "probes" / "encoder_probe.py"
@@ -123,16 +123,15 @@ def test_load_encoder_on_a_zero3_run_and_its_export_matches_the_training_engines
 # -- the kNN monitor in d2v train ------------------------------------------------------------------
 
 @pytest.mark.timeout(300)
-def test_knn_monitor_logs_both_encoders_and_keeps_the_resume_bit_exact(image_shards, tmp_path):
+def test_knn_monitor_logs_both_encoders_and_keeps_the_resume_bit_exact(image_shards, zero2_run, tmp_path):
+    """The suite's 4-step ZeRO-2 run (zero2_run) again with the monitor on, stopped at step 2 and resumed."""
     def args(out, *extra):
-        return ["train", "--data", str(image_shards), "--ds_config", "ds_configs/zero2.json", "--out", str(out),
-                "--optim.max_steps=4", "--run.save_every=2", *TRAIN_ARGS, *extra]
+        return ["train", "--data", str(image_shards), "--out", str(out), "--optim.max_steps=4", *ZERO2_ARGS, *extra]
     monitor = ["--eval.data", str(image_shards), "--eval.every=2"]
-    run_d2v(args(tmp_path / "plain"))
     run_d2v(args(tmp_path / "eval", *monitor, "--run.stop_after=2"))
     out = run_d2v(args(tmp_path / "eval", *monitor, "--resume", "auto")).stdout
     assert "resumed from" in out and "eval step 4: kNN top-1 student" in out
-    assert losses(tmp_path / "plain") == losses(tmp_path / "eval")          # the monitor changes nothing
+    assert losses(zero2_run) == losses(tmp_path / "eval")                   # the monitor changes nothing
     rows = [json.loads(line) for line in (tmp_path / "eval" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval/knn_top1_teacher" in r] == [2, 4]
     assert all(0 < r["eval/knn_top1_student"] <= r["eval/knn_top5_student"] for r in rows if "eval/knn_top1_student" in r)
@@ -191,8 +190,8 @@ def test_refusals_name_the_problem_and_the_fix(image_dir, image_shards, tmp_path
         (flat / p.name).write_bytes(p.read_bytes())
     shard("image", flat, tmp_path / "unlabelled", "--maxcount", 4)
     enc = random_encoder(tmp_path / "img.safetensors")
-    res = run_d2v(["probe", "--init", str(enc), "--train", str(tmp_path / "unlabelled"), "--val",
-                   str(image_shards)], check=False)
+    res = d2v_here(["probe", "--init", str(enc), "--train", str(tmp_path / "unlabelled"), "--val",
+                    str(image_shards)])
     assert res.returncode != 0 and res.stdout.strip().splitlines()[-1].startswith("d2v: error: --train")
     assert "no class label" in res.stdout and "d2v-shard image DIR" in res.stdout and "Traceback" not in res.stdout
     with pytest.raises(DataError, match="its index says the shards have no class labels"):

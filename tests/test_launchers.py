@@ -8,11 +8,7 @@ import time
 
 import pytest
 
-from helpers import BIN, ROOT, child_env, run_d2v
-
-STEPS = 40
-ARGS = ["--optim.max_steps=%d" % STEPS, "--run.log_every=1", "--data.batch_size=4", "--data.num_workers=1",
-        "--optim.warmup_steps=2", "--run.save_every=1000"]
+from helpers import BIN, LAUNCH_ARGS as ARGS, LAUNCH_STEPS as STEPS, ROOT, child_env, run_d2v
 
 
 def by_step(run_dir) -> dict[int, float]:
@@ -35,12 +31,9 @@ def wait_for_steps(run_dir, n, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def reference(image_shards, tmp_path_factory):
-    """The uninterrupted 2-rank ZeRO-3 run every launcher must reproduce."""
-    out = tmp_path_factory.mktemp("reference")
-    run_d2v(["train", "--preset", "vit_base_patch16_debug", "--data", str(image_shards), "--ds_config",
-             "ds_configs/zero3.json", "--out", str(out), *ARGS], nproc=2)
-    return by_step(out)
+def reference(zero3_reference):
+    """The uninterrupted 2-rank ZeRO-3 run every launcher must reproduce (one launch for the suite)."""
+    return by_step(zero3_reference)
 
 
 def sbatch(env, image_shards, out, *extra):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import BIN, ROOT, child_env, run_d2v
+from helpers import BIN, ROOT, child_env
 from test_launchers import ARGS as LAUNCHER_ARGS, by_step, wait_for_steps
 
 ARGS = [*LAUNCHER_ARGS, "--run.peak_tflops=1"]           # no GEMM peak measurement at start: MFU is not the point here
@@ -24,12 +24,10 @@ HOSTS = ("127.0.0.2", "127.0.0.3")
 
 
 @pytest.fixture(scope="module")
-def reference(image_shards, tmp_path_factory):
-    """Two ranks on one host (the deepspeed launcher, no ssh): the losses every multi-node run must match."""
-    out = tmp_path_factory.mktemp("reference")
-    run_d2v(["train", "--preset", "vit_base_patch16_debug", "--data", str(image_shards), "--ds_config",
-             "ds_configs/zero3.json", "--out", str(out), *ARGS], nproc=2, timeout=600)
-    return by_step(out)
+def reference(zero3_reference):
+    """Two ranks on one host (the deepspeed launcher, no ssh): the losses every multi-node run must match
+    (the launch test_launchers.py compares with too)."""
+    return by_step(zero3_reference)
 
 
 def _stop(proc: subprocess.Popen, wait: float = 10) -> None:

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from d2v_scale import runlock
-from helpers import ROOT, TRAIN_ARGS, child_env, run_d2v
+from helpers import ROOT, TRAIN_ARGS, child_env, d2v_here, run_d2v
 
 
 def train_args(data, out, steps, *extra):
@@ -46,7 +46,7 @@ def test_second_run_refused_and_a_killed_runs_lock_taken_over(image_shards, tmp_
         assert "choose another --out" in second.stdout and "Traceback" not in second.stdout
         assert (run / "config.json").read_bytes() == config                      # the first run's settings
         assert json.loads(config)["run"]["seed"] != 7
-        check = run_d2v(["check", *train_args(image_shards, run, 4)[1:]], check=False, timeout=240)
+        check = d2v_here(["check", *train_args(image_shards, run, 4)[1:]])
         assert check.returncode != 0 and f"pid {first.pid}" in check.stdout, check.stdout[-2000:]
         assert first.poll() is None, "the first run was disturbed"
     finally:

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 
-from helpers import BIN, TRAIN_ARGS, child_env, losses, run_d2v
+from helpers import BIN, LAUNCH_ARGS, LAUNCH_STEPS, child_env, d2v_here, losses, run_d2v
 
 
 def shard_cli(*args, env=None, check=True):
@@ -15,15 +15,6 @@ def shard_cli(*args, env=None, check=True):
     if check:
         assert res.returncode == 0, res.stdout + res.stderr
     return res
-
-
-@pytest.fixture(scope="module")
-def s3_images(s3, image_dir):
-    """The test images sharded straight into the bucket by `d2v-shard image`."""
-    res = shard_cli("image", image_dir, "s3://d2v-test/img/train-%06d.tar", "--maxcount", 12, "--workers", 2,
-                    env=child_env(**s3.env()))
-    assert "wrote 96 images in 8 shards" in res.stdout
-    return "s3://d2v-test/img/index.json"
 
 
 def test_shard_into_s3_and_verify(s3, s3_images):
@@ -95,17 +86,15 @@ def test_reader_resumes_with_range_after_a_restart(s3):
 
 
 @pytest.mark.timeout(900)
-def test_two_ranks_train_from_s3_through_a_server_restart(s3, s3_images, image_shards, tmp_path):
+def test_two_ranks_train_from_s3_through_a_server_restart(s3, s3_images, zero3_reference, tmp_path):
     """2 ranks stream from S3; the server is restarted mid-run. Training finishes, no shard is lost
-    (data/unreadable_shards = 0), and the loss sequence equals a run that read the same shards from
-    disk: every sample arrived, in the same order."""
+    (data/unreadable_shards = 0), and the loss sequence equals the same run reading the same shards
+    from disk (the launcher tests' reference): every sample arrived, in the same order."""
     import threading
     import time
-    steps = 40
-    args = ["train", "--ds_config", "ds_configs/zero3.json", f"--optim.max_steps={steps}", "--run.save_every=100",
-            *TRAIN_ARGS, "--data.epoch_samples=400"]
-    ref = run_d2v(args + ["--data", str(image_shards / "index.json"), "--out", str(tmp_path / "local")], nproc=2)
-    assert ref.returncode == 0
+    steps = LAUNCH_STEPS
+    args = ["train", "--preset", "vit_base_patch16_debug", "--ds_config", "ds_configs/zero3.json", *LAUNCH_ARGS,
+            "--run.peak_tflops=1"]
     restarted = {}
 
     def restart_when_running():
@@ -125,7 +114,7 @@ def test_two_ranks_train_from_s3_through_a_server_restart(s3, s3_images, image_s
     t.join()
     assert restarted.get("at_step", steps) < steps, "the restart came too late to hit the stream"
     assert "retry 1/" in res.stdout                              # the opener reconnected
-    assert losses(tmp_path / "s3run") == losses(tmp_path / "local")
+    assert losses(tmp_path / "s3run") == losses(zero3_reference)
     last = json.loads((tmp_path / "s3run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["data/unreadable_shards"] == 0 and last["data/skipped_samples"] == 0
     assert s3.secret_key not in res.stdout                       # credentials are never printed
@@ -138,8 +127,8 @@ def test_clear_errors_for_missing_bucket_and_credentials(s3, image_dir, tmp_path
     no_creds.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"))
     res = shard_cli("image", image_dir, "s3://d2v-test/x/s-%06d.tar", env=no_creds, check=False)
     assert res.returncode != 0 and "no AWS credentials found" in res.stderr
-    res = run_d2v(["train", "--preset", "vit_base_patch16_debug", "--data", "s3://no-such-bucket/s-{000000..000003}.tar",
-                   "--out", str(tmp_path / "r")], env=child_env(**s3.env()), check=False, timeout=120)
+    res = d2v_here(["train", "--preset", "vit_base_patch16_debug", "--data", "s3://no-such-bucket/s-{000000..000003}.tar",
+                    "--out", str(tmp_path / "r")])                # the s3 fixture set this process's AWS_*
     assert res.returncode != 0 and "does not exist" in res.stdout
     assert s3.secret_key not in res.stdout
 
@@ -194,18 +183,18 @@ def test_resharding_into_a_prefix_needs_overwrite_and_removes_exactly_the_old(s3
 
 
 def test_check_finds_missing_objects_of_a_brace_pattern_and_pipes_in_an_index(s3, s3_images, tmp_path):
+    """`d2v check` in this process (the s3 fixture set its AWS_*)."""
     from d2v_scale.data.s3 import client, read_bytes
-    env = child_env(**s3.env())
     args = ["--preset", "vit_base_patch16_debug", "--out", str(tmp_path / "r"), "--data.num_workers=1"]
-    res = run_d2v(["check", *args, "--data", "s3://d2v-test/img/train-{000000..000009}.tar"], env=env,
-                  check=False, timeout=120)
+    res = d2v_here(["check", *args, "--data", "s3://d2v-test/img/train-{000000..000009}.tar"])
     assert res.returncode != 0 and "Traceback" not in res.stdout
     assert "2 of 10 shards are not in the bucket (first: s3://d2v-test/img/train-000008.tar)" in res.stdout
     marker = tmp_path / "ran"
     index = json.loads(read_bytes(s3_images))
     index["shards"][1]["url"] = f"pipe:touch {marker}; cat /dev/null"
     client().put_object(Bucket="d2v-test", Key="evil/index.json", Body=json.dumps(index).encode())
-    res = run_d2v(["check", *args, "--data", "s3://d2v-test/evil/index.json"], env=env, check=False, timeout=120)
+    res = d2v_here(["check", *args, "--data", "s3://d2v-test/evil/index.json"])
     assert res.returncode != 0 and "pipe: URL runs a shell command" in res.stdout and not marker.exists()
-    ok = run_d2v(["check", *args, "--data", "s3://d2v-test/img/train-{000000..000007}.tar"], env=env, timeout=120)
+    ok = d2v_here(["check", *args, "--data", "s3://d2v-test/img/train-{000000..000007}.tar"])
+    assert ok.returncode == 0, ok.stdout
     assert "ok: vit_base_patch16_debug | 8 shards" in ok.stdout

@@ -49,15 +49,6 @@ def finish(proc, timeout) -> str:
         pytest.fail(f"the run did not end within {timeout} s: {proc.communicate()[0][-4000:]}")
 
 
-@pytest.fixture(scope="module")
-def s3_images(s3, image_dir):
-    res = subprocess.run([sys.executable, "-m", "data_prep.cli", "image", str(image_dir),
-                          "s3://d2v-test/outage/train-%06d.tar", "--maxcount", "12", "--workers", "2", "--overwrite"],
-                         env=child_env(**s3.env()), capture_output=True, text=True, timeout=300)
-    assert "wrote 96 images in 8 shards" in res.stdout, res.stdout + res.stderr
-    return "s3://d2v-test/outage/index.json"
-
-
 @pytest.mark.timeout(900)
 def test_object_store_down_mid_run(s3, s3_images, tmp_path):
     env = child_env(**s3.env())
@@ -68,11 +59,12 @@ def test_object_store_down_mid_run(s3, s3_images, tmp_path):
         proc = start([*ARGS, "--data", s3_images, "--out", str(run), "--run.stop_timeout_s=300"], env)
         wait_until(lambda: len(rows(run)) >= 4, proc, 420, "step 4")
         s3.stop(hard=True)
-        last = -1
-        while len(rows(run)) != last:                               # until no step has come for 10 s
-            last = len(rows(run))
-            time.sleep(10)
+        last, since = len(rows(run)), time.time()
+        while time.time() - since < 10:                             # until no step has come for 10 s
+            time.sleep(0.5)
             assert proc.poll() is None, proc.stdout.read()[-4000:]
+            if len(rows(run)) != last:
+                last, since = len(rows(run)), time.time()
         steps = len(rows(run))
         t0 = time.time()
         proc.send_signal(signal.SIGTERM)

@@ -21,9 +21,7 @@ import torch
 
 from d2v_scale.checkpoint import validate, weights_only_loads
 
-from helpers import BIN, ROOT, TRAIN_ARGS, child_env, run_d2v
-
-RUN_ARGS = ["--ds_config", "ds_configs/zero2.json", "--run.save_every=2", *TRAIN_ARGS]
+from helpers import BIN, ROOT, TRAIN_ARGS, ZERO2_ARGS as RUN_ARGS, child_env, d2v_here, run_d2v
 
 
 class Payload:
@@ -44,11 +42,10 @@ def one_line_error(res):
 
 
 @pytest.fixture(scope="module")
-def trained_run(image_shards, tmp_path_factory):
-    """One 1-rank ZeRO-2 run of 4 steps with checkpoints at steps 2 and 4; tests work on copies."""
-    out = tmp_path_factory.mktemp("trained") / "run"
-    run_d2v(["train", "--data", str(image_shards), "--out", str(out), "--optim.max_steps=4", *RUN_ARGS])
-    return out
+def trained_run(zero2_run):
+    """One 1-rank ZeRO-2 run of 4 steps with checkpoints at steps 2 and 4 (RUN_ARGS, shared with
+    test_train.py); tests work on copies."""
+    return zero2_run
 
 
 @pytest.fixture
@@ -83,8 +80,8 @@ def test_pipe_url_inside_an_index_is_refused_and_never_runs(image_shards, tmp_pa
     with pytest.raises(DataError, match="pipe: URL"):
         build_loader(cfg, 0, 1, urls=[f"pipe:touch {marker}; cat {real}"])
     # and the pre-flight every launcher runs refuses the index before any rank starts
-    res = run_d2v(["check", "--preset", "vit_base_patch16_debug", "--data", str(tmp_path / "index.json"),
-                   "--out", str(tmp_path / "run"), "--data.num_workers=1"], check=False, timeout=120)
+    res = d2v_here(["check", "--preset", "vit_base_patch16_debug", "--data", str(tmp_path / "index.json"),
+                    "--out", str(tmp_path / "run"), "--data.num_workers=1"])
     assert "pipe: URL runs a shell command" in one_line_error(res)
     assert not marker.exists()
 
@@ -110,10 +107,10 @@ def test_checkpoint_with_a_code_payload_never_runs(run_copy, image_shards, tmp_p
             state = torch.load(f, map_location="cpu", weights_only=True)
         state["note"] = Payload(marker)
         torch.save(state, f)
-    res = run_d2v(["export", str(run_copy), str(tmp_path / "enc.safetensors")], check=False, timeout=120)
+    res = d2v_here(["export", str(run_copy), str(tmp_path / "enc.safetensors")])
     assert "Python objects beyond tensors" in one_line_error(res) and "posix.system" in res.stdout
-    res = run_d2v(["train", "--data", str(image_shards), "--out", str(run_copy), "--resume", "auto",
-                   "--optim.max_steps=6", *RUN_ARGS], check=False, timeout=200)
+    res = d2v_here(["train", "--data", str(image_shards), "--out", str(run_copy), "--resume", "auto",
+                    "--optim.max_steps=6", *RUN_ARGS])
     assert "no usable checkpoint" in one_line_error(res) and "mp_rank_00_model_states.pt" in res.stdout
     assert not marker.exists()
 
@@ -182,8 +179,8 @@ def test_training_into_a_run_with_checkpoints_needs_resume(run_copy, image_shard
     config_before = (run_copy / "config.json").read_text()
     metrics_before = (run_copy / "metrics.jsonl").read_text()
     for command in ("check", "train"):
-        res = run_d2v([command, "--data", str(image_shards), "--out", str(run_copy), "--optim.max_steps=6",
-                       *RUN_ARGS], check=False, timeout=120)
+        res = d2v_here([command, "--data", str(image_shards), "--out", str(run_copy), "--optim.max_steps=6",
+                        *RUN_ARGS])
         line = one_line_error(res)
         assert "already holds checkpoints (newest step_00000004)" in line and "--resume auto" in line and "--out" in line
     assert (run_copy / "config.json").read_text() == config_before
@@ -194,11 +191,13 @@ def test_training_into_a_run_with_checkpoints_needs_resume(run_copy, image_shard
 def test_resume_with_another_model_is_refused_before_anything_is_written(run_copy, image_shards):
     config_before = (run_copy / "config.json").read_text()
     args = ["--data", str(image_shards), "--out", str(run_copy), "--resume", "auto", *RUN_ARGS]
-    res = run_d2v(["train", *args, "--preset", "vit_large_patch16_debug"], check=False, timeout=120)
+    res = d2v_here(["train", *args, "--preset", "vit_large_patch16_debug"])
     line = one_line_error(res)
     assert "builds another model than the run's" in line and "model.prenet_depth 1 -> 0" in line
     assert (run_copy / "config.json").read_text() == config_before
-    ok = run_d2v(["check", *args, "--optim.lr=5e-4", "--model.grad_checkpointing=true"], timeout=120).stdout
+    res = d2v_here(["check", *args, "--optim.lr=5e-4", "--model.grad_checkpointing=true"])
+    ok = res.stdout
+    assert res.returncode == 0, ok
     assert "changed settings: optim.lr: 0.001 -> 0.0005" in ok and "resume from" in ok
 
 
@@ -217,8 +216,8 @@ def audio_shards(tmp_path_factory):
 
 
 def test_another_modalitys_index_is_refused_before_start(audio_shards, tmp_path):
-    res = run_d2v(["check", "--preset", "vit_base_patch16_debug", "--data", str(audio_shards / "index.json"),
-                   "--out", str(tmp_path / "run"), "--data.num_workers=1"], check=False, timeout=120)
+    res = d2v_here(["check", "--preset", "vit_base_patch16_debug", "--data", str(audio_shards / "index.json"),
+                    "--out", str(tmp_path / "run"), "--data.num_workers=1"])
     assert "holds audio shards (its index says so) but the preset trains the image encoder" in one_line_error(res)
 
 
@@ -257,8 +256,7 @@ def test_a_stop_signal_ends_a_run_whose_data_never_arrives(image_shards, tmp_pat
         (data / "index.json").write_text(json.dumps(index))
         cmd = [sys.executable, "-m", "d2v_scale.cli", "finetune", "--task", "image_classification",
                "--init", str(encoder_file(tmp_path / "enc.safetensors")), "--train", str(data),
-               "--val", str(image_shards / "index.json"), *args[:-len(TRAIN_ARGS)], "--data.num_workers=1",
-               "--data.batch_size=4", "--run.log_every=1", "--optim.warmup_steps=2"]
+               "--val", str(image_shards / "index.json"), *[a for a in args if a not in TRAIN_ARGS[:2]]]
     proc = subprocess.Popen(cmd, cwd=str(ROOT), env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -312,8 +310,8 @@ def test_check_refuses_bad_out_dirs_and_non_tar_shards(image_shards, tmp_path):
              (image_shards, "/proc/d2v-run", "cannot create files in /proc"),
              (fake, tmp_path / "r", "x-000000.tar is not a tar archive")]
     for data, out, msg in cases:
-        res = run_d2v(["check", "--preset", "vit_base_patch16_debug", "--data", str(data), "--out", str(out),
-                       "--data.num_workers=1", "--data.sampling=resample"], check=False, timeout=120)
+        res = d2v_here(["check", "--preset", "vit_base_patch16_debug", "--data", str(data), "--out", str(out),
+                        "--data.num_workers=1", "--data.sampling=resample"])
         assert msg in one_line_error(res), (data, out, res.stdout[-1000:])
 
 
@@ -352,8 +350,9 @@ def test_export_errors_are_one_line(run_copy, tmp_path):
               "is a file, not a directory"),
              ([str(tmp_path), str(tmp_path / "e.safetensors")], "no checkpoint in")]
     for args, msg in cases:
-        assert msg in one_line_error(run_d2v(["export", *args], check=False, timeout=120)), args
-    run_d2v(["export", str(run_copy), str(tmp_path / "e.safetensors"), "--tag", "step_00000002"], timeout=120)
+        assert msg in one_line_error(d2v_here(["export", *args])), args
+    ok = d2v_here(["export", str(run_copy), str(tmp_path / "e.safetensors"), "--tag", "step_00000002"])
+    assert ok.returncode == 0, ok.stdout
 
 
 def test_import_fairseq_errors_are_one_line(tmp_path):
@@ -366,7 +365,7 @@ def test_import_fairseq_errors_are_one_line(tmp_path):
     cases = [("missing.pt", "missing.pt not found"), ("notes.txt", "is not a torch checkpoint"),
              ("legacy.pt", "refuses (pathlib.PosixPath)"), ("other.pt", "not a data2vec 2.0")]
     for name, msg in cases:
-        res = run_d2v(["import-fairseq", str(tmp_path / name), str(tmp_path / "w.safetensors")], check=False)
+        res = d2v_here(["import-fairseq", str(tmp_path / name), str(tmp_path / "w.safetensors")])
         assert msg in one_line_error(res), name
 
 
