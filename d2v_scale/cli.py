@@ -328,7 +328,7 @@ COMMANDS = {"train": train, "finetune": finetune, "probe": probe, "check": check
 
 
 WHAT = "data2vec 2.0 self-supervised pretraining (images, speech, text) and fine-tuning under DeepSpeed."
-ALIASES = {"import_fairseq": "import-fairseq"}       # accepted, listed once
+ALIASES = {"import_fairseq": "import-fairseq", "import_hf": "import-hf"}       # accepted, listed once
 KEYS_NOTE = ("every config key is a flag too (--section.key=VALUE): `d2v show_config --preset NAME` prints them "
              "all with their values")
 

@@ -131,7 +131,7 @@ def test_every_command_has_help_and_help_runs_nothing(prog, capsys):
     overview = capsys.readouterr().out
     listed = [line.split()[0] for line in overview.split("commands:\n")[1].splitlines() if line.startswith("  ")]
     assert sorted(listed) == sorted({mod.ALIASES.get(k, k) for k in mod.COMMANDS}), listed
-    assert "import_fairseq" not in overview and "spm_train" not in overview
+    assert "import_fairseq" not in overview and "import_hf" not in overview and "spm_train" not in overview
     mod.main([])
     assert capsys.readouterr().out == overview
     for name, fn in mod.COMMANDS.items():
