@@ -71,7 +71,7 @@ def test_object_store_down_mid_run(s3, s3_images, tmp_path):
         out = finish(proc, 120)
         assert proc.returncode == 143, out[-4000:]
         assert time.time() - t0 < 60, "waited for run.stop_timeout_s"
-        assert f"no batch for" in out and f"checkpointing the last completed step ({steps})" in out, out[-4000:]
+        assert "no batch for" in out and f"checkpointing the last completed step ({steps})" in out, out[-4000:]
         tag = f"step_{steps:08d}"
         assert (ckpts / "latest").read_text() == tag and validate(ckpts / tag) is None
         assert not list(ckpts.glob("*.tmp"))

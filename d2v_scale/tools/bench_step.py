@@ -18,7 +18,6 @@ and host ops of torch.profiler (it cannot show the EMA's share: it synchronises 
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
